@@ -1,0 +1,187 @@
+"""
+Side-by-side speed and memory of the kit against the reference implementation, printed as ratios.
+
+    python bench.py                     # every section (a few minutes on a 2-core CPU)
+    python bench.py --only model        # one section: model
+    python bench.py --device cuda       # the same on a GPU
+
+Sections and what each compares (higher ratio = better for us; memory ratios are ours / theirs, lower = better):
+  model   model.py vs transformers' Qwen3 on one random config (8 layers, hidden 512, 8 query / 4 KV heads,
+          head_dim 64, vocab 32,000, batch 2 x 512), fp32 and bf16: forward tok/s, forward+backward tok/s,
+          peak memory. Each measurement runs in a fresh subprocess so peak RSS is its own.
+
+Needs the test requirements (transformers is the reference): pip install -r requirements-dev.txt
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+# -----------------------------------------------------------------------------
+# model: model.py vs transformers
+
+MODEL_CFG = dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                 num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=40960,
+                 tie_word_embeddings=False)
+
+
+def make_reference_checkpoint(folder):
+    """One random checkpoint, written by transformers, that both implementations load."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        torch.manual_seed(0)
+        Qwen3ForCausalLM(Qwen3Config(**MODEL_CFG)).save_pretrained(folder)
+    return folder
+
+
+def rss_kb(field):
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+) kB", f.read()).group(1)) * 1024
+
+
+def reset_peak(device):
+    """Reset the peak-memory mark so the next peak is this phase's own; returns the memory in use now.
+
+    CPU: the kernel's peak-RSS mark (Linux /proc), with glibc told (MALLOC_MMAP_THRESHOLD_, set by run_worker)
+    to return large blocks to the system at once, so RSS follows live tensors instead of malloc's caching.
+    """
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return rss_kb("VmRSS")
+
+
+def peak_mem(device):
+    return torch.cuda.max_memory_allocated() if device.startswith("cuda") else rss_kb("VmHWM")
+
+
+def load_pair(folder, dtype, device):
+    """(ours, transformers) on the same checkpoint, each as a function idx -> logits plus its module."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+    from model import Qwen3
+    hf_logging.disable_progress_bar()
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    ours = Qwen3.from_pretrained(folder, dtype=dt, device=device)
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=dt).to(device)
+    return {"ours": (ours, ours), "transformers": (ref, lambda idx: ref(idx).logits)}
+
+
+def lm_step(module, logits_of, idx, train):
+    """One forward (no grad) or forward+backward with the same next-token loss for either implementation."""
+    def step():
+        if not train:
+            with torch.no_grad():
+                return logits_of(idx)
+        logits = logits_of(idx)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten())
+        loss.backward()
+        module.zero_grad(set_to_none=True)
+    return step
+
+
+def interleaved_times(fns, reps, sync):
+    """Median seconds of each fn, alternating them rep by rep so drift in machine load hits both alike."""
+    times = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()  # warm-up
+    for _ in range(reps):
+        for k, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[k].append(time.perf_counter() - t0)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+def model_worker(impl, dtype, folder, device, batch, seq):
+    """Runs in its own process: peak memory of one forward and one forward+backward, after a warm-up."""
+    module, logits_of = load_pair(folder, dtype, device)[impl]
+    idx = torch.randint(0, MODEL_CFG["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))
+    idx = idx.to(device)
+    out = {}
+    for name, train in [("fwd_mem", False), ("train_mem", True)]:
+        module.train(train)
+        step = lm_step(module, logits_of, idx, train)
+        step()
+        base = reset_peak(device)
+        step()
+        out[name] = peak_mem(device) - base
+    return out
+
+
+def run_worker(section, **kw):
+    cmd = [sys.executable, os.path.abspath(__file__), "--_worker", json.dumps(dict(section=section, **kw))]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"bench worker failed: {r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def bench_model(args):
+    folder = make_reference_checkpoint(os.path.join(args.work, "model_ref"))
+    batch, seq = 2, 512
+    idx = torch.randint(0, MODEL_CFG["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))
+    idx = idx.to(args.device)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    rows = []
+    for dtype in ["fp32", "bf16"]:
+        pair = load_pair(folder, dtype, args.device)
+        speed = {}
+        for train in [False, True]:
+            for module, _ in pair.values():
+                module.train(train)
+            fns = {k: lm_step(m, f, idx, train) for k, (m, f) in pair.items()}
+            speed[train] = {k: batch * seq / t for k, t in interleaved_times(fns, args.reps, sync).items()}
+        del pair
+        mem = {impl: run_worker("model", impl=impl, dtype=dtype, folder=folder, device=args.device, batch=batch,
+                                seq=seq) for impl in ["ours", "transformers"]}
+        for train, what in [(False, "forward"), (True, "fwd+bwd")]:
+            o, t = speed[train]["ours"], speed[train]["transformers"]
+            rows.append((f"model {dtype} {what} tok/s", o, t, o / t, ">= 1.0"))
+        for key, what in [("fwd_mem", "forward"), ("train_mem", "fwd+bwd")]:
+            o, t = mem["ours"][key] / 2**20, mem["transformers"][key] / 2**20
+            rows.append((f"model {dtype} {what} peak MiB", o, t, o / t, "<= 1.0"))
+    return rows
+
+
+# -----------------------------------------------------------------------------
+
+SECTIONS = {"model": bench_model}
+WORKERS = {"model": model_worker}
+
+
+def main(args):
+    os.makedirs(args.work, exist_ok=True)
+    names = args.only.split(",") if args.only else list(SECTIONS)
+    print(f"bench on {args.device}: torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'metric':<34} {'ours':>12} {'reference':>12} {'ratio':>8}  target")
+    for name in names:
+        for metric, ours, ref, ratio, target in SECTIONS[name](args):
+            print(f"{metric:<34} {ours:>12.1f} {ref:>12.1f} {ratio:>7.2f}x  {target}", flush=True)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default="", help=f"comma-separated sections to run, of: {', '.join(SECTIONS)}")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement (median reported)")
+    p.add_argument("--work", default=os.path.join("out", "bench"), help="scratch folder for benchmark checkpoints")
+    p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args._worker:
+        kw = json.loads(args._worker)
+        print(json.dumps(WORKERS[kw.pop("section")](**kw)))
+    else:
+        main(args)

@@ -1,0 +1,516 @@
+"""
+A handwritten Qwen3 (dense) and Qwen3-MoE in one file, the same function as Hugging Face transformers.
+
+Parameter names are the Hub's, verbatim (model.layers.N.self_attn.q_proj.weight, ...,
+model.layers.N.mlp.experts.E.gate_proj.weight), so a Hub checkpoint loads strictly with no rename table,
+and what save_pretrained writes loads in transformers.AutoModelForCausalLM.
+
+    from model import Qwen3
+    m = Qwen3.from_pretrained("Qwen/Qwen3-1.7B", dtype=torch.bfloat16, device="cuda")  # Hub id or folder
+    logits = m(idx)                                   # idx (B, T) int64 -> logits (B, T, vocab), model dtype
+    h = m(idx, hidden_only=True)                      # (B, T, C) final-normed hidden; apply m.lm_head in chunks
+    m.setup_cache(batch_size=1, max_seq_len=4096)     # static KV cache, then m(idx, input_pos=positions)
+    m.save_pretrained("out/student")                  # config.json, generation_config.json, safetensors
+
+Numerics follow transformers: RMSNorm statistics in fp32, cast back, then times the weight; RoPE angles
+and cos/sin in fp32, cast to the activation dtype; attention through scaled_dot_product_attention with
+scale head_dim**-0.5; MoE router softmax in fp32 over all experts, top-k, optional renormalisation, and
+expert outputs summed in ascending expert order.
+"""
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# -----------------------------------------------------------------------------
+# Config
+
+SUPPORTED_TYPES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Qwen3Config:
+    model_type: str = "qwen3"
+    vocab_size: int = 151936
+    hidden_size: int = 2048
+    intermediate_size: int = 6144
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 8
+    head_dim: int = 128  # read from config.json: not hidden/heads for Qwen3-0.6B or 30B-A3B
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 40960
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+    torch_dtype: str = "bfloat16"
+    initializer_range: float = 0.02
+    # mixture of experts (qwen3_moe only); num_experts = 0 means every layer is a dense MLP
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, d, source="config"):
+        """Validate a Hugging Face config.json dict; anything we would compute wrongly is a ValueError."""
+        mt = d.get("model_type")
+        if mt not in SUPPORTED_TYPES:
+            raise ValueError(f"{source}: unsupported model_type {mt!r} (supported: {sorted(SUPPORTED_TYPES)})")
+        # rope: transformers <5 writes rope_theta/rope_scaling at top level, v5 folds them into rope_parameters
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"{source}: unsupported rope type {rope_type!r} (only 'default' RoPE is implemented)")
+        theta = rope.get("rope_theta", d.get("rope_theta"))
+        if theta is None:
+            raise ValueError(f"{source}: no rope_theta (neither top-level nor in rope_parameters)")
+        layer_types = d.get("layer_types") or []
+        if d.get("use_sliding_window") or any(t != "full_attention" for t in layer_types):
+            raise ValueError(f"{source}: sliding-window attention is not supported (use_sliding_window="
+                             f"{d.get('use_sliding_window')}, layer_types={sorted(set(layer_types))})")
+        if d.get("attention_bias"):
+            raise ValueError(f"{source}: attention_bias=true is not supported (Qwen3 has no attention biases)")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: unsupported hidden_act {d['hidden_act']!r} (Qwen3 uses silu)")
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        kw["rope_theta"] = float(theta)
+        kw["torch_dtype"] = d.get("torch_dtype") or d.get("dtype") or "bfloat16"
+        if kw.get("head_dim") is None:
+            kw["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
+        if mt == "qwen3_moe":
+            kw["num_experts"] = d.get("num_experts", d.get("num_local_experts", 0))
+            kw["mlp_only_layers"] = list(d.get("mlp_only_layers") or [])
+        else:
+            kw["num_experts"] = 0
+        kw.setdefault("tie_word_embeddings", False)
+        try:
+            return cls(**kw)
+        except TypeError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_json(cls, path):
+        if not os.path.isfile(path):
+            raise ValueError(f"{path}: config.json not found")
+        with open(path) as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: invalid JSON ({e})") from None
+        return cls.from_dict(d, source=path)
+
+    def is_moe_layer(self, i):
+        # transformers' rule: sparse iff not listed dense, experts exist, and (i+1) % step == 0
+        return (i not in self.mlp_only_layers and self.num_experts > 0
+                and (i + 1) % self.decoder_sparse_step == 0)
+
+    def to_hf_dict(self):
+        """The config.json transformers reads (both the <5 top-level rope keys and v5 rope_parameters)."""
+        d = asdict(self)
+        d["architectures"] = [SUPPORTED_TYPES[self.model_type]]
+        d["hidden_act"] = "silu"
+        d["attention_bias"] = False
+        d["attention_dropout"] = 0.0
+        d["use_sliding_window"] = False
+        d["sliding_window"] = None
+        d["max_window_layers"] = self.num_hidden_layers
+        d["rope_scaling"] = None
+        d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        d["use_cache"] = True
+        if self.model_type == "qwen3":
+            for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+                      "decoder_sparse_step", "mlp_only_layers"):
+                d.pop(k)
+        else:
+            d["num_local_experts"] = self.num_experts  # the v5 spelling of the same field
+        return d
+
+
+# -----------------------------------------------------------------------------
+# Pure functions: RoPE
+
+
+def rope_cos_sin(positions, head_dim, theta, dtype):
+    """positions (T,) int -> cos, sin (T, head_dim) in `dtype`; angles in fp32 whatever the model dtype."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, D), half-split layout as transformers
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x (B, H, T, D), cos/sin (T, D) -> x rotated: x*cos + rotate_half(x)*sin."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+# -----------------------------------------------------------------------------
+# Modules
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # statistics in fp32, cast back to the input dtype, then the weight multiply (transformers' order)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Static, preallocated key/value cache (B, n_kv, S, D) written at `input_pos` (gpt-fast style)."""
+
+    def __init__(self, batch_size, n_kv, max_seq_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos, k, v):
+        # input_pos (T,), k/v (B, n_kv, T, D) -> whole caches (B, n_kv, S, D)
+        self.k[:, :, input_pos] = k
+        self.v[:, :, input_pos] = v
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        assert self.n_head % self.n_kv == 0, (self.n_head, self.n_kv)
+        C = cfg.hidden_size
+        self.q_proj = nn.Linear(C, self.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(C, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(C, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=False)
+        # per-head RMSNorm over head_dim only, shared by all heads, applied before RoPE
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.kv_cache = None
+
+    def forward(self, x, cos, sin, input_pos=None, mask=None):
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.head_dim)).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)  # (B, KV, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, KV, S, D), masked by position below
+        # GQA without materialising repeated K/V: query head h reads kv head h // (H / KV)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           scale=self.head_dim ** -0.5, enable_gqa=self.n_kv != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden_size, intermediate_size):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class SparseMoeBlock(nn.Module):
+    """Top-k routed experts; each expert runs once on all the tokens routed to it (loop over experts, not tokens)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)  # the router
+        self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.num_experts))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        x = x.reshape(-1, C)  # (N, C)
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)  # (N, E), over all experts in fp32
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(x.dtype).reshape(-1)  # (N*k,)
+        # group the N*k (token, expert) pairs by expert with one stable sort
+        flat = chosen.reshape(-1)  # (N*k,)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        token_of = order // self.top_k  # (N*k,) token index of each sorted pair
+        out = torch.zeros_like(x)
+        start = 0
+        for e, n in enumerate(counts):  # ascending expert order, as transformers sums them
+            if n == 0:
+                continue
+            tok = token_of[start:start + n]
+            y = self.experts[e](x[tok]) * weights[order[start:start + n], None]  # (n, C)
+            out.index_add_(0, tok, y)
+            start += n
+        return out.view(B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, i):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = SparseMoeBlock(cfg) if cfg.is_moe_layer(i) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, input_pos=None, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen3(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            layers=nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers)),
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.gradient_checkpointing = False
+        self.generation_config = {}
+        self.max_seq_len = 0  # > 0 once setup_cache has run
+
+    def tie_weights(self):
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def init_weights(self, seed=0):
+        """Random init for training from scratch: N(0, initializer_range) matrices, unit norms."""
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():  # tied lm_head appears once
+            with torch.no_grad():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * self.config.initializer_range)
+        return self
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def setup_cache(self, batch_size, max_seq_len, dtype=None, device=None):
+        """Preallocate a KV cache for decoding; forward then needs input_pos."""
+        if max_seq_len > self.config.max_position_embeddings:
+            raise ValueError(f"max_seq_len {max_seq_len} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        w = self.model.embed_tokens.weight
+        for blk in self.model.layers:
+            a = blk.self_attn
+            a.kv_cache = KVCache(batch_size, a.n_kv, max_seq_len, a.head_dim, dtype or w.dtype, device or w.device)
+        self.max_seq_len = max_seq_len
+
+    def clear_cache(self):
+        for blk in self.model.layers:
+            blk.self_attn.kv_cache = None
+        self.max_seq_len = 0
+
+    def forward(self, idx, input_pos=None, hidden_only=False):
+        """idx (B, T) -> logits (B, T, V) in the model dtype, or final-normed hidden states (B, T, C).
+
+        input_pos (T,) int64: absolute positions of the T tokens (default 0..T-1). With a KV cache the
+        tokens attend to every cached position <= their own; without one, causally among themselves.
+        """
+        B, T = idx.shape
+        if input_pos is None:
+            if self.max_seq_len:
+                raise ValueError("a KV cache is set up: pass input_pos")
+            if T > self.config.max_position_embeddings:
+                raise ValueError(f"sequence of {T} tokens exceeds max_position_embeddings "
+                                 f"{self.config.max_position_embeddings}")
+            input_pos = torch.arange(T, device=idx.device)
+        x = self.model.embed_tokens(idx)  # (B, T, C)
+        cos, sin = rope_cos_sin(input_pos, self.config.head_dim, self.config.rope_theta, x.dtype)
+        mask = None  # None = causal over the T tokens
+        if self.max_seq_len:
+            mask = input_pos[:, None] >= torch.arange(self.max_seq_len, device=idx.device)[None, :]  # (T, S)
+        for blk in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(blk, x, cos, sin, input_pos, mask, use_reentrant=False)
+            else:
+                x = blk(x, cos, sin, input_pos, mask)
+        x = self.model.norm(x)
+        return x if hidden_only else self.lm_head(x)
+
+    # -------------------------------------------------------------------------
+    # Checkpoints in the Hugging Face layout
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, dtype=None, device="cpu"):
+        """Load a local folder or a Hub repo id. dtype None keeps the checkpoint's config dtype.
+
+        The model is built on the meta device and each tensor is read from the memory-mapped safetensors
+        straight onto `device`, so host memory peaks near one copy of the weights.
+        """
+        folder = resolve_folder(name_or_path)
+        config = Qwen3Config.from_json(os.path.join(folder, "config.json"))
+        dtype = dtype or DTYPES.get(config.torch_dtype, torch.float32)
+        files = weight_files(folder)
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        optional = {"lm_head.weight"} if config.tie_word_embeddings else set()  # tied: a stored copy is ignored
+        from safetensors import safe_open
+        found = {}
+        for path in files:
+            with open_safetensors(path, safe_open, device) as f:
+                for k in f.keys():
+                    found[k] = (path, tuple(f.get_slice(k).get_shape()))
+        missing = sorted(set(expected) - set(found) - optional)
+        unexpected = sorted(set(found) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"{folder}: checkpoint does not match the config: missing tensors {_few(missing)}, "
+                             f"unexpected tensors {_few(unexpected)}")
+        for k, (path, shape) in found.items():
+            if shape != expected[k]:
+                raise ValueError(f"{path}: tensor {k} has shape {list(shape)}, config expects {list(expected[k])}")
+        for path in files:
+            with open_safetensors(path, safe_open, device) as f:
+                sd = {k: f.get_tensor(k).to(dtype) for k in f.keys() if k not in optional}
+                model.load_state_dict(sd, strict=False, assign=True)
+                del sd
+        model.tie_weights()  # assign=True replaced the Parameter objects
+        meta = [n for n, p in model.named_parameters() if p.is_meta]
+        assert not meta, f"parameters left unloaded: {meta[:5]}"
+        gen_path = os.path.join(folder, "generation_config.json")
+        if os.path.isfile(gen_path):
+            with open(gen_path) as fh:
+                model.generation_config = json.load(fh)
+        return model
+
+    def save_pretrained(self, out_dir, max_shard_bytes=5 * 2**30):
+        """config.json, generation_config.json and model.safetensors (or shards plus index), written atomically."""
+        from safetensors.torch import save_file
+        os.makedirs(out_dir, exist_ok=True)
+        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            sd.pop("lm_head.weight")  # transformers re-ties it from embed_tokens
+        dtype = next(iter(sd.values())).dtype
+        cfg = self.config.to_hf_dict()
+        cfg["torch_dtype"] = cfg["dtype"] = str(dtype).removeprefix("torch.")
+        shards, cur, size = [], {}, 0
+        for k, v in sd.items():
+            n = v.numel() * v.element_size()
+            if cur and size + n > max_shard_bytes:
+                shards.append(cur)
+                cur, size = {}, 0
+            cur[k] = v
+            size += n
+        shards.append(cur)
+        names = (["model.safetensors"] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        for name, shard in zip(names, shards):
+            tmp = os.path.join(out_dir, name + ".tmp")
+            save_file(shard, tmp, metadata={"format": "pt"})
+            os.replace(tmp, os.path.join(out_dir, name))
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
+                     "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
+            write_json(os.path.join(out_dir, "model.safetensors.index.json"), index)
+        gen = dict(self.generation_config) or {"bos_token_id": self.config.bos_token_id,
+                                               "eos_token_id": self.config.eos_token_id}
+        write_json(os.path.join(out_dir, "generation_config.json"), gen)
+        write_json(os.path.join(out_dir, "config.json"), cfg)  # last: a folder with config.json is complete
+
+
+# -----------------------------------------------------------------------------
+# Checkpoint helpers
+
+HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+                "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"]
+
+
+def resolve_folder(name_or_path):
+    """A local folder as is; otherwise a Hub repo id fetched (or found in the local cache) by huggingface_hub."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if os.path.exists(name_or_path) or name_or_path.count("/") != 1 or name_or_path.startswith((".", "/")):
+        raise ValueError(f"{name_or_path}: not a model folder and not a Hub repo id of the form org/name")
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(name_or_path, allow_patterns=HUB_PATTERNS)
+    except Exception as e:  # offline with no cached copy, unknown repo, no network, ...
+        raise ValueError(f"{name_or_path}: could not fetch from the Hugging Face Hub or its local cache "
+                         f"({type(e).__name__}: {e})") from None
+
+
+def weight_files(folder):
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            try:
+                names = sorted(set(json.load(f)["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ValueError(f"{index}: not a safetensors index ({e!r})") from None
+        files = [os.path.join(folder, n) for n in names]
+        for p in files:
+            if not os.path.isfile(p):
+                raise ValueError(f"{index}: lists shard {os.path.basename(p)}, which is missing")
+        return files
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    raise ValueError(f"{folder}: no model.safetensors or model.safetensors.index.json "
+                     "(only safetensors weights are read; .bin pickles are never unpickled)")
+
+
+class open_safetensors:
+    """safe_open with a ValueError naming the file when it is truncated or corrupt."""
+
+    def __init__(self, path, safe_open, device):
+        self.path, self.safe_open, self.device = path, safe_open, str(device)
+
+    def __enter__(self):
+        size = os.path.getsize(self.path)
+        with open(self.path, "rb") as fh:  # check the header against the file size first
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            try:
+                header = json.loads(fh.read(n)) if 0 < n <= size - 8 else None
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                header = None
+        if header is None:
+            raise ValueError(f"{self.path}: not a safetensors file or its header is corrupt")
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end > size:
+            raise ValueError(f"{self.path}: truncated safetensors file ({size} bytes, header needs {8 + n + end})")
+        try:
+            self.f = self.safe_open(self.path, framework="pt", device=self.device)
+        except Exception as e:
+            raise ValueError(f"{self.path}: cannot read safetensors ({e})") from None
+        return self.f.__enter__()
+
+    def __exit__(self, *exc):
+        return self.f.__exit__(*exc)
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _few(names, n=5):
+    return "[]" if not names else f"{names[:n]}{f' and {len(names) - n} more' if len(names) > n else ''}"

@@ -1,0 +1,59 @@
+"""Shared test helpers: tiny random Qwen3 checkpoints written by transformers itself, and paths."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SHARED_TOKENIZER = os.path.join(os.path.dirname(ROOT), "shared", "qwen3-tokenizer")
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def tiny_hf_config(moe=False, **kw):
+    """A transformers config small enough for CPU tests, with heads x head_dim != hidden_size."""
+    from transformers import Qwen3Config, Qwen3MoeConfig
+    base = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=24, max_position_embeddings=40960, rope_theta=1_000_000.0,
+                bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    if moe:
+        base.update(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+                    mlp_only_layers=[1], decoder_sparse_step=1)
+    base.update(kw)
+    return (Qwen3MoeConfig if moe else Qwen3Config)(**base)
+
+
+def make_hf_model(cfg, seed=0):
+    """A transformers model with weights large enough that logits spread over several units."""
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    m = AutoModelForCausalLM.from_config(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.15 * torch.randn(p.shape, generator=g))
+    return m
+
+
+def save_hf(m, path, **kw):
+    m.save_pretrained(path, **kw)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def dense_ckpt(tmp_path_factory):
+    """(transformers model, folder) for an untied dense config."""
+    m = make_hf_model(tiny_hf_config())
+    return m, save_hf(m, tmp_path_factory.mktemp("dense"))
+
+
+def max_rel_diff(a, b):
+    """max |a - b| / max |a|, in fp32."""
+    a, b = a.float(), b.float()
+    return ((a - b).abs().max() / a.abs().max()).item()
