@@ -9,6 +9,9 @@ Sections and what each compares (higher ratio = better for us; memory ratios are
   model   model.py vs transformers' Qwen3 on one random config (8 layers, hidden 512, 8 query / 4 KV heads,
           head_dim 64, vocab 32,000, batch 2 x 512), fp32 and bf16: forward tok/s, forward+backward tok/s,
           peak memory. Each measurement runs in a fresh subprocess so peak RSS is its own.
+  cache   the teacher pass of cache_teacher.py (top-64, logsumexp at T=1,2, target log-prob, entropy, written to
+          memory-mapped files) vs a bare forward producing full logits, same model (the model config above)
+          and the same batches of the bundled records; and the bytes the teacher record takes per position.
 
 Needs the test requirements (transformers is the reference): pip install -r requirements-dev.txt
 """
@@ -157,8 +160,68 @@ def bench_model(args):
 
 
 # -----------------------------------------------------------------------------
+# cache: the teacher pass of cache_teacher.py vs a bare forward over the same batches
 
-SECTIONS = {"model": bench_model}
+
+def demo_stream(work, n_synth=0):
+    """Tokens and document offsets of the bundled records (plus n_synth generated ones), demo tokenizer."""
+    import types
+    from cache_teacher import tokenize_documents, end_token, load_tokenizer
+    from data.synth import generate
+    from data.tokenizer import record_texts, save, train_bpe
+    tok_dir = os.path.join(work, "tokenizer")
+    data = [os.path.join("data", "physics_cot.jsonl")]
+    if n_synth:
+        data.append(os.path.join(work, f"synth{n_synth}.jsonl"))
+        with open(data[-1], "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in generate(n_synth, seed=0))
+    if not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
+        save(train_bpe(record_texts(data[:1]), 2048), tok_dir)
+    tok, tok_file = load_tokenizer(tok_dir)
+    fields = dict(question="question", cot="CoT", response="response", explore="explore", examine="examine")
+    a = types.SimpleNamespace(data=data, max_docs=0, too_long="skip")
+    tokens, roles, offsets, _ = tokenize_documents(a, tok, fields, end_token(tok, tok_file)[1], 4096)
+    return tokens, roles, offsets
+
+
+def bench_cache(args):
+    import numpy as np
+    from cache_teacher import cache_batches, plan_batches
+    from model import Qwen3
+    folder = make_reference_checkpoint(os.path.join(args.work, "model_ref"))
+    tokens, _, offsets = demo_stream(args.work)
+    model = Qwen3.from_pretrained(folder, dtype=torch.float32, device=args.device).eval()
+    batches = list(enumerate(plan_batches(np.diff(offsets), 4096)))
+    N, k = len(tokens), 64
+    arrays = {n: np.lib.format.open_memmap(os.path.join(args.work, n + ".npy"), mode="w+", dtype=dt, shape=sh)
+              for n, dt, sh in [("topk_ids", np.uint8, (N, 144)), ("topk_logprobs", np.float16, (N, k)),
+                                ("lse", np.float32, (N, 2)), ("target_logprob", np.float32, (N,)),
+                                ("entropy", np.float32, (N,))]}
+    lengths = np.diff(offsets)
+
+    def bare():
+        for _, docs in batches:
+            idx = torch.zeros(len(docs), int(lengths[docs[0]]), dtype=torch.long)
+            for i, d in enumerate(docs):
+                idx[i, :lengths[d]] = torch.from_numpy(tokens[offsets[d]:offsets[d + 1]].astype(np.int64))
+            with torch.no_grad():
+                model(idx.to(args.device))  # full logits, nothing kept
+
+    def flush(b, n):
+        for a in arrays.values():
+            a.flush()
+
+    def cached():
+        cache_batches(model, tokens, offsets, batches, arrays, k, [1.0, 2.0], 1024, args.device, flush)
+
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    t = interleaved_times({"bare": bare, "cache": cached}, max(1, args.reps // 2), sync)
+    per_pos = sum(a[0].nbytes for a in arrays.values())
+    return [("cache pass / bare forward (time)", t["cache"], t["bare"], t["cache"] / t["bare"], "<= 1.10"),
+            ("cache teacher bytes / position", per_pos, 400, per_pos / 400, "<= 1.0 (budget 400 B)")]
+
+
+SECTIONS = {"model": bench_model, "cache": bench_cache}
 WORKERS = {"model": model_worker}
 
 

@@ -1,6 +1,7 @@
 """Shared test helpers: tiny random Qwen3 checkpoints written by transformers itself, and paths."""
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -57,3 +58,46 @@ def max_rel_diff(a, b):
     """max |a - b| / max |a|, in fp32."""
     a, b = a.float(), b.float()
     return ((a - b).abs().max() / a.abs().max()).item()
+
+
+# --- pipeline fixtures: the demo tokenizer and a tiny teacher -------------------------------------------
+
+DATA = os.path.join(ROOT, "data", "physics_cot.jsonl")
+
+
+def make_teacher(folder, vocab_size, moe=False, std=0.3, seed=0, layers=2, **kw):
+    """A tiny random Qwen3 saved by model.py; std large enough for peaked, varied next-token distributions."""
+    from model import Qwen3, Qwen3Config
+    cfg = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
+               max_position_embeddings=4096, torch_dtype="float32", initializer_range=std, bos_token_id=0,
+               eos_token_id=2)
+    if moe:
+        cfg.update(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    cfg.update(kw)
+    m = Qwen3(Qwen3Config(**cfg)).init_weights(seed)
+    m.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer(tmp_path_factory):
+    """The demo's byte-level BPE, trained on the bundled records (1,030 tokens)."""
+    from data.tokenizer import record_texts, save, train_bpe
+    out = tmp_path_factory.mktemp("tokenizer")
+    save(train_bpe(record_texts([DATA]), 1024), str(out))
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory):
+    return make_teacher(tmp_path_factory.mktemp("teacher"), vocab_size=1088)
+
+
+def run_script(script, *args, env=None, check=True, timeout=300):
+    """Run one of the kit's scripts as a user would; returns the CompletedProcess."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
+                       text=True, cwd=ROOT, env=dict(os.environ, **(env or {})), timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{script} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r

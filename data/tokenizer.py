@@ -1,0 +1,72 @@
+"""
+Train the demo's small byte-level BPE tokenizer (the offline stand-in for Qwen3's 151,669-token one).
+
+It keeps Qwen3's special-token names and ids order (<|endoftext|>, <|im_start|>, <|im_end|>, <think>, </think>)
+so every script treats it like the real one, and adds the six DualMind tags as single tokens so that a tiny
+model can learn the layout in minutes (the real Qwen3 tokenizer splits each tag into 3-4 pieces).
+
+    python data/tokenizer.py --data data/physics_cot.jsonl out/data/synth.jsonl --vocab_size 2048 --out out/tokenizer
+
+Writes tokenizer.json and tokenizer_config.json (eos <|im_end|>, pad <|endoftext|>) into --out.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+TAGS = ["<explore>", "</explore>", "<examine>", "</examine>", "<response>", "</response>"]
+
+
+def record_texts(paths):
+    """Every string field of every JSONL record, in order, plus the DualMind prompt prefix once per record."""
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    rec = json.loads(line)
+                    yield "##USER:\n"
+                    yield from (v for v in rec.values() if isinstance(v, str))
+
+
+def train_bpe(texts, vocab_size):
+    """A byte-level BPE trained on `texts`, special tokens first (ids 0..4), DualMind tags as added tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    tok.add_tokens(TAGS)
+    return tok
+
+
+def save(tok, out):
+    os.makedirs(out, exist_ok=True)
+    tok.save(os.path.join(out, "tokenizer.json"))
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+           "bos_token": None, "model_max_length": 40960}
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+
+
+def main(args):
+    for p in args.data:
+        if not os.path.isfile(p):
+            raise ValueError(f"{p}: no such file")
+    tok = train_bpe(record_texts(args.data), args.vocab_size)
+    save(tok, args.out)
+    print(f"tokenizer: {tok.get_vocab_size()} tokens ({len(SPECIAL)} special, {len(TAGS)} DualMind tags) -> {args.out}")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", nargs="+", required=True, help="JSONL files to learn the merges from")
+    p.add_argument("--vocab_size", type=int, default=2048, help="BPE vocabulary size before the DualMind tags")
+    p.add_argument("--out", default="out/tokenizer", help="output folder")
+    try:
+        main(p.parse_args())
+    except ValueError as e:
+        sys.exit(f"data/tokenizer.py: error: {e}")

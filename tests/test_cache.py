@@ -1,0 +1,291 @@
+"""cache_teacher.py: DualMind restructuring, exact reconstruction from the cache, alignment, resume, torchrun, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from cache_teacher import (ROLES, TeacherCache, dualmind_text, is_trigger, pack_ids18, split_cot, split_sentences,
+                           tail_mass, token_roles, unpack_ids18)
+from conftest import DATA, ROOT, SHARED_TOKENIZER, make_teacher, run_script
+from model import Qwen3
+
+
+def build(tmp_path, teacher, tokenizer, name="cache", data=(DATA,), extra=()):
+    out = tmp_path / name
+    r = run_script("cache_teacher.py", "--data", *data, "--teacher", teacher, "--tokenizer", tokenizer, "--out", out,
+                   "--dtype", "float32", "--device", "cpu", *extra)
+    return out, r
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, tiny_teacher, demo_tokenizer):
+    out, _ = build(tmp_path_factory.mktemp("c"), tiny_teacher, demo_tokenizer, extra=["--batch_tokens", "3000"])
+    return TeacherCache(str(out))
+
+
+# --- DualMind ------------------------------------------------------------------------------------------
+
+def test_trigger_rule_takes_last_trigger_past_half():
+    """An early 'But wait' is skipped; the last late trigger opens <examine>."""
+    cot = ("We start. But wait, an early doubt. Then step two. Step three. Step four. "
+           "Let me check the sign. It holds. To verify, substitute back. Done.")
+    explore, examine = split_cot(cot)
+    assert examine == "To verify, substitute back. Done."
+    assert explore.endswith("It holds.") and "But wait" in explore
+
+
+def test_seventy_thirty_fallback():
+    cot = " ".join(f"Step {i} is plain." for i in range(10))
+    explore, examine = split_cot(cot)
+    assert len(split_sentences(explore)) == 7 and len(split_sentences(examine)) == 3
+    assert split_cot("Only one sentence.") == ("Only one sentence.", "")
+
+
+@pytest.mark.parametrize("s, yes", [("Let me double-check the units.", True), ("However, the limit differs.", True),
+                                    ("But wait, that is wrong.", True), ("To verify, plug back in.", True),
+                                    ("As a sanity check, set k = 0.", True), ("Substitute back into the ODE.", True),
+                                    ("Checking is hard, so we move on.", True), ("The checkpoint is fine.", False),
+                                    ("We verify nothing here, so.", False), ("Waiting time is 3 s.", False)])
+def test_trigger_words(s, yes):
+    assert is_trigger(s) == yes
+
+
+def test_dualmind_layout_and_spans():
+    text, spans = dualmind_text("Q?", "e1", "x1", "r1")
+    assert text == "##USER:\nQ?\n\n<explore>\ne1\n</explore>\n\n<examine>\nx1\n</examine>\n\n<response>\nr1\n</response>"
+    assert [text[a:b].split("\n")[0] for a, b, _ in spans] == ["##USER:", "<explore>", "<examine>", "<response>"]
+
+
+def check_roles_on(tok):
+    q, e, x, r = "Find ∇·E = ρ/ε₀ for \\frac{q}{4\\pi r^2}.", "By Gauss, Φ = Q/ε₀ — über.", "Check: units ✓.", "Done: E=ρ/ε₀."
+    text, spans = dualmind_text(q, e, x, r)
+    enc = tok.encode(text, add_special_tokens=False)
+    roles = token_roles(enc.offsets, spans)
+    by_role = {v: tok.decode([i for i, rr in zip(enc.ids, roles) if rr == v]) for v in ROLES.values()}
+    assert by_role[0].startswith("##USER:") and "ρ/ε₀" in by_role[0] and "<explore>" not in by_role[0]
+    assert by_role[1].startswith("<explore>") and "über" in by_role[1] and "</explore>" in by_role[1]
+    assert by_role[2].startswith("<examine>") and "✓" in by_role[2] and "</examine>" in by_role[2]
+    assert by_role[3].startswith("<response>") and by_role[3].endswith("</response>")
+    assert list(roles) == sorted(roles)  # blocks in order, no token assigned backwards
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_TOKENIZER), reason="../shared/qwen3-tokenizer not present")
+def test_roles_with_real_qwen3_tokenizer():
+    """Multi-token tags, unicode and LaTeX: each token's role comes from its offset, not from re-tokenising."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(os.path.join(SHARED_TOKENIZER, "tokenizer.json"))
+    assert len(tok.encode("<explore>", add_special_tokens=False).ids) > 1  # tags are not single tokens in Qwen3
+    check_roles_on(tok)
+
+
+def test_roles_with_demo_tokenizer(demo_tokenizer):
+    from tokenizers import Tokenizer
+    check_roles_on(Tokenizer.from_file(os.path.join(demo_tokenizer, "tokenizer.json")))
+
+
+# --- the cache: exactness and alignment ---------------------------------------------------------------
+
+def dense_reference(teacher, tokens):
+    m = Qwen3.from_pretrained(teacher, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return m(torch.from_numpy(tokens.astype(np.int64))[None])[0].double()  # (T, V)
+
+
+def test_reconstruction_and_alignment(cache, tiny_teacher):
+    """Top-k probabilities and tail mass at T=1 and T=2 from the cache alone match a dense computation
+    (<= 1e-3 absolute); row t is the distribution for token t+1; documents are computed independently."""
+    assert cache.has_teacher and cache.k == 64 and cache.temperatures == [1.0, 2.0]
+    worst = 0.0
+    for d in [0, 5, cache.n_docs - 1]:
+        r = cache.doc(d)
+        z = dense_reference(tiny_teacher, r["tokens"])  # this document alone: no leakage across boundaries
+        for ti, T in enumerate([1.0, 2.0]):
+            q = torch.softmax(z / T, -1).numpy()
+            ids = r["topk_ids"]
+            dense_top = np.take_along_axis(q, ids, 1)
+            cached_top = np.exp((r["topk_logprobs"] + r["lse"][:, :1]) / T - r["lse"][:, ti:ti + 1])
+            worst = max(worst, np.abs(dense_top - cached_top).max())
+            dense_tail = 1 - dense_top.sum(1)
+            cached_tail = tail_mass(r["topk_logprobs"], r["lse"][:, 0], r["lse"][:, ti], T)
+            worst = max(worst, np.abs(dense_tail - cached_tail).max())
+            assert dense_tail.max() > 0.05  # the tail is not negligible here, so the check has teeth
+        # the ids are the dense top-64, in descending order
+        top = torch.topk(z, 64, -1)
+        assert (np.sort(top.indices.numpy(), 1) == np.sort(r["topk_ids"], 1)).mean() > 0.999
+        assert (np.diff(r["topk_logprobs"], axis=1) <= 0).all()
+        # row t predicts token t+1: the target log-prob is the dense log-prob of the next token
+        logp = torch.log_softmax(z, -1).numpy()
+        nxt = r["tokens"][1:].astype(np.int64)
+        assert np.abs(r["target_logprob"][:-1] - logp[np.arange(len(nxt)), nxt]).max() < 1e-4
+        assert r["target_logprob"][-1] == 0.0  # the last row of a document has no target
+        ent = -(np.exp(logp) * logp).sum(1)
+        assert np.abs(r["entropy"] - ent).max() < 1e-4
+    assert worst <= 1e-3, worst
+
+
+def test_bytes_per_position_and_dtypes(cache):
+    """The teacher record fits 400 B per position at k=64 with two temperatures (18-bit ids: 288 B)."""
+    m = cache.manifest
+    assert m["teacher_bytes_per_position"] <= 400
+    assert cache.tokens.dtype == np.uint32 and cache.roles.dtype == np.uint8 and cache.doc_offsets.dtype == np.int64
+    assert cache.arrays["topk_logprobs"].dtype == np.float16 and cache.arrays["lse"].shape[1] == 2
+    assert cache.doc_offsets[0] == 0 and cache.doc_offsets[-1] == len(cache) and m["counts"]["documents"] == 32
+    ends = cache.tokens[cache.doc_offsets[1:] - 1]
+    assert (ends == ends[0]).all()  # every document ends with the end token
+
+
+def test_pack_ids18_round_trip():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 1 << 18, size=(100, 64))
+    ids[0, :4] = [0, (1 << 18) - 1, 151935, 1]
+    packed = pack_ids18(ids)
+    assert packed.shape == (100, 144) and packed.dtype == np.uint8
+    assert np.array_equal(unpack_ids18(packed), ids)
+
+
+def test_moe_teacher(tmp_path, demo_tokenizer):
+    """A Qwen3-MoE teacher caches through the same path."""
+    t = make_teacher(tmp_path / "moe", 1088, moe=True)
+    out, _ = build(tmp_path, t, demo_tokenizer, extra=["--max_docs", "3"])
+    c = TeacherCache(str(out))
+    r = c.doc(1)
+    z = dense_reference(t, r["tokens"])
+    logp = torch.log_softmax(z, -1).numpy()
+    nxt = r["tokens"][1:].astype(np.int64)
+    assert np.abs(r["target_logprob"][:-1] - logp[np.arange(len(nxt)), nxt]).max() < 1e-4
+
+
+# --- resume, refusal, torchrun --------------------------------------------------------------------------
+
+ARRAYS = ["tokens", "roles", "doc_offsets", "topk_ids", "topk_logprobs", "lse", "target_logprob", "entropy"]
+
+
+def same_arrays(a, b):
+    return all(open(os.path.join(a, n + ".npy"), "rb").read() == open(os.path.join(b, n + ".npy"), "rb").read()
+               for n in ARRAYS)
+
+
+def test_kill_and_resume_is_byte_identical(tmp_path, tiny_teacher, demo_tokenizer, cache):
+    """kill -9 part-way, run again: it continues and ends with files identical to an uninterrupted run."""
+    out = tmp_path / "killed"
+    cmd = [sys.executable, os.path.join(ROOT, "cache_teacher.py"), "--data", DATA, "--teacher", tiny_teacher,
+           "--tokenizer", demo_tokenizer, "--out", str(out), "--dtype", "float32", "--device", "cpu",
+           "--batch_tokens", "3000"]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    prog = out / "progress.0.json"
+    t0 = time.time()
+    while time.time() - t0 < 120:
+        try:
+            if len(json.load(open(prog))) >= 2:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.005)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    m = json.load(open(out / "manifest.json"))
+    assert m["complete"] is False  # killed before the end: the folder does not look finished
+    with pytest.raises(ValueError, match="incomplete"):
+        TeacherCache(str(out))
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert same_arrays(str(out), cache.folder)
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert "nothing to do" in r.stdout
+
+
+def test_changed_inputs_are_refused(tmp_path, tiny_teacher, demo_tokenizer, cache):
+    """A different teacher or data into a folder holding another cache is refused, not mixed."""
+    other = make_teacher(tmp_path / "t2", 1088, seed=1)
+    base = ["--tokenizer", demo_tokenizer, "--out", cache.folder, "--dtype", "float32", "--device", "cpu",
+            "--batch_tokens", "3000"]
+    r = run_script("cache_teacher.py", "--data", DATA, "--teacher", other, *base, check=False)
+    assert r.returncode != 0 and "built from other inputs" in r.stderr
+    d2 = tmp_path / "d.jsonl"
+    d2.write_text(open(DATA).read().replace("Solve", "Solve now", 1))
+    r = run_script("cache_teacher.py", "--data", d2, "--teacher", tiny_teacher, *base, check=False)
+    assert r.returncode != 0 and "built from other inputs" in r.stderr
+    assert TeacherCache(cache.folder).manifest["complete"]  # untouched
+
+
+def test_torchrun_two_processes_same_cache(tmp_path, tiny_teacher, demo_tokenizer, cache):
+    """torchrun --nproc_per_node=2 (gloo, CPU) splits the batches and writes the same bytes as one process."""
+    out = tmp_path / "tr"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+                        os.path.join(ROOT, "cache_teacher.py"), "--data", DATA, "--teacher", tiny_teacher,
+                        "--tokenizer", demo_tokenizer, "--out", str(out), "--dtype", "float32", "--device", "cpu",
+                        "--batch_tokens", "3000"], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert same_arrays(str(out), cache.folder)
+
+
+def test_teacher_none_and_hub_dataset(tmp_path, demo_tokenizer):
+    """--teacher none writes tokens and roles only; a Hub dataset id resolves through the offline cache."""
+    from test_model import write_hub_cache
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "train.jsonl").write_text("".join(open(DATA).readlines()[:4]))
+    write_hub_cache(str(tmp_path / "hub"), "some-org/cot-4", str(src))
+    hub = str(tmp_path / "hub")
+    env = dict(HF_HUB_OFFLINE="1", HF_HUB_CACHE=hub, HF_HOME=str(tmp_path / "home"))
+    # the helper lays out a model repo; a dataset repo lives under datasets--org--name
+    os.rename(os.path.join(hub, "models--some-org--cot-4"), os.path.join(hub, "datasets--some-org--cot-4"))
+    out = tmp_path / "sup"
+    run_script("cache_teacher.py", "--data", "some-org/cot-4", "--teacher", "none", "--tokenizer", demo_tokenizer,
+               "--out", out, env=env)
+    c = TeacherCache(str(out))
+    assert not c.has_teacher and c.n_docs == 4 and set(np.unique(c.roles)) == {0, 1, 2, 3}
+    assert not (out / "topk_ids.npy").exists()
+
+
+# --- bad input -------------------------------------------------------------------------------------------
+
+def bad(tmp_path, teacher, tokenizer, content, *extra, name="bad.jsonl"):
+    p = tmp_path / name
+    p.write_text(content)
+    r = run_script("cache_teacher.py", "--data", p, "--teacher", teacher, "--tokenizer", tokenizer, "--out",
+                   tmp_path / "o", "--dtype", "float32", "--device", "cpu", *extra, check=False)
+    return r
+
+
+def test_bad_inputs(tmp_path, tiny_teacher, demo_tokenizer):
+    rec = json.dumps({"question": "Q?", "CoT": "A. B.", "response": "R."})
+    cases = [
+        (rec + "\n{not json\n", r"bad.jsonl:2: invalid JSON"),
+        (rec + "\n" + json.dumps({"question": "Q?", "response": "R."}) + "\n", r"bad.jsonl:2: record has no field 'CoT'"),
+        ("", r"bad.jsonl: no records \(empty file\)"),
+        (json.dumps({"question": "  ", "CoT": "A.", "response": "R."}) + "\n", r"bad.jsonl:1: field 'question' is empty"),
+    ]
+    import re
+    for content, msg in cases:
+        r = bad(tmp_path, tiny_teacher, demo_tokenizer, content)
+        assert r.returncode != 0 and re.search(msg, r.stderr), (msg, r.stderr[-500:])
+
+
+def test_too_long_documents(tmp_path, tiny_teacher, demo_tokenizer):
+    """Longer than --max_len: skipped with a count, or cut, as --too_long says."""
+    short = json.dumps({"question": "Q?", "CoT": "A. B.", "response": "R."})
+    long_ = json.dumps({"question": "Q?", "CoT": "Step. " * 400, "response": "R."})
+    r = bad(tmp_path, tiny_teacher, demo_tokenizer, f"{short}\n{long_}\n", "--max_len", "200")
+    assert r.returncode == 0 and "1 too long (skip)" in r.stdout
+    assert TeacherCache(str(tmp_path / "o")).n_docs == 1
+    r = bad(tmp_path, tiny_teacher, demo_tokenizer, f"{short}\n{long_}\n", "--max_len", "200", "--too_long",
+            "truncate", "--force")
+    c = TeacherCache(str(tmp_path / "o"))
+    assert r.returncode == 0 and c.n_docs == 2 and c.doc_range(1)[1] - c.doc_range(1)[0] == 200
+    r = bad(tmp_path, tiny_teacher, demo_tokenizer, f"{long_}\n", "--max_len", "200", "--force")
+    assert r.returncode != 0 and "1 longer than --max_len 200" in r.stderr
+
+
+def test_tokenizer_beyond_teacher_vocab(tmp_path, demo_tokenizer):
+    small = make_teacher(tmp_path / "small", vocab_size=512)
+    r = bad(tmp_path, small, demo_tokenizer, json.dumps({"question": "Q?", "CoT": "A.", "response": "R."}) + "\n")
+    assert r.returncode != 0 and "beyond the teacher's vocabulary of 512" in r.stderr
