@@ -388,6 +388,34 @@ def tail_mass(logprobs, lse1, lseT, T):
     return 1.0 - np.exp((logprobs + lse1[..., None]) / T - lseT[..., None]).sum(-1)
 
 
+def write_cache(out, tokens, roles, doc_offsets, teacher=None, k=64, temperatures=(1.0, 2.0), tokenizer=None,
+                source="arrays"):
+    """Write a complete cache folder from in-memory arrays: for a cache computed by another engine, and for
+    the synthetic streams of the tests and bench.py. teacher: None, or a dict with every TEACHER_ARRAYS entry
+    (topk_ids as (N, k) ints, packed here); tokenizer: a tokenizer.json to copy alongside."""
+    os.makedirs(out, exist_ok=True)
+    arrays = dict(tokens=np.asarray(tokens, np.uint32), roles=np.asarray(roles, np.uint8),
+                  doc_offsets=np.asarray(doc_offsets, np.int64))
+    if teacher is not None:
+        arrays.update(topk_ids=pack_ids18(np.asarray(teacher["topk_ids"])),
+                      topk_logprobs=np.asarray(teacher["topk_logprobs"], np.float16),
+                      lse=np.asarray(teacher["lse"], np.float32).reshape(len(tokens), -1),
+                      target_logprob=np.asarray(teacher["target_logprob"], np.float32),
+                      entropy=np.asarray(teacher["entropy"], np.float32))
+    h = hashlib.sha256()
+    for n, a in arrays.items():
+        np.save(os.path.join(out, n + ".npy"), a)
+        h.update(n.encode() + a.tobytes())
+    if tokenizer:
+        shutil.copyfile(tokenizer, os.path.join(out, "tokenizer.json"))
+    N = len(arrays["tokens"])
+    write_json(os.path.join(out, "manifest.json"), dict(
+        phase="cache", version=FORMAT_VERSION, fingerprint=h.hexdigest(), inputs=dict(source=source),
+        args=dict(k=k, temperatures=list(map(float, temperatures))),
+        teacher=None if teacher is None else dict(name=source), end_token=None,
+        counts=dict(positions=N, documents=len(arrays["doc_offsets"]) - 1), complete=True))
+
+
 # -----------------------------------------------------------------------------
 # main
 

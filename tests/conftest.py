@@ -101,3 +101,12 @@ def run_script(script, *args, env=None, check=True, timeout=300):
     if check and r.returncode != 0:
         raise AssertionError(f"{script} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     return r
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory, tiny_teacher, demo_tokenizer):
+    """cache_teacher.py run on the bundled records with the tiny teacher (batches of <= 3000 tokens)."""
+    out = tmp_path_factory.mktemp("cache") / "cache"
+    run_script("cache_teacher.py", "--data", DATA, "--teacher", tiny_teacher, "--tokenizer", demo_tokenizer,
+               "--out", out, "--dtype", "float32", "--device", "cpu", "--batch_tokens", "3000")
+    return str(out)

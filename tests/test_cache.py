@@ -25,9 +25,8 @@ def build(tmp_path, teacher, tokenizer, name="cache", data=(DATA,), extra=()):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory, tiny_teacher, demo_tokenizer):
-    out, _ = build(tmp_path_factory.mktemp("c"), tiny_teacher, demo_tokenizer, extra=["--batch_tokens", "3000"])
-    return TeacherCache(str(out))
+def cache(tiny_cache):
+    return TeacherCache(tiny_cache)
 
 
 # --- DualMind ------------------------------------------------------------------------------------------

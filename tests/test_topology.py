@@ -1,0 +1,236 @@
+"""topology.py: the DISC operators on signals with known structure, brute-force references, the pass on a real cache."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from cache_teacher import TeacherCache, write_cache
+from conftest import run_script
+from topology import (BLOCK, block_channels, deltas, discrepancy, doc_last_rows, jump_threshold, jumps_and_weights,
+                      tv_consecutive)
+
+
+def analyse(f, doc_len):
+    """The pass of topology.py on an in-memory signal: delta, disc, jumps, weights, block channels."""
+    n = len(f)
+    offsets = np.append(np.arange(0, n, doc_len), n)
+    last = doc_last_rows(offsets, 0, n)
+    d = deltas(f, last)
+    disc = discrepancy(f, last)
+    valid = ~last
+    thr = jump_threshold(d, valid)
+    jump, weight = jumps_and_weights(d, valid, thr)
+    pad = -n % BLOCK
+    P = lambda x, v: np.concatenate([x, np.full(pad, v, dtype=x.dtype)])
+    ch = block_channels(P(d, 0), P(jump, False), P(valid, False), P(disc, 0))
+    return dict(delta=d, disc=disc, jump=jump, weight=weight, blocks=ch, thr=thr, last=last)
+
+
+# --- synthetic signals with known structure -------------------------------------------------------------
+
+def test_planted_steps_are_found():
+    """Every planted step is a jump and at least 90% of reported jumps are planted; 1.25x lands after each."""
+    rng = np.random.default_rng(0)
+    n = 40_000
+    f = rng.normal(0, 0.05, n).astype(np.float32)
+    steps = np.sort(rng.choice(np.arange(100, n - 100), 100, replace=False))
+    for s in steps:
+        f[s + 1:] += rng.choice([-2.0, 2.0])  # the signal changes between rows s and s+1
+    r = analyse(f, doc_len=n)
+    found = np.flatnonzero(r["jump"])
+    assert set(steps) <= set(found)
+    assert np.isin(found, steps).mean() >= 0.9
+    assert (r["weight"][steps + 1] == 1.25).all() and (r["weight"] == 1.25).sum() == len(found)
+    # and their variation sits in the jump channel: 100 steps of 2
+    assert r["blocks"]["jump"].sum() == pytest.approx(2.0 * len(steps), rel=0.05)
+
+
+def test_linear_trend_is_smooth():
+    """A steady trend: no jumps, disc equal to its slope, its variation in the smooth channel."""
+    n, slope = 20_000, 1 / 128  # i/128 is exact in float32: every delta is exactly the slope
+    f = (np.arange(n) % 5000 * slope).astype(np.float32)
+    r = analyse(f, doc_len=5000)
+    assert not r["jump"].any()
+    inner = ~np.isin(np.arange(n) % 5000, [4999])
+    assert np.allclose(r["disc"][inner], slope, rtol=1e-5)
+    ch = r["blocks"]
+    assert ch["drift"].sum() < 0.1 * ch["tv"].sum() and ch["smooth"].sum() > 0.9 * ch["tv"].sum()
+    # with noise on top the allocation holds
+    rng = np.random.default_rng(1)
+    noisy = f + rng.normal(0, 0.0005, n).astype(np.float32)
+    ch = analyse(noisy, doc_len=5000)["blocks"]
+    assert ch["drift"].sum() < 0.1 * ch["tv"].sum()
+
+
+def cantor(x, depth=30):
+    """The Cantor function (devil's staircase) on [0, 1]."""
+    y = np.zeros_like(x)
+    scale = 0.5
+    x = x.copy()
+    done = np.zeros(len(x), dtype=bool)
+    for _ in range(depth):
+        x = x * 3
+        digit = np.floor(x)
+        x -= digit
+        y += np.where(~done & (digit >= 1), scale, 0)  # digit 1: the staircase is flat from here on
+        done |= digit == 1
+        scale /= 2
+    return y
+
+
+def test_devils_staircase_is_drift():
+    """A Cantor-function drift, each step below the jump threshold, lands in the drift channel (> 80%)."""
+    rng = np.random.default_rng(2)
+    noise = rng.normal(0, 0.3, 20_000).astype(np.float32)  # a noisy document sets the stream's threshold
+    stair = (20 * cantor(np.linspace(0, 1, 4096, endpoint=False))).astype(np.float32)
+    f = np.concatenate([noise, stair])
+    offsets = np.array([0, len(noise), len(f)])
+    last = doc_last_rows(offsets, 0, len(f))
+    d = deltas(f, last)
+    valid = ~last
+    thr = jump_threshold(d, valid)
+    sd = d[len(noise):]
+    assert (sd > 0).sum() > 50 and sd.max() < thr  # many steps, each below the threshold
+    jump, _ = jumps_and_weights(d, valid, thr)
+    assert not jump[len(noise):].any()
+    disc = discrepancy(f, last)
+    ch = block_channels(d[len(noise):], jump[len(noise):], valid[len(noise):], disc[len(noise):])
+    assert ch["drift"].sum() > 0.8 * ch["tv"].sum()
+    assert ch["jump"].sum() == 0
+
+
+# --- brute-force references --------------------------------------------------------------------------------
+
+def test_discrepancy_matches_brute_force():
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        n, K = int(rng.integers(1, 80)), int(rng.integers(1, 12))
+        f = rng.normal(size=n).astype(np.float32)
+        last = rng.random(n) < 0.1
+        ref = np.zeros(n)
+        for i in range(n):
+            e = i
+            while e < n - 1 and not last[e]:
+                e += 1
+            js = [j for j in range(1, K + 1) if i + j <= e]
+            ref[i] = np.mean([abs(f[i + j] - f[i]) / j for j in js]) if js else 0.0
+        assert np.allclose(discrepancy(f, last, K), ref, atol=1e-5)
+
+
+def test_isolated_jump_gives_harmonic_fraction():
+    """At an isolated jump of size J, disc = J * H_K / K (0.34 J for K = 8)."""
+    f = np.zeros(100, np.float32)
+    f[51:] = 3.0
+    d = discrepancy(f, np.eye(1, 100, 99, dtype=bool)[0], K=8)
+    assert d[50] == pytest.approx(3.0 * sum(1 / j for j in range(1, 9)) / 8, rel=1e-5)
+
+
+def test_block_channels_match_brute_force():
+    rng = np.random.default_rng(4)
+    n = 64 * 30
+    d = np.abs(rng.normal(size=n)).astype(np.float32) * (rng.random(n) < 0.7)
+    jump = rng.random(n) < 0.05
+    valid = rng.random(n) < 0.95
+    disc = rng.random(n).astype(np.float32)
+    ch = block_channels(d, jump, valid, disc)
+    for b in range(30):
+        s = slice(64 * b, 64 * b + 64)
+        v, j = valid[s], jump[s] & valid[s]
+        tv = d[s][v].sum()
+        jp = d[s][j].sum()
+        sm = d[s][v & ~jump[s]]
+        A = len(sm) * min(np.median(sm), np.mean(sm)) if len(sm) else 0.0
+        assert ch["tv"][b] == pytest.approx(tv, rel=1e-5)
+        assert ch["jump"][b] == pytest.approx(jp, rel=1e-5, abs=1e-6)
+        assert ch["smooth"][b] == pytest.approx(A, rel=1e-5, abs=1e-6)
+        assert ch["drift"][b] == pytest.approx(tv - jp - A, rel=1e-4, abs=1e-5)
+        assert ch["edisc"][b] == pytest.approx(0.5 * (disc[s] ** 2).sum(), rel=1e-5)
+
+
+def test_tv_matches_dense_reference():
+    """tv on random sparse top-k distributions agrees with a slow dense computation over the union."""
+    rng = np.random.default_rng(5)
+    V, k, n = 300, 16, 60
+    ids, lps = [], []
+    for t in range(n):
+        p = rng.dirichlet(np.ones(V) * 0.1)
+        if t % 2:  # make consecutive rows share part of their support
+            p = 0.5 * p + 0.5 * prev
+        prev = p
+        top = np.argsort(-p)[:k]
+        ids.append(top)
+        lps.append(np.log(p[top]))
+    ids, lps = np.array(ids), np.array(lps, dtype=np.float32)
+    last = np.zeros(n, bool)
+    last[29] = True
+    got = tv_consecutive(ids, lps, last)
+    for t in range(n - 1):
+        if last[t]:
+            assert got[t] == 0
+            continue
+        a = dict(zip(ids[t], np.exp(lps[t].astype(np.float64))))
+        b = dict(zip(ids[t + 1], np.exp(lps[t + 1].astype(np.float64))))
+        qa, qb = 1 - sum(a.values()), 1 - sum(b.values())
+        ref = 0.5 * (sum(abs(a.get(i, 0) - b.get(i, 0)) for i in set(a) | set(b)) + abs(qa - qb))
+        assert got[t] == pytest.approx(ref, abs=1e-5)
+    assert (got[:-1][~last[:-1]] > 0).all()
+
+
+# --- the pass over a real cache ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def topo(tmp_path_factory, tiny_cache):
+    out = tmp_path_factory.mktemp("t") / "topology"
+    run_script("topology.py", "--cache", tiny_cache, "--out", out)
+    return str(out)
+
+
+def test_pass_outputs_and_report(topo, tiny_cache):
+    """Files, dtypes, the chunked pass equal to the in-memory one, and the report's evidence table."""
+    cache = TeacherCache(tiny_cache)
+    N = len(cache)
+    load = lambda n: np.load(os.path.join(topo, n + ".npy"))
+    f, delta, disc, jump, weight = (load(n) for n in ["f", "delta", "disc", "jump", "weight"])
+    assert f.dtype == np.float32 and jump.dtype == bool and weight.dtype == np.float32 and len(f) == N
+    assert np.array_equal(f, np.asarray(cache.arrays["entropy"]))
+    r = analyse(f, doc_len=N)  # one-shot reference, documents from the cache
+    last = doc_last_rows(cache.doc_offsets, 0, N)
+    assert np.array_equal(delta, deltas(f, last)) and np.allclose(disc, discrepancy(f, last), atol=1e-6)
+    assert delta[last].max() == 0 and not jump[last].any()
+    assert len(load("block_tv")) == -(-N // 64)
+    rep = json.load(open(os.path.join(topo, "report.json")))
+    assert set(rep["signals"]) == {"entropy", "surprisal", "tv"}
+    for s in rep["signals"].values():
+        assert 0 <= s["firing_rate"] < 0.1 and s["delta_std"] > 0
+    assert rep["jumps"] == int(jump.sum()) and 0 < rep["tail_mass"]["T=2"]["mean"] < 1
+    html = open(os.path.join(topo, "report.html"), encoding="utf-8").read()
+    assert html.count("<span") > 100 and "<svg" in html and "http" not in html  # self-contained
+    m = json.load(open(os.path.join(topo, "manifest.json")))
+    assert m["complete"] and m["upstream"]["cache"] == cache.fingerprint
+    assert r is not None
+
+
+def test_signals_tv_and_surprisal_run(tmp_path, tiny_cache):
+    for sig in ["tv", "surprisal"]:
+        out = tmp_path / sig
+        run_script("topology.py", "--cache", tiny_cache, "--out", out, "--signal", sig)
+        f = np.load(out / "f.npy")
+        assert np.isfinite(f).all()
+    tv_steps = np.load(tmp_path / "tv" / "delta.npy")
+    assert tv_steps.max() <= 1.0 + 1e-6 and tv_steps.mean() > 0.3  # consecutive distributions differ a lot
+
+
+def test_refuses_cache_without_teacher_and_changed_cache(tmp_path, tiny_cache, topo):
+    n = 100
+    write_cache(str(tmp_path / "sup"), np.arange(n) % 7, np.ones(n), [0, 50, n])
+    r = run_script("topology.py", "--cache", tmp_path / "sup", "--out", tmp_path / "o", check=False)
+    assert r.returncode != 0 and "--teacher none" in r.stderr
+    # same output folder, different cache: refused instead of mixed
+    rng = np.random.default_rng(0)
+    t = dict(topk_ids=np.tile(np.arange(64), (n, 1)), topk_logprobs=np.full((n, 64), -5.0), lse=np.zeros((n, 2)),
+             target_logprob=-rng.random(n), entropy=rng.random(n))
+    write_cache(str(tmp_path / "other"), np.arange(n) % 7, np.ones(n), [0, 50, n], t)
+    r = run_script("topology.py", "--cache", tmp_path / "other", "--out", topo, check=False)
+    assert r.returncode != 0 and "built from other inputs" in r.stderr

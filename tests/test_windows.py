@@ -1,0 +1,112 @@
+"""windows.py: coverage, boundaries, calm cuts, overlaps, curriculum pools, refusal of stale folders."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from cache_teacher import TeacherCache
+from conftest import DATA, run_script
+from windows import curriculum_phases, cut_document, fixed_document, smooth3
+
+
+def check_windows(windows, cache, jump=None, window=512):
+    """The invariants of a windows file against its cache (and topology jumps)."""
+    offsets = np.asarray(cache.doc_offsets)
+    covered = np.zeros(len(cache), dtype=np.int64)
+    for d, s, l, e in windows:
+        a, b = offsets[d], offsets[d + 1]
+        assert a <= s <= l < e <= b, (d, s, l, e)  # inside its document, trainable part non-empty
+        assert e - s <= window
+        covered[l:e] += 1
+        if jump is not None and e < b:  # a cut inside the document: not at or beside a jump
+            assert not jump[e - 2:e + 1].any(), (e, np.flatnonzero(jump[e - 3:e + 2]))
+        if l > s:
+            assert 32 <= l - s <= 128  # overlap is context only, 32-128 tokens
+    assert (covered == 1).all()  # every row trained exactly once per epoch
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_cache):
+    root = tmp_path_factory.mktemp("w")
+    run_script("topology.py", "--cache", tiny_cache, "--out", root / "topology")
+    run_script("windows.py", "--cache", tiny_cache, "--topology", root / "topology", "--out", root / "windows")
+    return root
+
+
+def test_windows_on_real_cache(built, tiny_cache):
+    cache = TeacherCache(tiny_cache)
+    w = np.load(built / "windows" / "windows.npy")
+    jump = np.load(built / "topology" / "jump.npy")
+    check_windows(w, cache, jump)
+    assert (w[:, 2] > w[:, 1]).sum() > 5  # long documents were cut and overlapped
+    html = open(built / "windows" / "report.html", encoding="utf-8").read()
+    assert 'class="cut"' in html
+
+
+def test_curriculum_pools_nested_and_ordered(built):
+    diff = np.load(built / "windows" / "difficulty.npy")
+    phase = np.load(built / "windows" / "phase.npy")
+    W = len(diff)
+    pools = [np.flatnonzero(phase <= p) for p in range(4)]
+    assert [len(p) for p in pools] == [int(np.ceil(f * W - 1e-9)) for f in (0.3, 0.55, 0.8, 1.0)]
+    for p in range(3):
+        assert set(pools[p]) <= set(pools[p + 1])
+        assert diff[pools[p]].max() <= diff[np.setdiff1d(pools[p + 1], pools[p])].min()  # easiest first
+    assert (diff > 0).all()
+
+
+def test_cut_document_synthetic():
+    """Cuts fall at the calmest allowed place; jumps bar a cut at or beside them; overlaps in [32, 128]."""
+    rng = np.random.default_rng(0)
+    n = 3000
+    disc = rng.random(n) + 1.0
+    jump = np.zeros(n, bool)
+    disc[450] = 0.0  # the calmest candidate of the first window...
+    jump[449] = True  # ...but a jump sits right at it: barred
+    disc[430] = 0.2  # the next calmest wins
+    wins, forced = cut_document(smooth3(disc), jump)
+    assert forced == 0
+    s, l, e = wins[0]
+    assert (s, l) == (0, 0) and e != 450 and abs(e - 430) <= 1
+    covered = np.zeros(n, int)
+    for s, l, e in wins:
+        covered[l:e] += 1
+        assert e - s <= 512 and (l == s or 32 <= l - s <= 128)
+        assert l == s or not jump[l - 2:l + 1].any()
+    assert (covered == 1).all()
+    # a stretch with jumps everywhere: the cut is forced, and counted
+    wins, forced = cut_document(smooth3(disc), np.ones(n, bool))
+    assert forced >= 1 and all(e - s <= 512 for s, _, e in wins)
+
+
+def test_short_documents_and_fixed_stride():
+    assert cut_document(smooth3(np.ones(300)), np.zeros(300, bool)) == ([(0, 0, 300)], 0)
+    assert fixed_document(1200) == [(0, 0, 512), (512, 512, 1024), (1024, 1024, 1200)]
+    assert fixed_document(700, 512, 400) == [(0, 0, 512), (400, 512, 700)]
+
+
+def test_fixed_stride_cli(tmp_path, tiny_cache):
+    run_script("windows.py", "--cache", tiny_cache, "--out", tmp_path / "fixed", "--fixed_stride")
+    w = np.load(tmp_path / "fixed" / "windows.npy")
+    check_windows(w, TeacherCache(tiny_cache))
+    assert (w[:, 1] == w[:, 2]).all() and (np.load(tmp_path / "fixed" / "phase.npy") == 0).all()
+
+
+def test_curriculum_phases_small():
+    assert list(curriculum_phases(np.array([5.0, 1, 4, 2, 3, 0, 9, 8, 7, 6]))) == [1, 0, 1, 0, 1, 0, 3, 3, 2, 2]  # pools of 3, 6, 8, 10
+
+
+def test_topology_from_older_cache_is_refused(tmp_path, tiny_teacher, demo_tokenizer, built):
+    """Rebuild the cache under the topology's feet: windows.py refuses the stale topology."""
+    cache2 = tmp_path / "cache2"
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(open(DATA).readlines()[:3]))
+    run_script("cache_teacher.py", "--data", data, "--teacher", tiny_teacher, "--tokenizer", demo_tokenizer,
+               "--out", cache2, "--dtype", "float32", "--device", "cpu")
+    r = run_script("windows.py", "--cache", cache2, "--topology", built / "topology", "--out", tmp_path / "w",
+                   check=False)
+    assert r.returncode != 0 and "was built from a different cache" in r.stderr
+    m = json.load(open(built / "windows" / "manifest.json"))
+    assert m["upstream"]["topology"] == json.load(open(built / "topology" / "manifest.json"))["fingerprint"]

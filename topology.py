@@ -1,0 +1,445 @@
+"""
+Phase 2: the DISC pass. Reads the teacher cache as one signal along the concatenated token stream and
+finds where it changes smoothly, where it jumps and where it drifts.
+
+The signal f (--signal). Consecutive next-token distributions of a language model put their mass on
+different tokens (each predicts a different next token), so a distance between p_t and p_t+1 sits near its
+maximum almost everywhere and a 3-sigma rule on it rarely fires. We read the distribution through its
+information profile instead:
+  entropy    (default) f[t] = H(p_t), the teacher's full-vocabulary entropy at row t (exact, from the cache)
+  surprisal  f[t] = -log p_t(token t+1), the teacher's log-loss on the real next token
+  tv         f[t] = sum_{j<t} TV(p_j, p_j+1) within the document: the path length, so delta[t] is exactly the
+             total variation between consecutive top-k distributions (union of the two supports, an id absent
+             from one side counting 0 there, plus one tail-mass cell), kept to measure the claim above.
+report.json records each signal's mean, spread and 3-sigma firing rate on this stream, so the choice stays evidence.
+
+The math (DESIGN.md section 3; every function below is pure and tested against a brute-force reference):
+  delta[i] = |f[i+1] - f[i]|, 0 on a document's last row (the boundary is a forced cut anyway)
+  disc[i]  = (1/K) sum_{j=1..K} |f[i+j] - f[i]| / j, K = 8, the discrete D f(x) = lim (1/e) int |f(t)-f(x)|/|t-x| dt;
+             near a document end only the j that stay inside it count (and the mean is over those)
+  jump[i]  = delta[i] > mean + 3 std of delta over the stream; weight[i+1] = 1.25 (where f changed), else 1.0
+  per 64-token block b: TV_b = sum delta; J_b = sum of delta at jumps; A_b = n_b * min(median, mean) of the n_b
+             non-jump deltas (the variation an evenly spread change would give); drift G_b = TV_b - J_b - A_b >= 0;
+             gap-energy density G_b / 64; discrepancy energy E_b = 0.5 sum disc^2 and its density E_b / 64.
+  A steady trend lands in A, a devil's staircase (few sub-threshold steps) in G, planted steps in J.
+
+Inputs   --cache (cache_teacher.py's folder)
+Outputs  in --out (default out/topology):
+  f.npy, delta.npy, disc.npy float32 [N]; jump.npy bool [N]; weight.npy float32 [N] (loss multiplier per row)
+  block_tv.npy, block_jump.npy, block_smooth.npy, block_drift.npy, block_gap_density.npy, block_edisc.npy
+            float32 [ceil(N/64)], block b = stream rows [64b, 64b+64)
+  report.json (counts, the three signals' statistics, jump rate and energies per document, tail mass of top-k),
+  report.html (a stretch of tokens coloured by discrepancy, jumps, block channels; open it in a browser),
+  manifest.json
+
+Run
+  python topology.py --cache out/cache --out out/topology
+  python topology.py --cache out/cache --out out/topology_tv --signal tv
+"""
+
+import argparse
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from cache_teacher import FORMAT_VERSION, Progress, TeacherCache, prepare_out, sha256_json, tail_mass
+from model import write_json
+
+BLOCK = 64
+SIGNALS = ["entropy", "surprisal", "tv"]
+BLOCK_CHANNELS = ["tv", "jump", "smooth", "drift", "gap_density", "edisc"]
+OUTPUTS = ["f", "delta", "disc", "jump", "weight"] + [f"block_{c}" for c in BLOCK_CHANNELS]
+
+# -----------------------------------------------------------------------------
+# Pure functions of arrays. `last` (bool [n]) marks the last row of each document.
+
+
+def doc_last_rows(doc_offsets, a, b):
+    """Bool mask over stream rows [a, b): True on the last row of a document."""
+    last = np.zeros(b - a, dtype=bool)
+    ends = np.asarray(doc_offsets[1:]) - 1
+    ends = ends[(ends >= a) & (ends < b)]
+    last[ends - a] = True
+    return last
+
+
+def deltas(f, last):
+    """delta[i] = |f[i+1] - f[i]|, 0 where row i ends a document. f, last: [n] -> [n] float32."""
+    d = np.zeros_like(f, dtype=np.float32)
+    d[:-1] = np.abs(f[1:] - f[:-1])
+    d[last] = 0.0
+    if len(d):
+        d[-1] = 0.0  # no f[n] in this slice: callers pass a slice that ends on a document end or overlap it
+    return d
+
+
+def discrepancy(f, last, K=8):
+    """disc[i] = mean over j = 1..K (within i's document) of |f[i+j] - f[i]| / j; 0 on a document's last row.
+
+    f, last [n] -> disc [n] float32: K shifted differences over the whole slice, then the few rows within K of a
+    document end (whose sums reached past it) recomputed over the j that stay inside.
+    """
+    n = len(f)
+    f = np.asarray(f, dtype=np.float32)
+    acc = np.zeros(n, dtype=np.float32)
+    for j in range(1, min(K, n - 1) + 1):
+        acc[:n - j] += np.abs(f[j:] - f[:n - j]) * np.float32(1 / j)
+    disc = acc / np.float32(K)
+    ends = np.flatnonzero(last)
+    if n and (not len(ends) or ends[-1] != n - 1):
+        ends = np.append(ends, n - 1)  # the slice ends here too
+    near = np.unique((ends[:, None] - np.arange(K)[None, :]).ravel())
+    near = near[near >= 0]
+    room = ends[np.searchsorted(ends, near)] - near  # rows left in the document after each near row
+    part = np.zeros(len(near), dtype=np.float32)
+    for j in range(1, K + 1):
+        ok = room >= j
+        part += np.where(ok, np.abs(f[np.minimum(near + j, n - 1)] - f[near]) * np.float32(1 / j), 0)
+    disc[near] = part / np.maximum(np.minimum(room, K), 1)
+    return disc
+
+
+def jump_threshold(delta, valid, sigma=3.0):
+    """mean + sigma std of delta over the valid rows (not a document's last row)."""
+    d = delta[valid].astype(np.float64)
+    return float(d.mean() + sigma * d.std()) if len(d) else float("inf")
+
+
+def jumps_and_weights(delta, valid, threshold, amplify=1.25):
+    """jump[i] = delta[i] > threshold on valid rows; weight[i+1] = amplify where jump[i] (the row whose
+    distribution the jump reached), else 1. All [n]."""
+    jump = (delta > threshold) & valid
+    weight = np.ones(len(delta), dtype=np.float32)
+    weight[1:][jump[:-1]] = amplify
+    return jump, weight
+
+
+def block_channels(delta, jump, valid, disc, block=BLOCK):
+    """Per block of `block` rows: TV, jump, smooth and drift channels, gap-energy density, discrepancy energy.
+
+    All inputs [n] with n a multiple of `block` (pad with valid=False); returns a dict of float32 [n/block].
+    """
+    B = len(delta) // block
+    d = delta.reshape(B, block).astype(np.float64)
+    j = (jump & valid).reshape(B, block)
+    smooth_mask = (valid & ~jump).reshape(B, block)
+    tv = np.where(valid.reshape(B, block), d, 0).sum(1)
+    jp = np.where(j, d, 0).sum(1)
+    n = smooth_mask.sum(1)
+    sm = np.sort(np.where(smooth_mask, d, np.inf), axis=1)  # the n_b non-jump deltas first, in order
+    lo, hi = np.maximum(n - 1, 0) // 2, np.maximum(n, 1) // 2
+    med = 0.5 * (np.take_along_axis(sm, lo[:, None], 1) + np.take_along_axis(sm, hi[:, None], 1))[:, 0]
+    mean = np.where(smooth_mask, d, 0).sum(1) / np.maximum(n, 1)
+    A = np.where(n > 0, n * np.minimum(med, mean), 0.0)
+    G = np.maximum(tv - jp - A, 0.0)  # >= 0 by construction; max() only absorbs rounding
+    e = 0.5 * (disc.reshape(B, block).astype(np.float64) ** 2).sum(1)
+    f32 = lambda x: x.astype(np.float32)
+    return dict(tv=f32(tv), jump=f32(jp), smooth=f32(A), drift=f32(G), gap_density=f32(G / block),
+                edisc=f32(e))
+
+
+def tv_consecutive(ids, logprobs, last):
+    """TV(p_t, p_t+1) for consecutive rows at T=1 over the union of the two top-k supports plus one tail cell.
+
+    ids (n, k) int, logprobs (n, k) log-probs -> tv (n,) float32, 0 where row t ends a document (and at n-1).
+    An id absent from one side counts 0 there; with P_t the top-k mass and Q_t = 1 - P_t the tail mass:
+      2 TV = sum_union |p_t - p_t+1| + |Q_t - Q_t+1| = P_t + P_t+1 - 2 sum_shared min(p_t, p_t+1) + |Q_t - Q_t+1|.
+    The shared ids come from one sort per row pair of 2k int64 keys (id in the high half, the probability's
+    float bits in the low half), so equal ids land side by side carrying their probabilities.
+    """
+    n, k = ids.shape
+    p = np.exp(np.asarray(logprobs, dtype=np.float32))  # (n, k)
+    P = p.sum(1, dtype=np.float64)
+    key = (np.asarray(ids, dtype=np.int64) << 32) | p.view(np.uint32)
+    pair = np.empty((n - 1, 2 * k), np.int64)  # row t's keys then row t+1's
+    pair[:, :k], pair[:, k:] = key[:-1], key[1:]
+    pair.sort(axis=1)
+    half = pair.view(np.int32)  # little-endian: [:, 0::2] probability bits, [:, 1::2] ids
+    idv, pv = half[:, 1::2], half.view(np.float32)[:, 0::2]
+    same = idv[:, 1:] == idv[:, :-1]  # ids are distinct within a row: a match is one from each side
+    shared = np.where(same, np.minimum(pv[:, 1:], pv[:, :-1]), 0).sum(1, dtype=np.float64)
+    Q = 1.0 - P
+    tv = np.zeros(n, dtype=np.float32)
+    tv[:-1] = 0.5 * (P[:-1] + P[1:] - 2 * shared + np.abs(Q[:-1] - Q[1:]))
+    tv[last] = 0.0
+    return np.clip(tv, 0.0, 1.0)
+
+
+def signal(kind, rows, last):
+    """The per-row signal f for rows of the cache (a dict from TeacherCache.rows)."""
+    if kind == "entropy":
+        return rows["entropy"].astype(np.float32)
+    if kind == "surprisal":
+        f = -rows["target_logprob"].astype(np.float32)
+        prev = np.concatenate([[0.0], f[:-1]]).astype(np.float32)
+        return np.where(last, prev, f)  # a document's last row has no target: hold the previous value
+    if kind == "tv":
+        step = tv_consecutive(rows["topk_ids"], rows["topk_logprobs"], last)
+        f = np.cumsum(np.concatenate([[0.0], step[:-1]]), dtype=np.float64)  # path length along the stream
+        starts = np.flatnonzero(np.concatenate([[True], last[:-1]]))  # restart at each document
+        return (f - np.repeat(f[starts], np.diff(np.append(starts, len(f))))).astype(np.float32)
+    raise ValueError(f"unknown --signal {kind!r} (choose from {SIGNALS})")
+
+
+# -----------------------------------------------------------------------------
+# The pass over the stream, in chunks of whole documents (memory bounded by the chunk)
+
+
+def doc_chunks(doc_offsets, chunk):
+    """Stream ranges [a, b) of whole documents, about `chunk` rows each (a longer document is its own chunk)."""
+    out, a = [], 0
+    D = len(doc_offsets) - 1
+    d = 0
+    while d < D:
+        e = d + 1
+        while e < D and doc_offsets[e + 1] - doc_offsets[d] <= chunk:
+            e += 1
+        out.append((int(doc_offsets[d]), int(doc_offsets[e])))
+        d = e
+    return out
+
+
+def block_ranges(N, chunk):
+    """Stream ranges [a, b) with a a multiple of BLOCK, about `chunk` rows each."""
+    step = max(BLOCK, chunk // BLOCK * BLOCK)
+    return [(a, min(a + step, N)) for a in range(0, N, step)]
+
+
+def run_pass(cache, kind, chunk, K, sigma, amplify, out, prog=None, threads=1):
+    """The whole pass, chunk by chunk into memory-mapped outputs: signal, delta and disc (whole documents at a
+    time), the stream's jump threshold, then jumps, weights and block channels (whole blocks at a time).
+    Returns (outputs dict of memmaps, threshold, valid-row count)."""
+    N = len(cache)
+    nb = -(-N // BLOCK)
+    spec = dict(f=(N, np.float32), delta=(N, np.float32), disc=(N, np.float32), jump=(N, np.bool_),
+                weight=(N, np.float32), **{f"block_{c}": (nb, np.float32) for c in BLOCK_CHANNELS})
+    arr = {n: np.lib.format.open_memmap(os.path.join(out, n + ".partial.npy"), mode="w+", dtype=dt, shape=(sh,))
+           for n, (sh, dt) in spec.items()}
+    def first(ab):  # signal, delta, disc of whole documents; numpy releases the GIL, so threads use every core
+        a, b = ab
+        last = doc_last_rows(cache.doc_offsets, a, b)
+        rows = cache.rows(a, b) if kind == "tv" else {n: cache.arrays[n][a:b] for n in ["entropy", "target_logprob"]}
+        f = signal(kind, rows, last)
+        d = deltas(f, last)
+        arr["f"][a:b], arr["delta"][a:b], arr["disc"][a:b] = f, d, discrepancy(f, last, K)
+        dv = d[~last].astype(np.float64)
+        return dv.sum(), (dv ** 2).sum(), len(dv), b - a
+
+    s1 = s2 = nvalid = 0.0
+    with ThreadPoolExecutor(threads) as pool:
+        for r1, r2, nv, n in pool.map(first, doc_chunks(cache.doc_offsets, chunk)):
+            s1, s2, nvalid = s1 + r1, s2 + r2, nvalid + nv
+            if prog:
+                prog.update(n)
+    mean = s1 / max(nvalid, 1)
+    threshold = float(mean + sigma * np.sqrt(max(s2 / max(nvalid, 1) - mean ** 2, 0.0)))
+    def second(ab):  # jumps, weights and block channels of whole blocks
+        a, b = ab
+        lo = max(a - 1, 0)  # weight[a] depends on jump[a - 1]
+        valid = ~doc_last_rows(cache.doc_offsets, lo, b)
+        delta = np.asarray(arr["delta"][lo:b])
+        jump, weight = jumps_and_weights(delta, valid, threshold, amplify)
+        arr["jump"][a:b], arr["weight"][a:b] = jump[a - lo:], weight[a - lo:]
+        pad = -(b - a) % BLOCK
+        padded = lambda x, v: np.concatenate([x[a - lo:], np.full(pad, v, dtype=x.dtype)])
+        ch = block_channels(padded(delta, 0), padded(jump, False), padded(valid, False),
+                            padded(np.asarray(arr["disc"][lo:b]), 0))
+        for c in BLOCK_CHANNELS:
+            arr[f"block_{c}"][a // BLOCK:a // BLOCK + len(ch[c])] = ch[c]
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(second, block_ranges(N, chunk)))
+    for m in arr.values():
+        m.flush()
+    return arr, threshold, int(nvalid)
+
+
+def signal_summary(f, delta, valid):
+    d = delta[valid].astype(np.float64)
+    thr = d.mean() + 3 * d.std()
+    return dict(f_mean=float(f[valid].mean()), f_std=float(f[valid].std()), delta_mean=float(d.mean()),
+                delta_std=float(d.std()), threshold=float(thr), firing_rate=float((d > thr).mean()))
+
+
+def main(args):
+    cache = TeacherCache(args.cache)
+    if not cache.has_teacher:
+        raise ValueError(f"{args.cache}: a cache made with --teacher none has no teacher distributions to analyse")
+    settings = dict(signal=args.signal, K=args.K, sigma=args.sigma, amplify=args.amplify, block=BLOCK)
+    fingerprint = sha256_json(dict(upstream=cache.fingerprint, settings=settings, version=FORMAT_VERSION))
+    if prepare_out(args.out, "topology", fingerprint, args.force) == "done":
+        print(f"{args.out}: complete topology with the same inputs already there; nothing to do")
+        return
+    t0 = time.time()
+    N, out = len(cache), args.out
+    prog = Progress("topology", N, unit="pos", every=args.log_every)
+    arr, threshold, nvalid = run_pass(cache, args.signal, args.chunk, args.K, args.sigma, args.amplify, out, prog,
+                                      args.threads)
+    elapsed = time.time() - t0
+    n_jumps = int(np.count_nonzero(arr["jump"]))
+    report = build_report(cache, args, arr, threshold, nvalid, elapsed)
+    write_json(os.path.join(out, "report.json"), report)
+    render_html(os.path.join(out, "report.html"), cache, arr, report)
+    del arr
+    for n in OUTPUTS:  # finished: the partial files take their final names, the manifest comes last
+        os.replace(os.path.join(out, n + ".partial.npy"), os.path.join(out, n + ".npy"))
+    manifest = dict(phase="topology", version=FORMAT_VERSION, fingerprint=fingerprint, settings=settings,
+                    upstream=dict(cache=cache.fingerprint), args=vars(args), threshold=threshold,
+                    counts=dict(positions=N, documents=cache.n_docs, jumps=n_jumps, blocks=-(-N // BLOCK)),
+                    dtypes=dict(f="float32", delta="float32", disc="float32", jump="bool", weight="float32",
+                                blocks="float32"), complete=True)
+    write_json(os.path.join(out, "manifest.json"), manifest)
+    print(f"topology: {N:,} positions, signal {args.signal}, {n_jumps:,} jumps ({n_jumps / max(nvalid, 1):.2%}, "
+          f"threshold {threshold:.4g}), {N / max(elapsed, 1e-9):,.0f} positions/s -> {out}")
+
+
+def build_report(cache, args, arr, threshold, nvalid, elapsed):
+    """report.json: counts, the three signals on this stream, per-document jumps and energies, tail mass."""
+    N = len(cache)
+    rng = np.random.default_rng(0)
+    # the three signals over stretches of up to 512 rows from random documents (tv is the costly one): the
+    # evidence for the default signal, at a fixed cost whatever the stream's size
+    docs = rng.permutation(cache.n_docs)[:max(1, args.report_positions // 512)]
+    parts = {kind: ([], [], []) for kind in SIGNALS}
+    for d in np.sort(docs):
+        a, b = cache.doc_range(d)
+        a = a + int(rng.integers(0, max(b - a - 512, 0) + 1))
+        b = min(b, a + 512)
+        last, rows = doc_last_rows(cache.doc_offsets, a, b), cache.rows(a, b)
+        last[-1] = True  # the stretch ends here: no delta reaches past it
+        for kind, (fs, ds, vs) in parts.items():
+            fk = signal(kind, rows, last)
+            fs.append(fk)
+            ds.append(deltas(fk, last))
+            vs.append(~last)
+    sigs = {kind: signal_summary(*map(np.concatenate, v)) for kind, v in parts.items()}
+    per_doc = []
+    for d in range(cache.n_docs):
+        a, b = cache.doc_range(d)
+        disc = np.asarray(arr["disc"][a:b], dtype=np.float64)
+        per_doc.append(dict(doc=d, length=b - a, jumps=int(np.count_nonzero(arr["jump"][a:b])),
+                            edisc_density=float(0.5 * (disc ** 2).sum() / (b - a)),
+                            tv=float(np.asarray(arr["delta"][a:b], dtype=np.float64).sum())))
+    # how much probability mass the top-k misses, at each cached temperature (a sample of rows)
+    rows = np.sort(rng.choice(N, size=min(N, args.report_positions), replace=False))
+    lp = np.asarray(cache.arrays["topk_logprobs"][rows], dtype=np.float32)
+    lse = np.asarray(cache.arrays["lse"][rows], dtype=np.float32)
+    tails = {}
+    for ti, T in enumerate(cache.temperatures):
+        q = tail_mass(lp, lse[:, 0], lse[:, ti], T)
+        tails[f"T={T:g}"] = dict(mean=float(q.mean()), **{f"p{p}": float(np.percentile(q, p)) for p in [50, 90, 99]})
+    total = lambda c: float(np.asarray(arr[f"block_{c}"], dtype=np.float64).sum())
+    n_jumps = int(np.count_nonzero(arr["jump"]))
+    return dict(
+        positions=N, documents=cache.n_docs, signal=args.signal, threshold=threshold, jumps=n_jumps,
+        jump_rate=n_jumps / max(nvalid, 1), positions_per_second=N / max(elapsed, 1e-9),
+        channels={c: total(c) for c in ["tv", "jump", "smooth", "drift"]},
+        edisc_density=total("edisc") / N, gap_density=total("drift") / N,
+        signals=sigs, signals_sampled_positions=sum(map(len, parts["entropy"][0])), tail_mass=tails,
+        per_document=per_doc)
+
+
+# -----------------------------------------------------------------------------
+# The picture: one self-contained HTML page (no scripts, no network)
+
+ROLE_COLORS = ["#999999", "#2b6cb0", "#c05621", "#2f855a"]  # prompt, explore, examine, response
+
+
+def render_html(path, cache, arr, report, cuts=None, doc=None, max_tokens=700):
+    """Tokens of one document coloured by discrepancy (jumps boxed, roles underlined, window cuts as bars),
+    the signal with its jump threshold, and the block channels, as inline SVG."""
+    import html
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(cache.tokenizer_path) if os.path.isfile(cache.tokenizer_path) else None
+    decode = (lambda t: tok.decode([t])) if tok else (lambda t: f"[{t}]")
+    if doc is None:  # the document with the most jumps per token: the most to look at
+        doc = max(report["per_document"], key=lambda r: r["jumps"] / r["length"])["doc"]
+    a, b = cache.doc_range(doc)
+    b = min(b, a + max_tokens)
+    disc = np.asarray(arr["disc"][a:b], dtype=np.float64)
+    jump = np.asarray(arr["jump"][a:b])
+    f = np.asarray(arr["f"][a:b], dtype=np.float64)
+    roles = np.asarray(cache.roles[a:b])
+    top = np.percentile(disc, 99) or 1.0
+    cut_at = {} if cuts is None else {int(c) - a: kind for c, kind in cuts if a <= c < b}
+    spans = []
+    for i, t in enumerate(np.asarray(cache.tokens[a:b])):
+        if i in cut_at:
+            spans.append(f'<b class="cut" title="{cut_at[i]}">|</b>')
+        x = min(disc[i] / top, 1.0)
+        style = (f"background:rgba(220,38,38,{x:.2f});border-bottom:2px solid {ROLE_COLORS[roles[i]]}"
+                 + (";outline:2px solid #111" if jump[i] else ""))
+        text = html.escape(decode(int(t))).replace("\n", "&#8629;<br>")
+        spans.append(f'<span style="{style}" title="row {a + i}: f={f[i]:.3g} disc={disc[i]:.3g}">{text}</span>')
+    # signal plot for the same stretch
+    W, H = 1000, 160
+    n = len(f)
+    fy = lambda v: H - 10 - (v - f.min()) / (np.ptp(f) or 1.0) * (H - 20)
+    line = " ".join(f"{i * W / max(n - 1, 1):.1f},{fy(v):.1f}" for i, v in enumerate(f))
+    marks = "".join(f'<line x1="{i * W / max(n - 1, 1):.1f}" x2="{i * W / max(n - 1, 1):.1f}" y1="0" y2="{H}" '
+                    f'stroke="#dc2626" stroke-width="1"/>' for i in np.flatnonzero(jump))
+    sig = (f'<svg width="{W}" height="{H}" style="background:#fafafa">{marks}'
+           f'<polyline points="{line}" fill="none" stroke="#1a202c" stroke-width="1"/></svg>')
+    # block channels over the whole stream (stacked: jump, smooth, drift), at most 400 bars
+    blk = {c: np.asarray(arr[f"block_{c}"], dtype=np.float64) for c in ["jump", "smooth", "drift"]}
+    nb = len(blk["jump"])
+    g = max(1, -(-nb // 400))
+    agg = {c: np.add.reduceat(v, np.arange(0, nb, g)) for c, v in blk.items()}
+    peak = max((agg["jump"] + agg["smooth"] + agg["drift"]).max(), 1e-12)
+    bw = W / len(agg["jump"])
+    bars = []
+    for i in range(len(agg["jump"])):
+        y = H
+        for c, col in [("smooth", "#3182ce"), ("drift", "#805ad5"), ("jump", "#e53e3e")]:
+            h = agg[c][i] / peak * (H - 10)
+            y -= h
+            bars.append(f'<rect x="{i * bw:.2f}" y="{y:.2f}" width="{max(bw - 0.3, 0.3):.2f}" height="{h:.2f}" '
+                        f'fill="{col}"/>')
+    chans = f'<svg width="{W}" height="{H}" style="background:#fafafa">{"".join(bars)}</svg>'
+    rows = "".join(f"<tr><td>{k}</td><td>{v['delta_mean']:.4g}</td><td>{v['delta_std']:.4g}</td>"
+                   f"<td>{v['firing_rate']:.3%}</td><td>{v['f_mean']:.4g}</td></tr>" for k, v in report["signals"].items())
+    ch = report["channels"]
+    page = f"""<!doctype html><meta charset="utf-8"><title>TKD topology</title>
+<style>body{{font:14px system-ui,sans-serif;max-width:1040px;margin:2em auto;color:#1a202c}}
+.tok{{font:13px/1.9 ui-monospace,monospace;white-space:pre-wrap}} .cut{{color:#0a0;font-size:20px}}
+table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:2px 8px}}</style>
+<h1>Topology of the teacher stream</h1>
+<p>{report['positions']:,} positions in {report['documents']:,} documents; signal <b>{report['signal']}</b>;
+{report['jumps']:,} jumps ({report['jump_rate']:.2%}) above the threshold {report['threshold']:.4g}.
+Variation: jump {ch['jump']:.4g}, smooth {ch['smooth']:.4g}, drift {ch['drift']:.4g} of {ch['tv']:.4g}.</p>
+<h2>Document {doc}: tokens coloured by discrepancy</h2>
+<p>Red = higher disc; boxed = jump (delta above threshold); underline = role (grey prompt, blue explore,
+orange examine, green response){'; green bars = window cuts' if cuts is not None else ''}. Hover a token for its values.</p>
+<div class="tok">{''.join(spans)}</div>
+<h2>The signal f over the same tokens (red lines: jumps)</h2>{sig}
+<h2>Block channels over the stream (red jump, blue smooth, purple drift)</h2>{chans}
+<h2>The three signals on this stream</h2>
+<table><tr><th>signal</th><th>mean delta</th><th>std delta</th><th>3-sigma firing rate</th><th>mean f</th></tr>{rows}</table>
+"""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(page)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cache", default="out/cache", help="cache_teacher.py output folder")
+    p.add_argument("--out", default="out/topology", help="output folder")
+    p.add_argument("--signal", default="entropy", choices=SIGNALS, help="the per-position signal f (see above)")
+    p.add_argument("--K", type=int, default=8, help="reach of the discrepancy operator, in tokens")
+    p.add_argument("--sigma", type=float, default=3.0, help="jump threshold: mean + sigma x std of delta (card: 3)")
+    p.add_argument("--amplify", type=float, default=1.25, help="loss multiplier after a jump (card: 1.25x)")
+    p.add_argument("--chunk", type=int, default=1 << 16, help="rows per chunk (memory bound of the pass)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="worker threads for the pass")
+    p.add_argument("--report_positions", type=int, default=32_768, help="positions sampled for the "
+                   "three-signal comparison (stretches of 512 in random documents) and for the tail-mass table")
+    p.add_argument("--force", action="store_true", help="delete --out and start over")
+    p.add_argument("--log_every", type=float, default=10.0, help="seconds between progress lines")
+    try:
+        main(p.parse_args())
+    except ValueError as e:
+        sys.exit(f"topology.py: error: {e}")

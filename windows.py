@@ -1,0 +1,201 @@
+"""
+Phase 3: topology-guided training windows, their difficulty, and the four-phase curriculum.
+
+Each document is cut into windows of at most 512 tokens at calm places instead of a fixed stride:
+  from start s, the cut e = argmin of a 3-token moving average of disc over [s+384, s+512], never at a jump
+  or beside one; the next window starts at e - o, o in [32, 128] chosen at the calmest position of that range;
+  the overlap [e - o, e) is context only, so every trainable row is trained exactly once per epoch.
+Windows never cross a document boundary, and a document of at most 512 tokens is one window.
+Difficulty of a window = its discrepancy-energy density (0.5 sum disc^2 / length) plus its gap-energy density
+(the drift channel G = TV - J - A of topology.py over the window, / length); lower is easier. The curriculum
+has four phases of equal optimizer steps drawing from the easiest 30%, 55%, 80% and 100% of the windows.
+
+A window (doc, start, loss_start, end) feeds tokens [start, end) to the student and trains rows
+[loss_start, end): row t predicts token t+1 (read from the stream, so a window's last row trains too),
+except a document's last row, which has no next token.
+
+Inputs   --cache, --topology (topology.py's folder; optional with --fixed_stride)
+Outputs  in --out (default out/windows):
+  windows.npy     int64   [W, 4]  (doc, start, loss_start, end) in stream rows
+  difficulty.npy  float32 [W]
+  phase.npy       uint8   [W]     first curriculum phase whose pool holds the window (0..3; pools are nested)
+  report.html (the topology picture with the window cuts), manifest.json
+
+Run
+  python windows.py --cache out/cache --topology out/topology --out out/windows
+  python windows.py --cache out/cache --out out/windows_fixed --fixed_stride      # plain-KD ablation
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from cache_teacher import FORMAT_VERSION, TeacherCache, check_upstream, prepare_out, read_manifest, sha256_json
+from model import write_json
+from topology import BLOCK_CHANNELS, block_channels, render_html
+
+POOLS = (0.30, 0.55, 0.80, 1.00)
+
+# -----------------------------------------------------------------------------
+# Pure functions
+
+
+def smooth3(x):
+    """3-token centred moving average of one document's values (edges average what exists)."""
+    x = np.asarray(x, dtype=np.float64)
+    s = np.convolve(x, np.ones(3), mode="same")
+    n = np.convolve(np.ones(len(x)), np.ones(3), mode="same")
+    return s / n
+
+
+def cut_document(sm, jump, window=512, min_cut=384, overlap=(32, 128)):
+    """Windows of one document of n rows: sm (n,) smoothed disc, jump (n,) bool -> list of (start, loss_start,
+    end) in document coordinates, plus the number of cuts that had to ignore the jump rule (no calm candidate).
+
+    A cut at e (the window ends before row e) is barred when a jump touches the boundary: jump[e-2], jump[e-1]
+    (the change between rows e-1 and e) or jump[e].
+    """
+    n = len(sm)
+    out, s, loss_start, forced = [], 0, 0, 0
+    while n - s > window:
+        cand = np.arange(s + min_cut, s + window + 1)  # e - s in [min_cut, window]
+        barred = jump[cand - 2] | jump[cand - 1] | jump[np.minimum(cand, n - 1)]
+        ok = cand[~barred]
+        if len(ok) == 0:
+            ok, forced = cand, forced + 1
+        e = int(ok[np.argmin(sm[ok])])
+        out.append((s, loss_start, e))
+        starts = np.arange(e - overlap[1], e - overlap[0] + 1)  # overlap o = e - start in [32, 128]
+        s, loss_start = int(starts[np.argmin(sm[starts])]), e
+    out.append((s, loss_start, n))
+    return out, forced
+
+
+def fixed_document(n, window=512, stride=512):
+    """Fixed-stride windows of one document (no topology): starts every `stride` rows, the overlap as context."""
+    out, s, loss_start = [], 0, 0
+    while True:
+        e = min(s + window, n)
+        out.append((s, loss_start, e))
+        if e == n:
+            return out
+        s, loss_start = s + stride, e
+
+
+def window_difficulty(delta, jump, valid, disc, windows, width=512):
+    """Discrepancy-energy density + gap-energy density of each window [start, end) of the stream.
+
+    windows (W, 4) stream rows; the stream arrays (N,). Each window is laid out as one padded block of
+    `width` rows so topology.block_channels computes its channels; densities divide by the real length.
+    """
+    W = len(windows)
+    idx = windows[:, 1, None] + np.arange(width)[None, :]  # (W, width) rows
+    inside = idx < windows[:, 3, None]
+    idx = np.where(inside, idx, 0)
+    ch = block_channels(np.where(inside, delta[idx], 0).ravel(), (jump[idx] & inside).ravel(),
+                        (valid[idx] & inside).ravel(), np.where(inside, disc[idx], 0).ravel(), block=width)
+    length = (windows[:, 3] - windows[:, 1]).astype(np.float64)
+    return ((ch["edisc"] + ch["drift"]) / length).astype(np.float32)
+
+
+def curriculum_phases(difficulty, pools=POOLS):
+    """phase[w] = index of the first pool (easiest fraction) that holds window w; pools are nested."""
+    order = np.argsort(difficulty, kind="stable")
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    sizes = np.ceil(np.asarray(pools) * len(order) - 1e-9).astype(np.int64)
+    return np.searchsorted(sizes, rank, side="right").astype(np.uint8)
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def load_topology(folder, cache_folder):
+    m = read_manifest(folder, "topology", needed_by="windows.py")
+    check_upstream(m, cache_folder, "cache", folder)
+    names = ["f", "delta", "disc", "jump", "weight"] + [f"block_{c}" for c in BLOCK_CHANNELS]
+    return m, {n: np.load(os.path.join(folder, n + ".npy"), mmap_mode="r") for n in names}
+
+
+def main(args):
+    cache = TeacherCache(args.cache)
+    if args.topology is None and not args.fixed_stride:
+        raise ValueError("--topology is needed (or --fixed_stride for the plain-KD ablation)")
+    topo_m, topo = load_topology(args.topology, args.cache) if args.topology else (None, None)
+    if not 0 < args.stride <= args.window:
+        raise ValueError(f"--stride {args.stride}: must be in (0, --window {args.window}] (no row may be skipped)")
+    if not (0 < args.min_cut <= args.window) or not (0 < args.overlap_min <= args.overlap_max < args.min_cut):
+        raise ValueError(f"need 0 < overlap_min <= overlap_max < min_cut <= window, got {args.overlap_min}, "
+                         f"{args.overlap_max}, {args.min_cut}, {args.window}")
+    settings = dict(window=args.window, min_cut=args.min_cut, overlap=[args.overlap_min, args.overlap_max],
+                    fixed_stride=args.fixed_stride, stride=args.stride, pools=list(POOLS))
+    upstream = dict(cache=cache.fingerprint, topology=topo_m["fingerprint"] if topo_m else None)
+    fingerprint = sha256_json(dict(upstream=upstream, settings=settings, version=FORMAT_VERSION))
+    if prepare_out(args.out, "windows", fingerprint, args.force) == "done":
+        print(f"{args.out}: complete windows with the same inputs already there; nothing to do")
+        return
+    rows, forced = [], 0
+    for d in range(cache.n_docs):
+        a, b = cache.doc_range(d)
+        if args.fixed_stride:
+            wins = fixed_document(b - a, args.window, args.stride)
+        else:
+            wins, f = cut_document(smooth3(topo["disc"][a:b]), np.asarray(topo["jump"][a:b]), args.window,
+                                   args.min_cut, (args.overlap_min, args.overlap_max))
+            forced += f
+        rows += [(d, a + s, a + l, a + e) for s, l, e in wins]
+    windows = np.array(rows, dtype=np.int64).reshape(-1, 4)
+    if topo is not None:
+        valid = np.ones(len(cache), dtype=bool)
+        valid[np.asarray(cache.doc_offsets[1:]) - 1] = False
+        difficulty = window_difficulty(np.asarray(topo["delta"]), np.asarray(topo["jump"]), valid,
+                                       np.asarray(topo["disc"]), windows, args.window)
+        phase = curriculum_phases(difficulty)
+    else:  # no topology: no difficulty, every pool is every window
+        difficulty, phase = np.zeros(len(windows), np.float32), np.zeros(len(windows), np.uint8)
+    for name, arr in dict(windows=windows, difficulty=difficulty, phase=phase).items():
+        tmp = os.path.join(args.out, name + ".tmp.npy")
+        np.save(tmp, arr)
+        os.replace(tmp, os.path.join(args.out, name + ".npy"))
+    lengths = windows[:, 3] - windows[:, 1]
+    overlaps = windows[:, 2] - windows[:, 1]
+    if topo is not None:
+        with open(os.path.join(args.topology, "report.json")) as fh:
+            report = json.load(fh)
+        cuts = [(int(w[2]), f"window {i}: loss starts") for i, w in enumerate(windows) if w[2] > w[1]]
+        cuts += [(int(w[1]), f"window {i}: context starts") for i, w in enumerate(windows)]
+        render_html(os.path.join(args.out, "report.html"), cache, topo, report, cuts=sorted(cuts))
+    counts = dict(windows=len(windows), documents=cache.n_docs, forced_cuts=forced,
+                  mean_length=float(lengths.mean()), max_length=int(lengths.max()),
+                  overlap_min=int(overlaps[overlaps > 0].min()) if (overlaps > 0).any() else 0,
+                  overlap_max=int(overlaps.max()), trainable_rows=int((windows[:, 3] - windows[:, 2]).sum()),
+                  per_phase=[int((phase <= p).sum()) for p in range(len(POOLS))])
+    write_json(os.path.join(args.out, "manifest.json"), dict(
+        phase="windows", version=FORMAT_VERSION, fingerprint=fingerprint, settings=settings, upstream=upstream,
+        args=vars(args), counts=counts, curriculum=topo is not None,
+        dtypes=dict(windows="int64", difficulty="float32", phase="uint8"), complete=True))
+    print(f"windows: {len(windows):,} windows over {cache.n_docs:,} documents, mean {lengths.mean():.0f} tokens, "
+          f"overlap {counts['overlap_min']}-{counts['overlap_max']}, pools {counts['per_phase']}, "
+          f"{forced} forced cuts -> {args.out}")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cache", default="out/cache", help="cache_teacher.py output folder")
+    p.add_argument("--topology", default=None, help="topology.py output folder (not needed with --fixed_stride)")
+    p.add_argument("--out", default="out/windows", help="output folder")
+    p.add_argument("--window", type=int, default=512, help="longest window in tokens (card: 512)")
+    p.add_argument("--min_cut", type=int, default=384, help="shortest window before a topology cut, tokens")
+    p.add_argument("--overlap_min", type=int, default=32, help="least context overlap with the previous window (card: 32)")
+    p.add_argument("--overlap_max", type=int, default=128, help="most context overlap (card: 128)")
+    p.add_argument("--fixed_stride", action="store_true", help="plain-KD ablation: fixed-stride windows, no topology")
+    p.add_argument("--stride", type=int, default=512, help="stride of --fixed_stride windows, tokens")
+    p.add_argument("--force", action="store_true", help="delete --out and start over")
+    try:
+        main(p.parse_args())
+    except ValueError as e:
+        sys.exit(f"windows.py: error: {e}")
