@@ -15,6 +15,10 @@ Sections and what each compares (higher ratio = better for us; memory ratios are
   topology  positions per second of the whole topology.py pass (report and picture included) on a synthetic
           2,000,000-position cache with Qwen3-sized ids, for the default signal and for --signal tv (k = 64),
           against the targets (5,000,000/s and 500,000/s): here the reference column is the target.
+  train   one optimizer step of train.py (micro-batch 2 x 512, the full loss: CE + T^2 KL over top-64 + tail,
+          proof weights, AdamW, clip), FP32 master weights with BF16 autocast, against the same step written
+          with transformers' Qwen3 and a straightforward full-vocabulary loss, with Qwen3's real vocabulary
+          (151,936) on the model config above: tokens/s, and peak memory of the step (fresh subprocesses).
 
 Needs the test requirements (transformers is the reference): pip install -r requirements-dev.txt
 """
@@ -266,8 +270,92 @@ def bench_topology(args):
     return rows
 
 
-SECTIONS = {"model": bench_model, "cache": bench_cache, "topology": bench_topology}
-WORKERS = {"model": model_worker}
+# -----------------------------------------------------------------------------
+# train: one optimizer step of train.py vs transformers' Qwen3 with a straightforward full-vocabulary loss
+
+TRAIN_CFG = dict(MODEL_CFG, vocab_size=151936)  # Qwen3's real vocabulary: where chunking the loss matters
+
+
+def train_batch(device, B=2, L=512, k=64, seed=0):
+    """A micro-batch of 2 x 512 tokens, every row but the last trainable, with a random top-64 teacher."""
+    g = torch.Generator().manual_seed(seed)
+    V = TRAIN_CFG["vocab_size"]
+    idx = torch.randint(0, V, (B, L), generator=g)
+    sel = torch.cat([torch.arange(L - 1) + b * L for b in range(B)])
+    ids = torch.stack([torch.randperm(V, generator=g)[:k] for _ in range(len(sel))])
+    lp = torch.sort(torch.log_softmax(torch.randn(len(sel), k, generator=g) * 2, -1) - 0.3, descending=True).values
+    lse = torch.stack([torch.zeros(len(sel)), torch.full((len(sel),), 0.4)], 1)
+    batch = dict(idx=idx, sel=sel, targets=idx.flatten()[sel + 1], reasoning=torch.rand(len(sel), generator=g) < 0.7,
+                 jump_w=torch.ones(len(sel)), ids=ids, lp=lp, lse=lse)
+    return {k_: v.to(device) for k_, v in batch.items()}
+
+
+def train_pair(folder, device):
+    """(ours, transformers): each a (model, optimizer, step function) for one full optimizer step."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+    from model import Qwen3
+    from train import configure_optimizer, dense_kd_loss, micro_step, teacher_log_q
+    hf_logging.disable_progress_bar()
+    batch = train_batch(device)
+    n = len(batch["sel"])
+    out = {}
+    ours = Qwen3.from_pretrained(folder, dtype=torch.float32, device=device).train()
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).train()
+    for name, m in [("ours", ours), ("transformers", ref)]:
+        opt = configure_optimizer(m, 5e-6, 1e-3)
+
+        def step(m=m, opt=opt, name=name):
+            if name == "ours":
+                loss, _ = micro_step(m, batch, 0.45, 1.5, 2.0, 1, "tail", n, 256, autocast=True)
+            else:
+                with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
+                    logits = m(batch["idx"]).logits.flatten(0, 1)[batch["sel"]]
+                    mult = torch.where(batch["reasoning"], 1.5, 1.0)
+                    lq, Q = teacher_log_q(batch["lp"], batch["lse"], 1, 2.0)
+                    loss = dense_kd_loss(logits, batch["targets"], mult * 0.55 / n, mult * 0.45 * 4 / n,
+                                         batch["ids"], lq, Q, 2.0, "tail")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        out[name] = (m, opt, step)
+    return out, batch
+
+
+def train_worker(impl, folder, device):
+    """Runs in its own process: peak memory of one optimizer step (after a warm-up step made the AdamW state)."""
+    pair, _ = train_pair(folder, device)
+    other = [k for k in pair if k != impl][0]
+    del pair[other]
+    step = pair[impl][2]
+    step()
+    base = reset_peak(device)
+    step()
+    return dict(mem=peak_mem(device) - base)
+
+
+def bench_train(args):
+    folder = os.path.join(args.work, "train_ref")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+        torch.manual_seed(0)
+        Qwen3ForCausalLM(Qwen3Config(**TRAIN_CFG)).save_pretrained(folder)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    pair, batch = train_pair(folder, args.device)
+    t = interleaved_times({k: v[2] for k, v in pair.items()}, max(1, args.reps // 2), sync)
+    del pair
+    ntok = batch["idx"].numel()
+    mem = {impl: run_worker("train", impl=impl, folder=folder, device=args.device)["mem"]
+           for impl in ["ours", "transformers"]}
+    o, r = ntok / t["ours"], ntok / t["transformers"]
+    return [("train step tok/s (vocab 151,936)", o, r, o / r, ">= 1.0"),
+            ("train step peak MiB (vocab 151,936)", mem["ours"] / 2**20, mem["transformers"] / 2**20,
+             mem["ours"] / mem["transformers"], "<= 0.8")]
+
+
+SECTIONS = {"model": bench_model, "cache": bench_cache, "topology": bench_topology, "train": bench_train}
+WORKERS = {"model": model_worker, "train": train_worker}
 
 
 def main(args):

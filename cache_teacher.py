@@ -132,6 +132,18 @@ class Progress:
                   f"ETA {fmt_time(eta)}{extra}", file=sys.stderr, flush=True)
 
 
+def init_distributed(device):
+    """Under torchrun (RANK/WORLD_SIZE set): join the process group, one GPU per local rank.
+    Returns (rank, world size, device)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        import torch.distributed as dist
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return rank, world, device
+
+
 def fmt_time(s):
     s = int(s)
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -370,6 +382,13 @@ class TeacherCache:
                 r[n] = np.asarray(self.arrays[n][a:b], dtype=np.float32)
         return r
 
+    def rows_at(self, idx):
+        """Teacher arrays at arbitrary rows idx (n,): topk_ids (n, k) int64, topk_logprobs and lse float32."""
+        idx = np.asarray(idx)
+        return dict(topk_ids=unpack_ids18(self.arrays["topk_ids"][idx]),
+                    topk_logprobs=np.asarray(self.arrays["topk_logprobs"][idx], dtype=np.float32),
+                    lse=np.asarray(self.arrays["lse"][idx], dtype=np.float32))
+
     def doc(self, d, teacher=True):
         return self.rows(*self.doc_range(d), teacher=teacher)
 
@@ -510,13 +529,10 @@ def teacher_identity(folder):
 
 
 def main(args):
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world, args.device = init_distributed(args.device)
     distributed = world > 1
     if distributed:
         import torch.distributed as dist
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-        if args.device.startswith("cuda"):
-            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     if args.k % 4 or not 1 <= args.k:
         raise ValueError(f"--k {args.k}: must be a positive multiple of 4 (ids are packed 4 per 9 bytes)")
     temps = [float(t) for t in args.temperatures.split(",")]
@@ -568,7 +584,8 @@ def main(args):
     manifest = dict(phase="cache", version=FORMAT_VERSION, fingerprint=fingerprint, inputs=inputs,
                     args=dict(affecting, data=args.data, teacher=args.teacher),
                     teacher=None if teacher_folder is None else dict(name=args.teacher, identity=inputs["teacher"]),
-                    end_token=end_name, counts=dict(counts, positions=N, documents=D), complete=False)
+                    end_token=end_name, counts=dict(counts, positions=N, documents=D),
+                    teacher_vocab_size=teacher_cfg.vocab_size if teacher_cfg else None, complete=False)
     if rank == 0:
         np.save(os.path.join(out, "tokens.npy"), tokens)
         np.save(os.path.join(out, "roles.npy"), roles)

@@ -110,3 +110,30 @@ def tiny_cache(tmp_path_factory, tiny_teacher, demo_tokenizer):
     run_script("cache_teacher.py", "--data", DATA, "--teacher", tiny_teacher, "--tokenizer", demo_tokenizer,
                "--out", out, "--dtype", "float32", "--device", "cpu", "--batch_tokens", "3000")
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_topology(tiny_cache):
+    out = os.path.join(os.path.dirname(tiny_cache), "topology")
+    run_script("topology.py", "--cache", tiny_cache, "--out", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_windows(tiny_cache, tiny_topology):
+    out = os.path.join(os.path.dirname(tiny_cache), "windows")
+    run_script("windows.py", "--cache", tiny_cache, "--topology", tiny_topology, "--out", out)
+    return out
+
+
+STUDENT_CFG = dict(model_type="qwen3", vocab_size=1088, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                   rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, torch_dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def student_config(tmp_path_factory):
+    import json
+    p = tmp_path_factory.mktemp("cfg") / "student.json"
+    p.write_text(json.dumps(STUDENT_CFG))
+    return str(p)

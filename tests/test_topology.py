@@ -181,10 +181,8 @@ def test_tv_matches_dense_reference():
 # --- the pass over a real cache ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def topo(tmp_path_factory, tiny_cache):
-    out = tmp_path_factory.mktemp("t") / "topology"
-    run_script("topology.py", "--cache", tiny_cache, "--out", out)
-    return str(out)
+def topo(tiny_topology):
+    return tiny_topology
 
 
 def test_pass_outputs_and_report(topo, tiny_cache):

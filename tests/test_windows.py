@@ -28,11 +28,9 @@ def check_windows(windows, cache, jump=None, window=512):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, tiny_cache):
-    root = tmp_path_factory.mktemp("w")
-    run_script("topology.py", "--cache", tiny_cache, "--out", root / "topology")
-    run_script("windows.py", "--cache", tiny_cache, "--topology", root / "topology", "--out", root / "windows")
-    return root
+def built(tiny_windows):
+    from pathlib import Path
+    return Path(tiny_windows).parent  # holds cache/, topology/ and windows/
 
 
 def test_windows_on_real_cache(built, tiny_cache):

@@ -1,0 +1,312 @@
+"""train.py: the loss against a dense brute force, schedules, accumulation, resume, torchrun, learning, errors."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from cache_teacher import TeacherCache, topk_stats
+from conftest import ROOT, run_script
+from train import (ChunkedKDLoss, Stream, curriculum_phase, kd_alpha, learning_rate, micro_step, proof_weight,
+                   step_windows, teacher_log_q)
+from model import Qwen3, Qwen3Config
+
+# --- the loss against a dense reference built from full distributions -----------------------------------------
+
+
+def dense_reference(h, W, z, targets, m, alpha, T, k, mode, n_norm):
+    """Brute force from the full teacher logits z and full student logits: coarsen both distributions at T to the
+    teacher's top-k ids plus one tail bucket (tail) or renormalise over the top-k (renorm)."""
+    u = h @ W.t()
+    ids = torch.topk(z, k, -1).indices
+    q = torch.softmax(z.double() / T, -1)
+    p = torch.softmax(u.double() / T, -1)
+    qK, pK = q.gather(1, ids), p.gather(1, ids)
+    if mode == "tail":
+        qb = torch.cat([qK, 1 - qK.sum(-1, keepdim=True)], 1)
+        pb = torch.cat([pK, 1 - pK.sum(-1, keepdim=True)], 1)
+    else:
+        qb, pb = qK / qK.sum(-1, keepdim=True), pK / pK.sum(-1, keepdim=True)
+    kl = (qb * (qb.log() - pb.log())).sum(-1)
+    ce = -torch.log_softmax(u.double(), -1).gather(1, targets[:, None])[:, 0]
+    return (m * ((1 - alpha) * ce + alpha * T * T * kl)).sum() / n_norm
+
+
+def cached_teacher(z, k, temperatures=(1.0, 2.0), fp16=True):
+    """What cache_teacher.py stores for these logits (top-k log-probs, rounded to fp16 as on disk; logsumexp per T)."""
+    head = torch.nn.Linear(z.shape[1], z.shape[1], bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(z.shape[1]))  # head(h) = h: feed the logits straight through
+        st = topk_stats(head, z.clone(), torch.zeros(len(z), dtype=torch.long), k, list(temperatures), 1024)
+    return st["ids"], st["logprobs"].half().float() if fp16 else st["logprobs"], st["lse"]
+
+
+@pytest.mark.parametrize("T, mode", [(1.0, "tail"), (2.0, "tail"), (2.0, "renorm")])
+def test_loss_and_gradients_match_dense_reference(T, mode):
+    """Loss, T^2 factor, weights, normalisation and both gradients equal a dense autograd brute force."""
+    torch.manual_seed(0)
+    R, C, V, k = 37, 16, 300, 64
+    h = torch.randn(R, C, requires_grad=True)
+    W = (torch.randn(V, C) * 0.5).requires_grad_(True)
+    z = torch.randn(R, V) * 3
+    targets = torch.randint(0, V, (R,))
+    m = torch.rand(R) * 2 + 0.5
+    alpha, n_norm = 0.45, 50.0
+    ref = dense_reference(h, W, z, targets, m, alpha, T, k, mode, n_norm)
+    gh_ref, gW_ref = torch.autograd.grad(ref, [h, W])
+    w_ce, w_kd = m * (1 - alpha) / n_norm, m * alpha * T * T / n_norm
+    # the math, with the teacher's top-k kept in fp32: tight
+    ids, lp, lse = cached_teacher(z, k, fp16=False)
+    lq, Q = teacher_log_q(lp, lse, [1.0, 2.0].index(T), T)
+    loss, sums = ChunkedKDLoss.apply(h, W, targets, w_ce, w_kd, ids, lq, Q, T, mode, 7)  # 7: chunks do not divide R
+    gh, gW = torch.autograd.grad(loss, [h, W])
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert torch.allclose(gh, gh_ref.float(), rtol=1e-4, atol=1e-7)
+    assert torch.allclose(gW, gW_ref.float(), rtol=1e-4, atol=1e-7)
+    assert Q.mean() > 0.01  # the tail bucket carries weight here
+    # end to end with the fp16 log-probs as cached on disk: within the storage precision
+    ids16, lp16, lse16 = cached_teacher(z, k)
+    lq16, Q16 = teacher_log_q(lp16, lse16, [1.0, 2.0].index(T), T)
+    loss16, _ = ChunkedKDLoss.apply(h, W, targets, w_ce, w_kd, ids16, lq16, Q16, T, mode, 7)
+    assert loss16.item() == pytest.approx(ref.item(), rel=2e-4)
+    # normalisation by the row count, not by the sum of m: doubling m doubles the loss
+    loss2, _ = ChunkedKDLoss.apply(h, W, targets, 2 * w_ce, 2 * w_kd, ids, lq, Q, T, mode, 7)
+    assert loss2.item() == pytest.approx(2 * loss.item(), rel=1e-6)
+
+
+def test_t_squared_factor_and_alpha():
+    """alpha = 1 leaves T^2 x KL only; alpha = 0 leaves CE only (independent of the teacher)."""
+    torch.manual_seed(1)
+    R, C, V, k = 20, 8, 200, 64
+    h, W, z = torch.randn(R, C), torch.randn(V, C), torch.randn(R, V) * 2
+    targets = torch.randint(0, V, (R,))
+    ids, lp, lse = cached_teacher(z, k)
+    lq, Q = teacher_log_q(lp, lse, 1, 2.0)
+    one = torch.ones(R)
+    kd, sums = ChunkedKDLoss.apply(h, W, targets, 0 * one, 4.0 * one, ids, lq, Q, 2.0, "tail", 64)
+    assert kd.item() == pytest.approx(4.0 * sums[1].item(), rel=1e-5)  # T^2 = 4 times the summed KL
+    ce, sums = ChunkedKDLoss.apply(h, W, targets, one, 0 * one, ids, lq + 5, Q, 2.0, "tail", 64)
+    ref = torch.nn.functional.cross_entropy(h @ W.t(), targets, reduction="sum")
+    assert ce.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+# --- schedules -----------------------------------------------------------------------------------------------
+
+def test_schedules_at_breakpoints():
+    total = 101  # progress f = step / 100
+    assert kd_alpha(0, total) == 0 and kd_alpha(14, total) == 0 and kd_alpha(15, total) == 0
+    assert kd_alpha(30, total) == pytest.approx(0.225) and kd_alpha(45, total) == pytest.approx(0.45)
+    assert kd_alpha(100, total) == pytest.approx(0.45) and kd_alpha(70, total) == pytest.approx(0.45)
+    assert proof_weight(0, total) == 2.25 and proof_weight(100, total) == pytest.approx(1.1)
+    assert proof_weight(50, total) == pytest.approx((2.25 + 1.1) / 2)
+    assert learning_rate(0, total) == pytest.approx(5e-6 / 30) and learning_rate(29, total) == pytest.approx(5e-6)
+    assert learning_rate(30, total) == pytest.approx(5e-6) and learning_rate(100, total) == pytest.approx(5e-7)
+    assert learning_rate(65, total) == pytest.approx((5e-6 + 5e-7) / 2, rel=1e-3)  # cosine midpoint
+    assert [curriculum_phase(s, 8) for s in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_curriculum_sampler_draws_from_nested_pools():
+    pools = [np.arange(3), np.arange(6), np.arange(8), np.arange(10)]
+    total = 8
+    seen = [step_windows(s, total, pools, 4, seed=0) for s in range(total)]
+    for s, ws in enumerate(seen):
+        assert set(ws) <= set(pools[curriculum_phase(s, total)])
+    assert np.array_equal(step_windows(5, total, pools, 4, 0), seen[5])  # a pure function of the step
+    first_pass = np.concatenate(seen[4:6])[:8]  # phase 2: one shuffle of its pool before any repeat
+    assert sorted(first_pass) == list(range(8))
+
+
+# --- micro-batches on the real pipeline --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def stream(tiny_cache, tiny_topology, tiny_windows):
+    cache = TeacherCache(tiny_cache)
+    return Stream(cache, np.load(os.path.join(tiny_topology, "weight.npy")),
+                  np.load(os.path.join(tiny_windows, "windows.npy")), 1)
+
+
+def test_rows_exclude_prompt_and_document_end(stream):
+    cache = stream.cache
+    for w in range(len(stream.windows)):
+        d, s, l, e = stream.windows[w]
+        rows = stream.rows_of(w)
+        assert (cache.roles[rows + 1] != 0).all() and (rows >= l).all() and (rows < e).all()
+        assert cache.doc_range(d)[1] - 1 not in rows
+    first = stream.rows_of(0)
+    assert cache.roles[first[0]] == 0 and cache.roles[first[0] + 1] == 1  # the first target opens <explore>
+
+
+def test_grad_accumulation_equals_one_big_batch(stream, student_config):
+    """16 micro-batches of 2 windows, each normalised by the whole step's rows, sum to the gradient of one batch."""
+    model = Qwen3(Qwen3Config.from_json(student_config)).init_weights(0)
+    ws = np.arange(32) % len(stream.windows)
+    n = stream.count(ws)
+
+    def grads(groups):
+        model.zero_grad()
+        for g in groups:
+            loss, _ = micro_step(model, stream.batch(g, torch.device("cpu")), 0.3, 1.7, 2.0, 1, "tail", n, 64)
+            loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    small = grads(ws.reshape(16, 2))
+    big = grads([ws])
+    assert torch.allclose(small, big, rtol=1e-4, atol=1e-7), (small - big).abs().max()
+
+
+# --- the script: learning, round trip, resume, torchrun, bad input ------------------------------------------------
+
+def train_args(out, cache, topo, windows, config, *extra):
+    return ["--init", "scratch", "--config", config, "--cache", cache, "--topology", topo, "--windows", windows,
+            "--out", out, "--dtype", "float32", "--device", "cpu", "--lr", "3e-3", "--warmup", "2",
+            "--grad_accum", "4", "--eval_every", "0", *map(str, extra)]
+
+
+def synthetic_teacher_cache(src, out, V=1088, k=64, p_next=0.7, tail=1e-4):
+    """The real stream of `src` with a synthetic teacher that knows the data: p_next on the real next token, the
+    rest (but `tail`) on the stream's most frequent other tokens, `tail` spread evenly over the vocabulary's
+    tail. Logits = log-probs, so logsumexp(z) = 0 and logsumexp(z/2) = log sum p^(1/2), exactly."""
+    from cache_teacher import write_cache
+    c = TeacherCache(src)
+    tokens = np.asarray(c.tokens).astype(np.int64)
+    N = len(tokens)
+    nxt = np.append(tokens[1:], tokens[-1])
+    frequent = np.argsort(-np.bincount(tokens, minlength=V), kind="stable")[:k]
+    tiled = np.tile(frequent, (N, 1))
+    others = np.take_along_axis(tiled, np.argsort(tiled == nxt[:, None], axis=1, kind="stable"), 1)[:, :k - 1]
+    ids = np.concatenate([nxt[:, None], others], 1)  # k distinct ids, the next token first
+    rest, t = (1 - p_next - tail) / (k - 1), tail / (V - k)
+    lp = np.concatenate([np.full((N, 1), np.log(p_next)), np.full((N, k - 1), np.log(rest))], 1)
+    lse2 = np.log(p_next ** 0.5 + (k - 1) * rest ** 0.5 + (V - k) * t ** 0.5)
+    ent = -(p_next * np.log(p_next) + (k - 1) * rest * np.log(rest) + (V - k) * t * np.log(t))
+    tgt = np.full(N, np.log(p_next))
+    tgt[np.asarray(c.doc_offsets[1:]) - 1] = 0.0
+    write_cache(str(out), tokens, c.roles, c.doc_offsets, dict(topk_ids=ids, topk_logprobs=lp,
+                lse=np.stack([np.zeros(N), np.full(N, lse2)], 1), target_logprob=tgt, entropy=np.full(N, ent)),
+                tokenizer=c.tokenizer_path, source="synthetic teacher that knows the data")
+    return str(out)
+
+
+def test_short_run_learns_and_loads_in_transformers(tmp_path, tiny_cache, student_config):
+    """A short run against a teacher consistent with the data lowers both CE and KL; the student loads in
+    transformers with the same logits."""
+    cache = synthetic_teacher_cache(tiny_cache, tmp_path / "cache")
+    run_script("topology.py", "--cache", cache, "--out", tmp_path / "topology", "--signal", "surprisal")
+    run_script("windows.py", "--cache", cache, "--topology", tmp_path / "topology", "--out", tmp_path / "windows")
+    out = tmp_path / "student"
+    r = run_script("train.py", *train_args(out, cache, tmp_path / "topology", tmp_path / "windows", student_config,
+                                           "--max_steps", 40, "--eval_windows", 8))
+    evals = [json.loads(l) for l in open(out / "train_log.jsonl") if "eval_step" in l]
+    assert evals[0]["eval_step"] == 0 and evals[-1]["eval_step"] == 40
+    assert evals[-1]["ce"] < evals[0]["ce"] - 0.5 and evals[-1]["kl"] < 0.7 * evals[0]["kl"]
+    steps = [json.loads(l) for l in open(out / "train_log.jsonl") if '"step"' in l]
+    assert len(steps) == 40 and {"ce", "kl", "loss", "alpha", "proof_weight", "lr", "grad_norm", "tok_s"} <= set(steps[0])
+    assert "held-out KL" in r.stdout
+    from transformers import AutoModelForCausalLM
+    ours = Qwen3.from_pretrained(str(out), dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    idx = torch.from_numpy(TeacherCache(cache).tokens[:200].astype(np.int64))[None]
+    with torch.no_grad():
+        assert torch.allclose(ours(idx), hf(idx).logits, atol=1e-4)
+    assert (out / "tokenizer.json").exists() and json.load(open(out / "generation_config.json"))["eos_token_id"]
+
+
+def final_weights(folder):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def test_kill_and_resume_gives_identical_weights(tmp_path, tiny_cache, tiny_topology, tiny_windows, student_config):
+    """2N steps straight == N steps, kill -9, --resume for the rest (CPU, fp32)."""
+    base = lambda out: train_args(out, tiny_cache, tiny_topology, tiny_windows, student_config, "--max_steps", 12,
+                                  "--ckpt_every", 6)
+    run_script("train.py", *base(tmp_path / "straight"))
+    out = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *map(str, base(out))], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while not (out / "ckpt" / "state.json").exists() and time.time() - t0 < 120:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (out / "model.safetensors").exists()  # killed before the end
+    assert json.load(open(out / "ckpt" / "state.json"))["step"] == 6
+    r = run_script("train.py", *base(out), check=False)
+    assert r.returncode != 0 and "--resume" in r.stderr  # an existing checkpoint is never silently overwritten
+    run_script("train.py", *base(out), "--resume")
+    a, b = final_weights(tmp_path / "straight"), final_weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torchrun_two_processes_same_losses(tmp_path, tiny_cache, tiny_topology, tiny_windows, student_config):
+    """torchrun --nproc_per_node=2 (gloo) with the same global batch logs the same losses as 1 process."""
+    args = lambda out: train_args(out, tiny_cache, tiny_topology, tiny_windows, student_config, "--max_steps", 4)
+    run_script("train.py", *args(tmp_path / "one"))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                        os.path.join(ROOT, "train.py"), *map(str, args(tmp_path / "two"))], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = lambda f: [json.loads(l) for l in open(f / "train_log.jsonl") if '"step"' in l]
+    one, two = log(tmp_path / "one"), log(tmp_path / "two")
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two):
+        for key in ["loss", "ce", "kl", "grad_norm"]:
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a[key], b[key])
+
+
+def test_non_finite_loss_stops_with_checkpoint(tmp_path, tiny_cache, tiny_topology, tiny_windows, student_config):
+    """An infinite jump weight makes the loss non-finite: the run stops, names the step, keeps finite weights."""
+    topo = tmp_path / "topology"
+    shutil.copytree(tiny_topology, topo)
+    w = np.load(topo / "weight.npy")
+    w[:] = np.inf
+    np.save(topo / "weight.npy", w)
+    out = tmp_path / "nan"
+    r = run_script("train.py", *train_args(out, tiny_cache, topo, tiny_windows, student_config, "--max_steps", 3),
+                   check=False)
+    assert r.returncode != 0 and "non-finite loss at step 0" in r.stderr
+    from safetensors.torch import load_file
+    sd = load_file(out / "ckpt" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in sd.values()) and not (out / "model.safetensors").exists()
+
+
+def test_bad_inputs(tmp_path, tiny_cache, tiny_topology, tiny_windows, student_config, tiny_teacher, demo_tokenizer):
+    def fails(*args, match):
+        r = run_script("train.py", *args, check=False)
+        assert r.returncode != 0 and match in r.stderr, r.stderr[-1500:]
+
+    good = lambda **kw: train_args(tmp_path / "o", kw.get("cache", tiny_cache), kw.get("topo", tiny_topology),
+                                   kw.get("windows", tiny_windows), kw.get("config", student_config), "--max_steps", 1)
+    # a cache of other data: the topology and windows belong to the first one
+    other = tmp_path / "cache2"
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(open(os.path.join(ROOT, "data", "physics_cot.jsonl")).readlines()[:3]))
+    run_script("cache_teacher.py", "--data", data, "--teacher", tiny_teacher, "--tokenizer", demo_tokenizer,
+               "--out", other, "--dtype", "float32", "--device", "cpu")
+    fails(*good(cache=other), match="was built from a different cache")
+    # windows from another topology
+    topo2 = tmp_path / "topo2"
+    run_script("topology.py", "--cache", tiny_cache, "--out", topo2, "--signal", "surprisal")
+    fails(*good(topo=topo2), match="was built from a different topology")
+    # a student vocabulary smaller than the teacher's ids
+    cfg = json.load(open(student_config))
+    small = tmp_path / "small.json"
+    small.write_text(json.dumps(dict(cfg, vocab_size=512)))
+    fails(*good(config=small), match="student vocabulary 512 is smaller")
+    # an empty windows file
+    empty = tmp_path / "empty"
+    shutil.copytree(tiny_windows, empty)
+    np.save(empty / "windows.npy", np.zeros((0, 4), np.int64))
+    fails(*good(windows=empty), match="no windows")
+    # a cache without its tokenizer
+    notok = tmp_path / "notok"
+    shutil.copytree(tiny_cache, notok)
+    os.remove(notok / "tokenizer.json")
+    fails(*good(cache=notok), match="no tokenizer.json")

@@ -1,0 +1,600 @@
+"""
+Phase 4: curriculum-ordered knowledge distillation into the student, in a plain PyTorch BF16 loop.
+
+Per trainable row t (predicting token t+1) with multiplier m = w_proof(step) (explore/examine targets; 1.0 for
+response) x jump weight (1.25 right after a topology jump):
+    m * ((1 - alpha) * CE + alpha * T^2 * KL_{k+1}(teacher_T || student_T))
+summed and divided by the number of trainable rows in the optimizer step (not by the sum of m, which would
+cancel the weights). KL_{k+1} is over the k cached teacher ids plus one tail bucket, both sides at temperature
+T, the teacher's tail from the cached logsumexp(z/T); --kd_mode renorm is the usual renormalised top-k (ablation).
+The student's logits exist only `--loss_chunk` rows at a time, in fp32, with their gradient formed right away
+(a 151,936-wide vocabulary over 2 x 512 rows never exists at once).
+
+Schedules over optimizer steps (pure functions below): alpha 0 until 15% of training, linear to 0.45 at 45%,
+constant after; w_proof linear 2.25 -> 1.1; lr linear warmup over 30 steps to 5e-6, cosine to 5e-7 at the end.
+Curriculum: four phases of equal steps drawing from the easiest 30%, 55%, 80%, 100% of windows (windows.py).
+AdamW (weight decay 1e-3 on matrices only), clip 1.0, micro-batch 2 x 16 accumulation = 32 windows per step
+whatever the number of processes, FP32 master weights with BF16 autocast.
+
+Inputs   --init (Hub id, folder, or `scratch` with --config), --cache, --topology, --windows
+Outputs  in --out (default out/student): the student in Hugging Face layout (config.json, model.safetensors,
+         generation_config.json, tokenizer files; loads in transformers), train_log.jsonl (one JSON line per step
+         and per evaluation), ckpt/ (resumable: model.safetensors fp32, optimizer.pt, state.json)
+
+Run
+  python train.py --init out/student_init --cache out/cache --topology out/topology --windows out/windows  # demo
+  python train.py --init Qwen/Qwen3-1.7B --cache out/cache --topology out/topology --windows out/windows \\
+      --device cuda --grad_ckpt --compile                                                          # one GPU
+  torchrun --nproc_per_node=8 train.py ... --device cuda                              # same 32-window step
+  python train.py ... --resume                                                        # after a kill
+  python train.py --init scratch --config data/teacher_config.json --cache out/cache_tokens --kd_alpha 0  # plain LM
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cache_teacher import TeacherCache, fmt_time, init_distributed, read_manifest, sha256_json
+from model import DTYPES, Qwen3, Qwen3Config, write_json
+from windows import fixed_document
+
+# -----------------------------------------------------------------------------
+# Schedules (pure functions of the step)
+
+
+def kd_alpha(step, total, target=0.45, start=0.15, full=0.45):
+    """0 until `start` of training, linear to `target` at `full`, constant after."""
+    f = step / max(total - 1, 1)
+    return 0.0 if f < start else target * min(1.0, (f - start) / (full - start))
+
+
+def proof_weight(step, total, first=2.25, last=1.1):
+    """Loss multiplier of explore/examine targets, linear from `first` to `last` over training."""
+    return first + (last - first) * step / max(total - 1, 1)
+
+
+def learning_rate(step, total, peak=5e-6, floor=5e-7, warmup=30):
+    """Linear warmup over `warmup` steps to `peak`, then cosine to `floor` at the last step."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    f = (step - warmup) / max(total - 1 - warmup, 1)
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(f, 1.0)))
+
+
+def curriculum_phase(step, total, n_phases=4):
+    return min(step * n_phases // max(total, 1), n_phases - 1)
+
+
+def step_windows(step, total, pools, batch, seed):
+    """The `batch` window indices of one optimizer step: phase p draws from pools[p], shuffled, passing over
+    the pool again (new shuffle) when it runs out. A pure function of the step, so resuming needs no state."""
+    p = curriculum_phase(step, total, len(pools))
+    first = -(-p * total // len(pools))  # the first step of phase p
+    pool = pools[p]
+    out, i = [], (step - first) * batch
+    while len(out) < batch:
+        rnd, off = divmod(i, len(pool))
+        perm = np.random.default_rng([seed, p, rnd]).permutation(len(pool))
+        take = min(batch - len(out), len(pool) - off)
+        out += list(pool[perm[off:off + take]])
+        i += take
+    return np.array(out, dtype=np.int64)
+
+
+# -----------------------------------------------------------------------------
+# The loss (pure), chunked over rows, with its gradient formed in the forward
+
+
+def teacher_log_q(topk_logprobs, lse, t_index, T):
+    """Teacher log q_T over the k cached ids and its tail mass Q_T, from the cache alone.
+    topk_logprobs (R, k) at T=1, lse (R, nT) -> (R, k), (R,)."""
+    lq = (topk_logprobs + lse[:, :1]) / T - lse[:, t_index:t_index + 1]
+    return lq, (1.0 - lq.exp().sum(-1)).clamp_min(0.0)
+
+
+def kd_rows(u, targets, ids, lq, Q, T, mode, w_ce=None, w_kd=None):
+    """Per-row CE, KL, top-1 agreement and tail gap from student logits u (c, V) fp32 (overwritten);
+    with w_ce/w_kd (c,) also G = d(sum w_ce CE + w_kd KL)/du (c, V).
+
+    KL_{k+1} = sum_K q (log q - log p) + Q (log Q - log P) with P = 1 - sum_K p, both at temperature T; its
+    gradient in u is (p_j - q_j)/T on the k ids and p_j (1 - Q/P)/T elsewhere. renorm: KL between q and p
+    renormalised over the k ids, gradient (p~_j - q~_j)/T on the ids and 0 elsewhere. CE gradient: p_1 - onehot.
+    """
+    lse1 = torch.logsumexp(u, -1)
+    ce = lse1 - u.gather(1, targets[:, None])[:, 0]
+    if ids is None:  # no teacher (plain language-model training): CE only
+        nan = torch.full_like(ce, float("nan"))
+        G = None if w_ce is None else torch.softmax(u, -1, out=u).mul_(w_ce[:, None]).scatter_add_(
+            1, targets[:, None], -w_ce[:, None])
+        return dict(ce=ce, kl=torch.zeros_like(ce), agree=nan, tail_gap=nan), G
+    agree = (u.argmax(-1) == ids[:, 0]).float()
+    lpT = torch.log_softmax(u / T, -1)  # (c, V) student log p_T
+    lpK = lpT.gather(1, ids)  # (c, k)
+    pK_sum = lpK.exp().sum(-1)
+    P = (1.0 - pK_sum).clamp_min(1e-12)
+    qK = lq.exp()
+    if mode == "tail":
+        Qc = Q.clamp_min(1e-12)
+        kl = (qK * (lq - lpK)).sum(-1) + Q * (Qc.log() - P.log())
+    else:  # renorm
+        lq_n = lq - torch.logsumexp(lq, -1, keepdim=True)
+        lp_n = lpK - torch.logsumexp(lpK, -1, keepdim=True)
+        kl = (lq_n.exp() * (lq_n - lp_n)).sum(-1)
+    stats = dict(ce=ce, kl=kl, agree=agree, tail_gap=P - Q)
+    if w_ce is None:
+        return stats, None
+    pT = lpT.exp_()  # reuse the buffer: (c, V) student p_T
+    if mode == "tail":
+        G = pT * (w_kd * (1.0 - Q / P) / T)[:, None]  # the tail part for every id, corrected on the k ids below
+        G.scatter_add_(1, ids, (w_kd / T)[:, None] * (pT.gather(1, ids) * (Q / P)[:, None] - qK))
+    else:
+        G = torch.zeros_like(pT)
+        G.scatter_add_(1, ids, (w_kd / T)[:, None] * (lp_n.exp() - lq_n.exp()))
+    G.add_(torch.softmax(u, -1, out=u) * w_ce[:, None])  # u is spent: p_1 in its place
+    G.scatter_add_(1, targets[:, None], -w_ce[:, None])
+    return stats, G
+
+
+class ChunkedKDLoss(torch.autograd.Function):
+    """sum over rows of w_ce CE + w_kd KL, the lm_head applied `chunk` rows at a time (Liger-style: the gradient
+    in h and W is formed chunk by chunk in the forward, so no (R, V) tensor is ever kept for the backward)."""
+
+    @staticmethod
+    def forward(ctx, h, W, targets, w_ce, w_kd, ids, lq, Q, T, mode, chunk):
+        # h (R, C), W (V, C); targets (R,); w_ce, w_kd (R,) fp32; ids (R, k); lq (R, k); Q (R,)
+        grad_h, grad_W = torch.empty_like(h), torch.zeros(W.shape, dtype=torch.float32, device=W.device)
+        total = torch.zeros((), dtype=torch.float64, device=h.device)
+        sums = torch.zeros(4, dtype=torch.float64, device=h.device)
+        for s in range(0, h.shape[0], chunk):
+            hc = h[s:s + chunk]
+            u = (hc @ W.t()).float()  # (c, V) in the autocast dtype, then fp32
+            sl = slice(s, s + chunk)
+            st, G = kd_rows(u, targets[sl], None if ids is None else ids[sl], None if lq is None else lq[sl],
+                            None if Q is None else Q[sl], T, mode, w_ce[sl], w_kd[sl])
+            total += (w_ce[s:s + chunk] * st["ce"] + w_kd[s:s + chunk] * st["kl"]).sum()
+            sums += torch.stack([st[n].sum() for n in ["ce", "kl", "agree", "tail_gap"]]).double()
+            # the two gradient matmuls run in the autocast dtype, like autograd's backward of hc @ W.t() would
+            grad_h[s:s + chunk] = (G @ W).to(h.dtype)
+            grad_W += (G.t() @ hc).float()
+        ctx.save_for_backward(grad_h, grad_W)
+        ctx.mark_non_differentiable(sums)
+        return total.float(), sums
+
+    @staticmethod
+    def backward(ctx, grad_total, _):
+        grad_h, grad_W = ctx.saved_tensors
+        return grad_h * grad_total, grad_W * grad_total, *([None] * 9)
+
+
+def dense_kd_loss(logits, targets, w_ce, w_kd, ids, lq, Q, T, mode):
+    """The same loss written straightforwardly over full-vocabulary logits (R, V): what bench.py compares against."""
+    logits = logits.float()
+    ce = F.cross_entropy(logits, targets, reduction="none")
+    lpT = F.log_softmax(logits / T, -1)
+    lpK = lpT.gather(1, ids)
+    if mode == "tail":
+        P = (1 - lpK.exp().sum(-1)).clamp_min(1e-12)
+        kl = (lq.exp() * (lq - lpK)).sum(-1) + Q * (Q.clamp_min(1e-12).log() - P.log())
+    else:
+        lq_n, lp_n = lq.log_softmax(-1), lpK.log_softmax(-1)
+        kl = (lq_n.exp() * (lq_n - lp_n)).sum(-1)
+    return (w_ce * ce + w_kd * kl).sum()
+
+
+# -----------------------------------------------------------------------------
+# Data: windows -> padded micro-batches with their trainable rows
+
+
+class Stream:
+    """The cache, topology weights and windows of a run; batch() turns window indices into tensors."""
+
+    def __init__(self, cache, weight, windows, t_index):
+        self.cache, self.weight, self.windows, self.t_index = cache, weight, windows, t_index
+        self.doc_end = np.asarray(cache.doc_offsets)[windows[:, 0] + 1]
+
+    def rows_of(self, w):
+        """Stream rows trained in window w: [loss_start, end), minus the document's last row and prompt targets."""
+        d, s, l, e = self.windows[w]
+        t = np.arange(l, min(e, self.doc_end[w] - 1))
+        return t[self.cache.roles[t + 1] != 0]
+
+    def count(self, ws):
+        return sum(len(self.rows_of(w)) for w in ws)
+
+    def batch(self, ws, device):
+        B = len(ws)
+        L = int(max(self.windows[w, 3] - self.windows[w, 1] for w in ws))
+        idx = np.zeros((B, L), dtype=np.int64)  # right padding: causal attention never sees it
+        sel, rows = [], []
+        for b, w in enumerate(ws):
+            _, s, _, e = self.windows[w]
+            idx[b, :e - s] = self.cache.tokens[s:e]
+            t = self.rows_of(w)
+            sel.append(b * L + (t - s))
+            rows.append(t)
+        sel, rows = np.concatenate(sel), np.concatenate(rows)
+        out = dict(idx=idx, sel=sel, targets=self.cache.tokens[rows + 1].astype(np.int64),
+                   reasoning=np.isin(self.cache.roles[rows + 1], [1, 2]),
+                   jump_w=self.weight[rows] if self.weight is not None else np.ones(len(rows), np.float32))
+        if self.cache.has_teacher:
+            r = self.cache.rows_at(rows)
+            out.update(ids=r["topk_ids"], lp=r["topk_logprobs"], lse=r["lse"])
+        tens = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in out.items()}
+        tens["ntok"] = B * L
+        return tens
+
+
+def micro_step(model, batch, alpha, w_proof, T, t_index, mode, n_norm, chunk, use_jumps=True, use_proof=True,
+               autocast=None):
+    """Forward + loss (+ backward by the caller) of one micro-batch. Returns (loss, sums of ce, kl, agree, gap, rows).
+
+    loss is already divided by n_norm, the trainable rows of the whole optimizer step.
+    """
+    ctx = torch.autocast(batch["idx"].device.type, dtype=torch.bfloat16) if autocast else torch.autocast(
+        batch["idx"].device.type, enabled=False)
+    with ctx:
+        h = model(batch["idx"], hidden_only=True)  # (B, L, C)
+        hr = h.flatten(0, 1)[batch["sel"]]  # (R, C) trainable rows only
+        m = torch.ones(len(hr), device=hr.device)
+        if use_proof:
+            m = torch.where(batch["reasoning"], torch.full_like(m, w_proof), m)
+        if use_jumps:
+            m = m * batch["jump_w"].float()
+        w_ce, w_kd = m * (1 - alpha) / n_norm, m * alpha * T * T / n_norm
+        ids = lq = Q = None  # no teacher: CE only (alpha is 0)
+        if "ids" in batch:
+            lq, Q = teacher_log_q(batch["lp"].float(), batch["lse"].float(), t_index, T)
+            ids = batch["ids"]
+        W = unwrap(model).lm_head.weight
+        loss, sums = ChunkedKDLoss.apply(hr, W, batch["targets"], w_ce, w_kd, ids, lq, Q, T, mode, chunk)
+    return loss, torch.cat([sums, sums.new_tensor([len(hr)])])
+
+
+def unwrap(model):
+    m = getattr(model, "module", model)  # DDP
+    return getattr(m, "_orig_mod", m)  # torch.compile
+
+
+@torch.no_grad()
+def evaluate(model, stream, val, T, t_index, mode, chunk, device, autocast, batch=2):
+    """Held-out windows: mean CE, KL to the teacher at T, top-1 agreement with the teacher, tail-mass gap."""
+    model.eval()
+    sums = torch.zeros(5, dtype=torch.float64)
+    for i in range(0, len(val), batch):
+        b = stream.batch(val[i:i + batch], device)
+        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else torch.autocast(device.type, enabled=False)
+        with ctx:
+            h = model(b["idx"], hidden_only=True).flatten(0, 1)[b["sel"]]
+        W = unwrap(model).lm_head.weight
+        for s in range(0, len(h), chunk):
+            with ctx:
+                u = (h[s:s + chunk] @ W.t()).float()
+            ids = lq = Q = None
+            if "ids" in b:
+                lq, Q = teacher_log_q(b["lp"][s:s + chunk].float(), b["lse"][s:s + chunk].float(), t_index, T)
+                ids = b["ids"][s:s + chunk]
+            st, _ = kd_rows(u, b["targets"][s:s + chunk], ids, lq, Q, T, mode)
+            sums += torch.stack([st[n].sum().double().cpu() for n in ["ce", "kl", "agree", "tail_gap"]]
+                                + [torch.tensor(len(u), dtype=torch.float64)])
+    model.train()
+    n = max(sums[4].item(), 1)
+    return dict(ce=sums[0].item() / n, kl=sums[1].item() / n, top1=sums[2].item() / n, tail_gap=sums[3].item() / n)
+
+
+# -----------------------------------------------------------------------------
+# Setup and checks
+
+
+def load_inputs(args):
+    """Cache, topology weights and windows, checked to belong together."""
+    cache = TeacherCache(args.cache)
+    if not os.path.isfile(cache.tokenizer_path):
+        raise ValueError(f"{args.cache}: no tokenizer.json (the student is saved with the cache's tokenizer)")
+    if args.kd_alpha > 0 and not cache.has_teacher:
+        raise ValueError(f"{args.cache}: made with --teacher none, so --kd_alpha must be 0 (got {args.kd_alpha})")
+    weight, topo_fp = None, None
+    if args.topology and not args.no_jumps:
+        m = read_manifest(args.topology, "topology", needed_by="train.py")
+        if m["upstream"]["cache"] != cache.fingerprint:
+            raise ValueError(f"{args.topology}: was built from a different cache than {args.cache}: rebuild it")
+        weight, topo_fp = np.load(os.path.join(args.topology, "weight.npy"), mmap_mode="r"), m["fingerprint"]
+    elif not args.no_jumps and cache.has_teacher and args.kd_alpha > 0:
+        raise ValueError("--topology is needed for the jump weights (or pass --no_jumps)")
+    if args.windows:
+        m = read_manifest(args.windows, "windows", needed_by="train.py")
+        if m["upstream"]["cache"] != cache.fingerprint:
+            raise ValueError(f"{args.windows}: was built from a different cache than {args.cache}: rebuild it")
+        if topo_fp and m["upstream"]["topology"] not in (None, topo_fp):
+            raise ValueError(f"{args.windows}: was built from a different topology than {args.topology}: rebuild it")
+        windows = np.load(os.path.join(args.windows, "windows.npy"))
+        phase = np.load(os.path.join(args.windows, "phase.npy"))
+        if len(windows) == 0:
+            raise ValueError(f"{args.windows}/windows.npy: no windows")
+    else:  # plain fixed-stride windows, no curriculum
+        rows = [(d, *(a + x for x in w)) for d in range(cache.n_docs)
+                for a, b in [cache.doc_range(d)] for w in fixed_document(b - a, 512, 512)]
+        windows, phase = np.array(rows, dtype=np.int64), np.zeros(len(rows), np.uint8)
+    return cache, weight, windows, phase
+
+
+def split_docs(n_docs, fraction, seed):
+    """A seeded document-level held-out split: (train mask over documents)."""
+    n_val = 0 if fraction <= 0 or n_docs < 2 else max(1, round(fraction * n_docs))
+    val = np.random.default_rng(seed).permutation(n_docs)[:n_val]
+    mask = np.ones(n_docs, dtype=bool)
+    mask[val] = False
+    return mask
+
+
+def build_student(args, cache, device):
+    if args.init == "scratch":
+        if not args.config:
+            raise ValueError("--init scratch needs --config (a config.json)")
+        cfg = Qwen3Config.from_json(args.config)
+        with torch.device(device):
+            model = Qwen3(cfg).init_weights(args.seed).to(device)
+    else:
+        model = Qwen3.from_pretrained(args.init, dtype=torch.float32, device=device)  # FP32 master weights
+    tok_vocab = int(np.asarray(cache.tokens).max()) + 1
+    need = max(tok_vocab, cache.manifest.get("teacher_vocab_size") or 0)
+    if model.config.vocab_size < need:
+        raise ValueError(f"student vocabulary {model.config.vocab_size} is smaller than the teacher's ids / tokens "
+                         f"(need {need}; cache {args.cache})")
+    return model
+
+
+def configure_optimizer(model, lr, weight_decay):
+    """AdamW with weight decay on matrices only (norms are not decayed); fused on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=lr, fused=next(model.parameters()).is_cuda)
+
+
+def save_checkpoint(folder, model, opt, state):
+    """Atomic: written into folder.tmp, then renamed over folder."""
+    from safetensors.torch import save_file
+    tmp = folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file({k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()
+               if not (k == "lm_head.weight" and unwrap(model).config.tie_word_embeddings)},
+              os.path.join(tmp, "model.safetensors"))
+    torch.save(opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    torch.save(dict(torch=torch.get_rng_state()), os.path.join(tmp, "rng.pt"))
+    write_json(os.path.join(tmp, "state.json"), state)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def load_checkpoint(folder, model, opt, fingerprint):
+    from safetensors.torch import load_file
+    with open(os.path.join(folder, "state.json")) as f:
+        state = json.load(f)
+    if state["fingerprint"] != fingerprint:
+        raise ValueError(f"{folder}: checkpoint of a run with other inputs or settings; remove it or drop --resume")
+    sd = load_file(os.path.join(folder, "model.safetensors"), device=str(next(model.parameters()).device))
+    unwrap(model).load_state_dict(sd, strict=not unwrap(model).config.tie_word_embeddings)
+    opt.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True,
+                                   map_location=next(model.parameters()).device))
+    torch.set_rng_state(torch.load(os.path.join(folder, "rng.pt"), weights_only=True)["torch"])
+    return state
+
+
+def save_student(out, model, cache, args):
+    """The final student in Hugging Face layout, with the cache's tokenizer files and end tokens."""
+    m = unwrap(model)
+    m.save_pretrained(out)  # fp32 master weights; transformers loads them as they are
+    for name in ["tokenizer.json", "tokenizer_config.json"]:
+        src = os.path.join(cache.folder, name)
+        if os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(out, name))
+    if not m.generation_config:  # a student from scratch: stop at the cache's end token and <|endoftext|>
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_file(cache.tokenizer_path)
+        ends = [tok.token_to_id(t) for t in [cache.manifest.get("end_token"), "<|endoftext|>"] if t]
+        ends = sorted({e for e in ends if e is not None})
+        write_json(os.path.join(out, "generation_config.json"), dict(eos_token_id=ends, pad_token_id=ends[-1]))
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def main(args):
+    rank, world, args.device = init_distributed(args.device)
+    ddp = world > 1
+    if ddp:
+        import torch.distributed as dist
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    if args.grad_accum % world:
+        raise ValueError(f"--grad_accum {args.grad_accum} must be divisible by the {world} processes")
+    accum = args.grad_accum // world  # micro-batches per process: the global batch stays batch x grad_accum
+    step_batch = args.batch_size * args.grad_accum
+    master = rank == 0
+
+    cache, weight, windows, phase = load_inputs(args)
+    t_index = cache.temperature_index(args.temperature) if cache.has_teacher else 0
+    stream = Stream(cache, None if weight is None else np.asarray(weight), windows, t_index)
+    train_docs = split_docs(cache.n_docs, args.val_fraction, args.seed)
+    is_train = train_docs[windows[:, 0]]
+    train_w, val_w = np.flatnonzero(is_train), np.flatnonzero(~is_train)[:args.eval_windows]
+    if len(train_w) == 0:
+        raise ValueError(f"no training windows (all {len(windows)} held out: lower --val_fraction)")
+    pools = [train_w[phase[train_w] <= p] for p in range(4)] if not args.no_curriculum else [train_w] * 4
+    pools = [p if len(p) else train_w for p in pools]
+    total = args.max_steps or math.ceil(args.epochs * len(train_w) / step_batch)
+
+    model = build_student(args, cache, device)
+    model.gradient_checkpointing = args.grad_ckpt
+    opt = configure_optimizer(model, args.lr, args.weight_decay)
+    settings = {k: v for k, v in vars(args).items() if k not in ("resume", "log_every", "eval_every", "ckpt_every",
+                                                                  "device", "compile", "out")}
+    fingerprint = sha256_json(dict(settings=settings, cache=cache.fingerprint, world_batch=step_batch))
+    ckpt_dir = os.path.join(args.out, "ckpt")
+    start = 0
+    if args.resume and os.path.isdir(ckpt_dir):
+        start = load_checkpoint(ckpt_dir, model, opt, fingerprint)["step"]
+        if master:
+            print(f"resuming from {ckpt_dir} at step {start}/{total}")
+    elif os.path.isdir(ckpt_dir) and not args.resume:
+        raise ValueError(f"{ckpt_dir}: a checkpoint is there; pass --resume to continue it or remove it")
+    train_model = torch.compile(model) if args.compile else model
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = args.dtype == "bfloat16"
+    os.makedirs(args.out, exist_ok=True)
+    log_path = os.path.join(args.out, "train_log.jsonl")
+    log = open(log_path, "a" if start else "w") if master else None
+
+    def record(entry):
+        if master:
+            log.write(json.dumps(entry) + "\n")
+            log.flush()
+
+    def run_eval(step):
+        if master and len(val_w) and args.eval_every >= 0:
+            ev = evaluate(model, stream, val_w, args.temperature, t_index, args.kd_mode, args.loss_chunk, device,
+                          autocast)
+            record(dict(eval_step=step, **ev))
+            print(f"eval step {step}: ce {ev['ce']:.4f} | kl {ev['kl']:.4f} | top-1 {ev['top1']:.3f} | "
+                  f"tail gap {ev['tail_gap']:+.4f} ({len(val_w)} held-out windows)", flush=True)
+            return ev
+
+    first_eval = run_eval(start) if start == 0 else None
+    t_start, tokens_done = time.time(), 0
+    model.train()
+    for step in range(start, total):
+        t0 = time.time()
+        alpha = kd_alpha(step, total, args.kd_alpha)
+        w_proof = proof_weight(step, total, *args.proof_weight)
+        lr = learning_rate(step, total, args.lr, args.min_lr, args.warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        ws = step_windows(step, total, pools, step_batch, args.seed)
+        micro = ws.reshape(args.grad_accum, args.batch_size)[rank * accum:(rank + 1) * accum]
+        n_norm = stream.count(ws)  # trainable rows of the whole step, on every process
+        sums, ntok, objective = torch.zeros(5, dtype=torch.float64), 0, 0.0
+        for i, mb in enumerate(micro):
+            batch = stream.batch(mb, device)
+            sync = not ddp or i == len(micro) - 1
+            ctx = train_model.no_sync() if not sync else _null()
+            with ctx:
+                loss, s = micro_step(train_model, batch, alpha, w_proof, args.temperature, t_index, args.kd_mode,
+                                     max(n_norm, 1), args.loss_chunk, not args.no_jumps, not args.no_proof_weight,
+                                     autocast)
+                (loss * world).backward()  # DDP averages over processes; the loss is already a share of the sum
+            sums += s.cpu()
+            ntok += batch["ntok"]
+            objective += loss.item()
+        part = torch.cat([sums, torch.tensor([ntok, objective], dtype=torch.float64)])
+        if ddp:
+            dist.all_reduce(part)
+        ce, kl, n = part[0].item(), part[1].item(), max(part[4].item(), 1)
+        step_loss = part[6].item()  # the objective: weighted, divided by the step's trainable rows
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
+        if not math.isfinite(gnorm) or not math.isfinite(ce) or not math.isfinite(kl):
+            opt.zero_grad(set_to_none=True)
+            if master:
+                save_checkpoint(ckpt_dir, model, opt, dict(step=step, fingerprint=fingerprint, total=total))
+            raise RuntimeError(f"non-finite loss at step {step}: ce sum {ce}, kl sum {kl}, grad norm {gnorm} "
+                               f"(alpha {alpha:.3f}, lr {lr:.3g}); weights before this step saved in {ckpt_dir}")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens_done += int(part[5].item())
+        dt = time.time() - t0
+        rate = tokens_done / max(time.time() - t_start, 1e-9)
+        entry = dict(step=step + 1, total=total, phase=curriculum_phase(step, total), ce=ce / n, kl=kl / n,
+                     loss=step_loss, alpha=alpha, proof_weight=w_proof, lr=lr, grad_norm=gnorm, tok_s=rate,
+                     rows=int(n), dt=dt)
+        record(entry)
+        if master and ((step + 1) % args.log_every == 0 or step + 1 == total or step == start):
+            eta = (total - step - 1) * (time.time() - t_start) / (step + 1 - start)
+            print(f"step {step + 1}/{total} | phase {entry['phase']} | ce {ce / n:.4f} | kl {kl / n:.4f} | "
+                  f"loss {step_loss:.4f} | alpha {alpha:.3f} | w_proof {w_proof:.3f} | lr {lr:.2e} | "
+                  f"gnorm {gnorm:.3f} | {rate:,.0f} tok/s | ETA {fmt_time(eta)}", flush=True)
+        if args.eval_every > 0 and (step + 1) % args.eval_every == 0 and step + 1 < total:
+            run_eval(step + 1)
+        if master and args.ckpt_every > 0 and (step + 1) % args.ckpt_every == 0 and step + 1 < total:
+            save_checkpoint(ckpt_dir, model, opt, dict(step=step + 1, fingerprint=fingerprint, total=total))
+    last_eval = run_eval(total)
+    if master:
+        save_student(args.out, model, cache, args)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # the run is complete: the student supersedes it
+        log.close()
+        before = f"held-out KL {first_eval['kl']:.4f} -> " if first_eval and last_eval else ""
+        after = f"{last_eval['kl']:.4f}, CE {last_eval['ce']:.4f}" if last_eval else ""
+        print(f"train: {total} steps of {step_batch} windows, {tokens_done:,} tokens, "
+              f"{time.time() - t_start:.0f}s; {before}{after} -> {args.out}")
+    if ddp:
+        dist.destroy_process_group()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init", required=True, help="student: Hub id, local folder, or 'scratch' (with --config)")
+    p.add_argument("--config", default=None, help="config.json of a student trained from scratch")
+    p.add_argument("--cache", default="out/cache", help="cache_teacher.py folder")
+    p.add_argument("--topology", default=None, help="topology.py folder (jump weights)")
+    p.add_argument("--windows", default=None, help="windows.py folder (default: fixed 512-token windows, no curriculum)")
+    p.add_argument("--out", default="out/student", help="output folder")
+    # the model card's numbers
+    p.add_argument("--kd_alpha", type=float, default=0.45, help="KD weight reached at 45%% of training (card: 0.45)")
+    p.add_argument("--temperature", type=float, default=2.0, help="KD temperature (card: 2.0)")
+    p.add_argument("--proof_weight", type=float, nargs=2, default=[2.25, 1.1], help="explore/examine loss "
+                   "multiplier, first and last step (card: 2.25 -> 1.1)")
+    p.add_argument("--lr", type=float, default=5e-6, help="peak learning rate (card: 5e-6)")
+    p.add_argument("--min_lr", type=float, default=5e-7, help="final learning rate of the cosine (card: 5e-7)")
+    p.add_argument("--warmup", type=int, default=30, help="linear warmup steps (card: 30)")
+    p.add_argument("--weight_decay", type=float, default=1e-3, help="AdamW weight decay, matrices only (card: 1e-3)")
+    p.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clip (card: 1.0)")
+    p.add_argument("--batch_size", type=int, default=2, help="windows per micro-batch (card: 2)")
+    p.add_argument("--grad_accum", type=int, default=16, help="micro-batches per optimizer step, all processes "
+                   "together (card: 16, so 32 windows per step)")
+    # run length, ablations, mechanics
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the training windows (sets the steps)")
+    p.add_argument("--max_steps", type=int, default=0, help="optimizer steps (0: from --epochs)")
+    p.add_argument("--kd_mode", choices=["tail", "renorm"], default="tail", help="KL over top-k + tail bucket, or "
+                   "over the renormalised top-k (ablation)")
+    p.add_argument("--no_jumps", action="store_true", help="ablation: no 1.25x after topology jumps")
+    p.add_argument("--no_proof_weight", action="store_true", help="ablation: explore/examine weighted 1.0")
+    p.add_argument("--no_curriculum", action="store_true", help="ablation: every phase draws from all windows")
+    p.add_argument("--val_fraction", type=float, default=0.05, help="documents held out for evaluation (seeded)")
+    p.add_argument("--eval_windows", type=int, default=64, help="at most this many held-out windows per evaluation")
+    p.add_argument("--eval_every", type=int, default=50, help="evaluate every N steps (0: start and end only)")
+    p.add_argument("--ckpt_every", type=int, default=50, help="resumable checkpoint every N steps (0: never)")
+    p.add_argument("--resume", action="store_true", help="continue from --out/ckpt")
+    p.add_argument("--log_every", type=int, default=1, help="print a step line every N steps")
+    p.add_argument("--loss_chunk", type=int, default=256, help="rows whose full-vocabulary logits exist at once")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="autocast dtype "
+                   "(weights stay fp32 either way)")
+    p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing (recompute each layer)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the student")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1")
+    p.add_argument("--seed", type=int, default=1337, help="split, curriculum shuffles and scratch init")
+    return p
+
+
+if __name__ == "__main__":
+    try:
+        main(get_parser().parse_args())
+    except ValueError as e:
+        sys.exit(f"train.py: error: {e}")
