@@ -19,6 +19,8 @@ Sections and what each compares (higher ratio = better for us; memory ratios are
           proof weights, AdamW, clip), FP32 master weights with BF16 autocast, against the same step written
           with transformers' Qwen3 and a straightforward full-vocabulary loss, with Qwen3's real vocabulary
           (151,936) on the model config above: tokens/s, and peak memory of the step (fresh subprocesses).
+  generate  decode tokens/s at batch 1 (32-token prompt, 128 new tokens, greedy, prefill included) of generate.py
+          against transformers' generate on the model config above; both must produce the same tokens.
 
 Needs the test requirements (transformers is the reference): pip install -r requirements-dev.txt
 """
@@ -354,7 +356,40 @@ def bench_train(args):
              mem["ours"] / mem["transformers"], "<= 0.8")]
 
 
-SECTIONS = {"model": bench_model, "cache": bench_cache, "topology": bench_topology, "train": bench_train}
+# -----------------------------------------------------------------------------
+# generate: decode tokens/s at batch 1, generate.py vs transformers' generate (greedy, same prompt and length)
+
+
+def bench_generate(args, prompt_len=32, new=128):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+    from generate import generate
+    from model import Qwen3
+    hf_logging.disable_progress_bar()
+    folder = make_reference_checkpoint(os.path.join(args.work, "model_ref"))
+    ours = Qwen3.from_pretrained(folder, dtype=torch.float32, device=args.device).eval()
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(args.device).eval()
+    prompt = torch.randint(0, MODEL_CFG["vocab_size"], (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    prompt = prompt.to(args.device)
+    out = {}
+
+    def run_ours():
+        out["ours"] = list(generate(ours, prompt, new))
+
+    def run_ref():
+        with torch.no_grad():
+            out["ref"] = ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
+                                      min_new_tokens=new, do_sample=False, pad_token_id=0)[0, prompt_len:].tolist()
+
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    t = interleaved_times({"ours": run_ours, "ref": run_ref}, max(1, args.reps // 2), sync)
+    assert out["ours"] == out["ref"], "greedy outputs differ"
+    o, r = new / t["ours"], new / t["ref"]
+    return [(f"decode tok/s, batch 1 ({prompt_len}+{new}, greedy)", o, r, o / r, ">= 3.0")]
+
+
+SECTIONS = {"model": bench_model, "cache": bench_cache, "topology": bench_topology, "train": bench_train,
+            "generate": bench_generate}
 WORKERS = {"model": model_worker, "train": train_worker}
 
 

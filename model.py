@@ -398,11 +398,12 @@ class Qwen3(nn.Module):
                 model.generation_config = json.load(fh)
         return model
 
-    def save_pretrained(self, out_dir, max_shard_bytes=5 * 2**30):
-        """config.json, generation_config.json and model.safetensors (or shards plus index), written atomically."""
+    def save_pretrained(self, out_dir, max_shard_bytes=5 * 2**30, dtype=None):
+        """config.json, generation_config.json and model.safetensors (or shards plus index), written atomically.
+        dtype: save the tensors in this dtype (e.g. bfloat16 for inference) without touching the model's."""
         from safetensors.torch import save_file
         os.makedirs(out_dir, exist_ok=True)
-        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        sd = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in self.state_dict().items()}
         if self.config.tie_word_embeddings:
             sd.pop("lm_head.weight")  # transformers re-ties it from embed_tokens
         dtype = next(iter(sd.values())).dtype

@@ -42,7 +42,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cache_teacher import TeacherCache, fmt_time, init_distributed, read_manifest, sha256_json
+from cache_teacher import (FORMAT_VERSION, TeacherCache, fmt_time, init_distributed, prepare_out,
+                           read_manifest, sha256_json)
 from model import DTYPES, Qwen3, Qwen3Config, write_json
 from windows import fixed_document
 
@@ -392,7 +393,7 @@ def load_checkpoint(folder, model, opt, fingerprint):
 def save_student(out, model, cache, args):
     """The final student in Hugging Face layout, with the cache's tokenizer files and end tokens."""
     m = unwrap(model)
-    m.save_pretrained(out)  # fp32 master weights; transformers loads them as they are
+    m.save_pretrained(out, dtype=DTYPES[args.save_dtype])  # the fp32 master weights, cast tensor by tensor
     for name in ["tokenizer.json", "tokenizer_config.json"]:
         src = os.path.join(cache.folder, name)
         if os.path.isfile(src):
@@ -438,8 +439,20 @@ def main(args):
     model.gradient_checkpointing = args.grad_ckpt
     opt = configure_optimizer(model, args.lr, args.weight_decay)
     settings = {k: v for k, v in vars(args).items() if k not in ("resume", "log_every", "eval_every", "ckpt_every",
-                                                                  "device", "compile", "out")}
+                                                                  "device", "compile", "out", "force")}
     fingerprint = sha256_json(dict(settings=settings, cache=cache.fingerprint, world_batch=step_batch))
+    state = prepare_out(args.out, "student", fingerprint, args.force) if master else None
+    if ddp:
+        obj = [state]
+        dist.broadcast_object_list(obj, src=0)
+        state = obj[0]
+    if state == "done":
+        if master:
+            print(f"{args.out}: a complete student of the same run is already there; nothing to do")
+        return
+    if master and state == "fresh":
+        write_json(os.path.join(args.out, "manifest.json"), dict(phase="student", version=FORMAT_VERSION,
+                   fingerprint=fingerprint, args=vars(args), complete=False))
     ckpt_dir = os.path.join(args.out, "ckpt")
     start = 0
     if args.resume and os.path.isdir(ckpt_dir):
@@ -466,9 +479,12 @@ def main(args):
         if master and len(val_w) and args.eval_every >= 0:
             ev = evaluate(model, stream, val_w, args.temperature, t_index, args.kd_mode, args.loss_chunk, device,
                           autocast)
+            if not cache.has_teacher:
+                ev = dict(ce=ev["ce"])
             record(dict(eval_step=step, **ev))
-            print(f"eval step {step}: ce {ev['ce']:.4f} | kl {ev['kl']:.4f} | top-1 {ev['top1']:.3f} | "
-                  f"tail gap {ev['tail_gap']:+.4f} ({len(val_w)} held-out windows)", flush=True)
+            kd = (f" | kl {ev['kl']:.4f} | top-1 agreement {ev['top1']:.3f} | tail gap {ev['tail_gap']:+.4f}"
+                  if cache.has_teacher else "")
+            print(f"eval step {step}: ce {ev['ce']:.4f}{kd} ({len(val_w)} held-out windows)", flush=True)
             return ev
 
     first_eval = run_eval(start) if start == 0 else None
@@ -532,10 +548,16 @@ def main(args):
         save_student(args.out, model, cache, args)
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # the run is complete: the student supersedes it
         log.close()
-        before = f"held-out KL {first_eval['kl']:.4f} -> " if first_eval and last_eval else ""
-        after = f"{last_eval['kl']:.4f}, CE {last_eval['ce']:.4f}" if last_eval else ""
-        print(f"train: {total} steps of {step_batch} windows, {tokens_done:,} tokens, "
-              f"{time.time() - t_start:.0f}s; {before}{after} -> {args.out}")
+        write_json(os.path.join(args.out, "manifest.json"), dict(
+            phase="student", version=FORMAT_VERSION, fingerprint=fingerprint, args=vars(args),
+            upstream=dict(cache=cache.fingerprint), steps=total, tokens=tokens_done, first_eval=first_eval,
+            last_eval=last_eval, complete=True))
+        held = ""
+        if first_eval and last_eval:
+            held = "; held-out " + ", ".join(f"{k.upper()} {first_eval[k]:.4f} -> {last_eval[k]:.4f}"
+                                             for k in ["kl", "ce"] if k in last_eval)
+        print(f"train: {total - start} steps of {step_batch} windows, {tokens_done:,} tokens, "
+              f"{time.time() - t_start:.0f}s{held} -> {args.out}")
     if ddp:
         dist.destroy_process_group()
 
@@ -582,10 +604,13 @@ def get_parser():
     p.add_argument("--eval_every", type=int, default=50, help="evaluate every N steps (0: start and end only)")
     p.add_argument("--ckpt_every", type=int, default=50, help="resumable checkpoint every N steps (0: never)")
     p.add_argument("--resume", action="store_true", help="continue from --out/ckpt")
+    p.add_argument("--force", action="store_true", help="delete --out and start over")
     p.add_argument("--log_every", type=int, default=1, help="print a step line every N steps")
     p.add_argument("--loss_chunk", type=int, default=256, help="rows whose full-vocabulary logits exist at once")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="autocast dtype "
                    "(weights stay fp32 either way)")
+    p.add_argument("--save_dtype", choices=["bfloat16", "float32"], default="bfloat16", help="dtype of the saved "
+                   "student (the card: BF16 inference)")
     p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing (recompute each layer)")
     p.add_argument("--compile", action="store_true", help="torch.compile the student")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1")

@@ -44,12 +44,15 @@ def train_bpe(texts, vocab_size):
 
 
 def save(tok, out):
+    """tokenizer.json, then tokenizer_config.json (eos <|im_end|> as in Qwen3), each written atomically."""
     os.makedirs(out, exist_ok=True)
-    tok.save(os.path.join(out, "tokenizer.json"))
+    tok.save(os.path.join(out, "tokenizer.json.tmp"))
+    os.replace(os.path.join(out, "tokenizer.json.tmp"), os.path.join(out, "tokenizer.json"))
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
            "bos_token": None, "model_max_length": 40960}
-    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+    with open(os.path.join(out, "tokenizer_config.json.tmp"), "w") as f:
         json.dump(cfg, f, indent=2)
+    os.replace(os.path.join(out, "tokenizer_config.json.tmp"), os.path.join(out, "tokenizer_config.json"))
 
 
 def main(args):

@@ -166,7 +166,7 @@ def test_grad_accumulation_equals_one_big_batch(stream, student_config):
 def train_args(out, cache, topo, windows, config, *extra):
     return ["--init", "scratch", "--config", config, "--cache", cache, "--topology", topo, "--windows", windows,
             "--out", out, "--dtype", "float32", "--device", "cpu", "--lr", "3e-3", "--warmup", "2",
-            "--grad_accum", "4", "--eval_every", "0", *map(str, extra)]
+            "--grad_accum", "4", "--eval_every", "0", "--save_dtype", "float32", *map(str, extra)]
 
 
 def synthetic_teacher_cache(src, out, V=1088, k=64, p_next=0.7, tail=1e-4):

@@ -1,0 +1,251 @@
+"""
+Sample from a Qwen3 checkpoint (the distilled student, or any Hub Qwen3) with a static KV cache.
+
+The prompt is wrapped in the model card's DualMind layout, `##USER:\\n{question}\\n\\n<explore>\\n`, unless --raw.
+Prefill once, then one token per step from the preallocated cache; sampling is a chain of small pure functions
+with transformers' semantics, in its order: repetition penalty, temperature, top-k, top-p. Generation stops at
+the end tokens of generation_config.json or at a stop string (default `</response>`, the output ending exactly
+there). Text streams to the terminal as it is produced; tokens/s goes to stderr at the end.
+
+--check reports which DualMind blocks are present and in order (the card's <explore>/<examine>/<response>
+assertions); --enforce makes a failed check exit with status 1.
+
+Inputs   --model (folder with config.json, safetensors, tokenizer.json; or a Hub id), --prompt | --prompt_file |
+         --prompts_jsonl (one {"prompt": ...} per line; writes one JSON line per prompt to stdout)
+Run
+  python generate.py --model out/demo/student --prompt "A pendulum is 2 m long. What is its period?" --check
+  python generate.py --model out/student --prompt "Prove that..." --device cuda --compile      # real student
+  python generate.py --model Qwen/Qwen3-1.7B --raw --prompt "The capital of France is" --temperature 0
+"""
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+
+import torch
+
+from model import Qwen3, resolve_folder
+
+# -----------------------------------------------------------------------------
+# Sampling: small pure functions of the logits (B, V) fp32
+
+
+def repetition_penalty(logits, seen, penalty):
+    """transformers' rule: a logit of a token already in the sequence is divided by penalty if positive,
+    multiplied by it if negative. seen (B, n) ids of the prompt and the output so far."""
+    if penalty == 1.0:
+        return logits
+    s = logits.gather(1, seen)
+    return logits.scatter(1, seen, torch.where(s < 0, s * penalty, s / penalty))
+
+
+def top_k_filter(logits, k):
+    """Keep the k largest logits (ties at the k-th kept), -inf elsewhere; k <= 0 keeps all."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits, p):
+    """Nucleus: drop the least likely tokens whose cumulative probability stays <= 1 - p; the top one is kept."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=False)
+    drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - p
+    drop[..., -1:] = False
+    return logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+
+
+def next_token(logits, seen, temperature=0.0, top_k=0, top_p=1.0, penalty=1.0, generator=None):
+    """logits (B, V) -> next ids (B,): greedy when temperature is 0, else sampled with `generator`."""
+    logits = repetition_penalty(logits.float(), seen, penalty)
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+# -----------------------------------------------------------------------------
+# Decoding
+
+
+def decode_step(model, idx, input_pos):
+    """One step from the KV cache: logits (B, V) of the last position only."""
+    h = model(idx, input_pos=input_pos, hidden_only=True)
+    return model.lm_head(h[:, -1])
+
+
+def generate(model, prompt, max_new_tokens, eos_ids=(), temperature=0.0, top_k=0, top_p=1.0, penalty=1.0,
+             seed=0, use_cache=True, step_fn=None):
+    """Yield new token ids one at a time. prompt (1, T) int64. Stops at an id in eos_ids (yielded) or after
+    max_new_tokens. use_cache=False recomputes the whole sequence every step (a reference for the cache)."""
+    device = prompt.device
+    T = prompt.shape[1]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    step_fn = step_fn or decode_step
+    seq = prompt
+    with torch.no_grad():
+        if use_cache:
+            model.setup_cache(batch_size=1, max_seq_len=T + max_new_tokens)
+            logits = model.lm_head(model(prompt, input_pos=torch.arange(T, device=device), hidden_only=True)[:, -1])
+        else:
+            logits = model(prompt)[:, -1]
+        try:
+            for i in range(max_new_tokens):
+                nxt = next_token(logits, seq, temperature, top_k, top_p, penalty, gen)  # (1,)
+                seq = torch.cat([seq, nxt[:, None]], 1)
+                tok = int(nxt.item())
+                yield tok
+                if tok in eos_ids or i == max_new_tokens - 1:
+                    return
+                if use_cache:
+                    logits = step_fn(model, nxt[:, None], torch.tensor([T + i], device=device))
+                else:
+                    logits = model(seq)[:, -1]
+        finally:
+            if use_cache:
+                model.clear_cache()
+
+
+def cut_at_stop(text, stops):
+    """(text up to and including the earliest stop string, whether one was found)."""
+    ends = [text.find(s) + len(s) for s in stops if s and s in text]
+    return (text[:min(ends)], True) if ends else (text, False)
+
+
+BLOCKS = ["explore", "examine", "response"]
+
+
+def dualmind_check(text):
+    """Which DualMind blocks are present (opened and closed) and whether they come in the card's order."""
+    spans = {}
+    for b in BLOCKS:
+        o, c = text.find(f"<{b}>"), text.find(f"</{b}>")
+        spans[b] = (o, c) if 0 <= o < c else None
+    present = {b: spans[b] is not None for b in BLOCKS}
+    found = [spans[b] for b in BLOCKS if spans[b]]
+    ordered = all(present.values()) and all(a[1] < b[0] for a, b in zip(found, found[1:]))
+    return dict(present=present, ordered=ordered, ok=ordered)
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def load(model_name, device, dtype):
+    folder = resolve_folder(model_name)
+    from tokenizers import Tokenizer
+    tok_path = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(tok_path):
+        raise ValueError(f"{folder}: no tokenizer.json")
+    model = Qwen3.from_pretrained(folder, dtype=dtype, device=device).eval()
+    eos = model.generation_config.get("eos_token_id", model.config.eos_token_id)
+    eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return model, Tokenizer.from_file(tok_path), eos
+
+
+def read_prompts(args):
+    if sum(x is not None for x in [args.prompt, args.prompt_file, args.prompts_jsonl]) != 1:
+        raise ValueError("give exactly one of --prompt, --prompt_file, --prompts_jsonl")
+    if args.prompt is not None:
+        prompts = [args.prompt]
+    elif args.prompt_file:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompts = [f.read()]
+    else:
+        prompts = []
+        with open(args.prompts_jsonl, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        prompts.append(json.loads(line)["prompt"])
+                    except (json.JSONDecodeError, KeyError, TypeError) as e:
+                        raise ValueError(f"{args.prompts_jsonl}:{i}: expected {{\"prompt\": ...}} ({e!r})") from None
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"prompt {i + 1} is empty")
+    return prompts
+
+
+def main(args):
+    prompts = read_prompts(args)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens {args.max_new_tokens}: must be at least 1")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model, tok, eos = load(args.model, args.device, dtype)
+    ctx = model.config.max_position_embeddings
+    step_fn = torch.compile(decode_step) if args.compile else None
+    stream = args.prompts_jsonl is None and not args.quiet
+    failures = 0
+    for prompt in prompts:
+        text = prompt if args.raw else f"##USER:\n{prompt.strip()}\n\n<explore>\n"
+        ids = tok.encode(text, add_special_tokens=False).ids
+        if len(ids) >= ctx:
+            raise ValueError(f"prompt of {len(ids)} tokens does not fit the context of {ctx}")
+        if len(ids) + args.max_new_tokens > ctx:
+            raise ValueError(f"prompt ({len(ids)} tokens) + --max_new_tokens {args.max_new_tokens} exceeds the "
+                             f"context of {ctx}; lower --max_new_tokens to {ctx - len(ids)} or less")
+        if stream:
+            print(text, end="", flush=True)
+        out, shown, t0 = [], "", time.time()
+        for t in generate(model, torch.tensor([ids], device=args.device), args.max_new_tokens, eos,
+                          args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed,
+                          step_fn=step_fn):
+            out.append(t)
+            piece, stopped = cut_at_stop(tok.decode(out), args.stop)
+            if stream and not piece.endswith("\ufffd"):  # hold back half a UTF-8 character
+                print(piece[len(shown):], end="", flush=True)
+                shown = piece
+            if stopped:
+                break
+        dt = time.time() - t0
+        answer = piece if out else ""
+        check = dualmind_check(text + answer)
+        if stream:
+            print()
+        print(f"[{len(out)} tokens in {dt:.2f}s, {len(out) / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)
+        if args.prompts_jsonl:
+            print(json.dumps(dict(prompt=prompt, output=answer, tokens=len(out), check=check), ensure_ascii=False))
+        if args.check:
+            marks = " ".join(f"<{b}>{'✓' if v else '✗'}" for b, v in check["present"].items())
+            print(f"DualMind check: {marks} | order {'ok' if check['ordered'] else 'WRONG'} -> "
+                  f"{'PASS' if check['ok'] else 'FAIL'}", file=sys.stderr)
+        failures += not check["ok"]
+    if args.enforce and failures:
+        sys.exit(f"generate.py: {failures} of {len(prompts)} outputs failed the DualMind check")
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model folder (config.json, safetensors, tokenizer.json) or Hub id")
+    p.add_argument("--prompt", default=None, help="the question (wrapped in the DualMind prompt unless --raw)")
+    p.add_argument("--prompt_file", default=None, help="read the prompt from this file")
+    p.add_argument("--prompts_jsonl", default=None, help='one {"prompt": ...} per line; one JSON result line each')
+    p.add_argument("--raw", action="store_true", help="use the prompt as it is, without the DualMind wrapper")
+    # the model card's sampling settings
+    p.add_argument("--max_new_tokens", type=int, default=2048, help="most tokens to generate (card: 2048)")
+    p.add_argument("--temperature", type=float, default=0.6, help="0 for greedy decoding (card: 0.6)")
+    p.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling mass (card: 0.9)")
+    p.add_argument("--top_k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--repetition_penalty", type=float, default=1.15, help="transformers' rule (card: 1.15)")
+    p.add_argument("--stop", nargs="*", default=["</response>"], help="stop strings, the output ends exactly there")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same output)")
+    p.add_argument("--check", action="store_true", help="report the DualMind blocks present and their order")
+    p.add_argument("--enforce", action="store_true", help="exit with status 1 when an output fails the check")
+    p.add_argument("--quiet", action="store_true", help="do not stream the text")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32" if not torch.cuda.is_available()
+                   else "bfloat16", help="weights and activations")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1")
+    return p
+
+
+if __name__ == "__main__":
+    try:
+        main(get_parser().parse_args())
+    except ValueError as e:
+        sys.exit(f"generate.py: error: {e}")
