@@ -102,7 +102,8 @@ def lm_step(module, logits_of, idx, train):
 
 
 def interleaved_times(fns, reps, sync):
-    """Median seconds of each fn, alternating them rep by rep so drift in machine load hits both alike."""
+    """Best (minimum) seconds of each fn over `reps`, alternating them rep by rep: drift in machine load hits
+    both alike, and the minimum is the estimate least spoilt by a busy neighbour (noise only ever adds time)."""
     times = {k: [] for k in fns}
     for fn in fns.values():
         fn()  # warm-up
@@ -113,7 +114,7 @@ def interleaved_times(fns, reps, sync):
             fn()
             sync()
             times[k].append(time.perf_counter() - t0)
-    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {k: min(v) for k, v in times.items()}
 
 
 def model_worker(impl, dtype, folder, device, batch, seq):
@@ -407,7 +408,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default="", help=f"comma-separated sections to run, of: {', '.join(SECTIONS)}")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement (median reported)")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement (the best is reported)")
     p.add_argument("--work", default=os.path.join("out", "bench"), help="scratch folder for benchmark checkpoints")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -218,6 +218,21 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
+class SiluMul(torch.autograd.Function):
+    """silu(g) * u, keeping only g and u for the backward (silu is recomputed there): the forward is the same
+    computation as F.silu(g) * u, and training stores one (B, T, intermediate) tensor less per MLP."""
+
+    @staticmethod
+    def forward(ctx, g, u):
+        ctx.save_for_backward(g, u)
+        return F.silu(g) * u
+
+    @staticmethod
+    def backward(ctx, dy):
+        g, u = ctx.saved_tensors
+        return torch.ops.aten.silu_backward(dy * u, g), dy * F.silu(g)  # autograd's own silu derivative kernel
+
+
 class MLP(nn.Module):
     def __init__(self, hidden_size, intermediate_size):
         super().__init__()
@@ -226,7 +241,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        return self.down_proj(SiluMul.apply(self.gate_proj(x), self.up_proj(x)))  # SwiGLU
 
 
 class SparseMoeBlock(nn.Module):

@@ -354,7 +354,6 @@ def render_html(path, cache, arr, report, cuts=None, doc=None, max_tokens=700):
     import html
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(cache.tokenizer_path) if os.path.isfile(cache.tokenizer_path) else None
-    decode = (lambda t: tok.decode([t])) if tok else (lambda t: f"[{t}]")
     if doc is None:  # the document with the most jumps per token: the most to look at
         doc = max(report["per_document"], key=lambda r: r["jumps"] / r["length"])["doc"]
     a, b = cache.doc_range(doc)
@@ -365,14 +364,19 @@ def render_html(path, cache, arr, report, cuts=None, doc=None, max_tokens=700):
     roles = np.asarray(cache.roles[a:b])
     top = np.percentile(disc, 99) or 1.0
     cut_at = {} if cuts is None else {int(c) - a: kind for c, kind in cuts if a <= c < b}
-    spans = []
-    for i, t in enumerate(np.asarray(cache.tokens[a:b])):
+    spans, ids, shown = [], [int(t) for t in cache.tokens[a:b]], ""
+    for i, t in enumerate(ids):
+        if tok:  # the text this token adds; a token ending inside a UTF-8 character shows with the next one
+            full = tok.decode(ids[:i + 1])
+            piece, shown = ("", shown) if full.endswith("\ufffd") else (full[len(shown):], full)
+        else:
+            piece = f"[{t}]"
         if i in cut_at:
             spans.append(f'<b class="cut" title="{cut_at[i]}">|</b>')
         x = min(disc[i] / top, 1.0)
         style = (f"background:rgba(220,38,38,{x:.2f});border-bottom:2px solid {ROLE_COLORS[roles[i]]}"
                  + (";outline:2px solid #111" if jump[i] else ""))
-        text = html.escape(decode(int(t))).replace("\n", "&#8629;<br>")
+        text = html.escape(piece).replace("\n", "&#8629;<br>")
         spans.append(f'<span style="{style}" title="row {a + i}: f={f[i]:.3g} disc={disc[i]:.3g}">{text}</span>')
     # signal plot for the same stretch
     W, H = 1000, 160

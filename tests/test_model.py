@@ -245,6 +245,38 @@ def test_load_peak_memory(tmp_path):
 
 # --- training switches ---------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("moe", [False, True])
+def test_gradients_match_transformers(tmp_path, moe):
+    """fp32 gradients of every parameter equal transformers' (the custom SwiGLU backward included)."""
+    hf = make_hf_model(tiny_hf_config(moe=moe)).train()
+    ours = Qwen3.from_pretrained(save_hf(hf, tmp_path), dtype=torch.float32).train()
+    target = IDX.roll(-1, 1)
+    for m, logits in [(hf, lambda: hf(IDX).logits), (ours, lambda: ours(IDX))]:
+        torch.nn.functional.cross_entropy(logits().flatten(0, 1), target.flatten()).backward()
+    ref = dict(hf.named_parameters())
+    if moe:  # transformers v5 keeps the experts fused in memory: [gate; up] stacked over experts
+        for n, p in list(ref.items()):
+            if n.endswith("experts.gate_up_proj"):
+                I = p.shape[1] // 2
+                for e in range(p.shape[0]):
+                    ref[n.replace("gate_up_proj", f"{e}.gate_proj.weight")] = (p.grad[e, :I], None)
+                    ref[n.replace("gate_up_proj", f"{e}.up_proj.weight")] = (p.grad[e, I:], None)
+            elif n.endswith("experts.down_proj"):
+                for e in range(p.shape[0]):
+                    ref[n.replace("down_proj", f"{e}.down_proj.weight")] = (p.grad[e], None)
+            elif n.endswith("mlp.gate.weight"):
+                ref[n] = p
+    checked = 0
+    for name, p in ours.named_parameters():
+        r = ref[name]
+        g = r[0] if isinstance(r, tuple) else r.grad
+        assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-6), name
+        checked += 1
+    assert checked == len(list(ours.parameters()))
+
+
+
+
 def test_gradient_checkpointing_same_grads_and_compiles(dense_ckpt):
     """Checkpointing changes memory, not gradients; the checkpointed model traces under torch.compile."""
     _, folder = dense_ckpt
