@@ -138,9 +138,10 @@ def init_distributed(device):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         import torch.distributed as dist
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)  # NCCL collectives (and broadcast_object_list) use the current device
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return rank, world, device
 
 
@@ -157,7 +158,7 @@ def input_files(spec):
     """A local file, or the JSONL/parquet files of a Hub dataset repo (org/name), as local paths."""
     if os.path.isfile(spec):
         return [spec]
-    if os.path.exists(spec) or spec.count("/") != 1:
+    if os.path.exists(spec) or spec.count("/") != 1 or os.path.isdir(spec.split("/")[0]):
         raise ValueError(f"{spec}: no such file, and not a Hub dataset id of the form org/name")
     from huggingface_hub import snapshot_download
     try:
@@ -257,7 +258,10 @@ def record_to_blocks(rec, where, fields):
         return v.strip()
     q, resp = get(fields["question"]), get(fields["response"])
     if fields["explore"] in rec:
-        return q, get(fields["explore"]), rec.get(fields["examine"], "").strip(), resp
+        examine = rec.get(fields["examine"]) or ""
+        if not isinstance(examine, str):
+            raise ValueError(f"{where}: field {fields['examine']!r} is not text")
+        return q, get(fields["explore"]), examine.strip(), resp
     return (q, *split_cot(get(fields["cot"])), resp)
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The offline end-to-end run of the recipe on CPU, in minutes: the pipeline's living documentation.
 #
-#   bash demo.sh                      # everything into out/demo (about 8 minutes on 2 CPU cores)
+#   bash demo.sh                      # everything into out/demo (about 6 minutes on 2 CPU cores)
 #   OUT=/tmp/d N_SYNTH=60 TEACHER_STEPS=3 STUDENT_STEPS=3 bash demo.sh      # a smoke run (what the tests do)
 #
 # No network: a byte-level BPE tokenizer and a tiny teacher are trained here from the bundled and generated
@@ -71,8 +71,12 @@ import json, sys
 out, check = sys.argv[1], int(sys.argv[2])
 m = json.load(open(f"{out}/student/manifest.json"))
 a, b = m["first_eval"], m["last_eval"]
-print(f"student held-out KL to the teacher (T=2, top-64 + tail): {a['kl']:.4f} before distillation -> "
-      f"{b['kl']:.4f} after; CE {a['ce']:.3f} -> {b['ce']:.3f}; top-1 agreement {a['top1']:.3f} -> {b['top1']:.3f}")
+if a and b:
+    print(f"student held-out KL to the teacher (T=2, top-64 + tail): {a['kl']:.4f} before distillation -> "
+          f"{b['kl']:.4f} after; CE {a['ce']:.3f} -> {b['ce']:.3f}; top-1 agreement {a['top1']:.3f} -> "
+          f"{b['top1']:.3f}")
+else:
+    print(f"student held-out evaluations missing (first {a}, last {b}): see {out}/student/train_log.jsonl")
 print("DualMind layout in the student's answer: " + ("learned (explore, examine and response in order; the layout, "
       "not the physics: the arithmetic of a 0.7M-parameter student is not to be trusted)" if check == 0
       else "NOT learned in this budget (see the check above): the tiny student did not produce all three blocks "

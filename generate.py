@@ -154,9 +154,13 @@ def read_prompts(args):
     if args.prompt is not None:
         prompts = [args.prompt]
     elif args.prompt_file:
+        if not os.path.isfile(args.prompt_file):
+            raise ValueError(f"--prompt_file {args.prompt_file}: no such file")
         with open(args.prompt_file, encoding="utf-8") as f:
             prompts = [f.read()]
     else:
+        if not os.path.isfile(args.prompts_jsonl):
+            raise ValueError(f"--prompts_jsonl {args.prompts_jsonl}: no such file")
         prompts = []
         with open(args.prompts_jsonl, encoding="utf-8") as f:
             for i, line in enumerate(f, 1):

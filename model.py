@@ -460,7 +460,8 @@ def resolve_folder(name_or_path):
     """A local folder as is; otherwise a Hub repo id fetched (or found in the local cache) by huggingface_hub."""
     if os.path.isdir(name_or_path):
         return name_or_path
-    if os.path.exists(name_or_path) or name_or_path.count("/") != 1 or name_or_path.startswith((".", "/")):
+    if (os.path.exists(name_or_path) or name_or_path.count("/") != 1 or name_or_path.startswith((".", "/"))
+            or os.path.isdir(name_or_path.split("/")[0])):  # out/studnet: a typo in a local path, not a Hub id
         raise ValueError(f"{name_or_path}: not a model folder and not a Hub repo id of the form org/name")
     from huggingface_hub import snapshot_download
     try:

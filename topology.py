@@ -265,6 +265,9 @@ def signal_summary(f, delta, valid):
 
 
 def main(args):
+    if args.K < 1 or args.sigma <= 0 or args.amplify <= 0 or args.chunk < 1:
+        raise ValueError(f"--K {args.K} must be >= 1 and --sigma {args.sigma}, --amplify {args.amplify}, --chunk "
+                         f"{args.chunk} positive")
     cache = TeacherCache(args.cache)
     if not cache.has_teacher:
         raise ValueError(f"{args.cache}: a cache made with --teacher none has no teacher distributions to analyse")

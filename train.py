@@ -22,7 +22,8 @@ Outputs  in --out (default out/student): the student in Hugging Face layout (con
          and per evaluation), ckpt/ (resumable: model.safetensors fp32, optimizer.pt, state.json)
 
 Run
-  python train.py --init out/student_init --cache out/cache --topology out/topology --windows out/windows  # demo
+  python train.py --init scratch --config data/student_config.json --cache out/cache --topology out/topology \\
+      --windows out/windows --lr 3e-3 --min_lr 3e-4 --max_steps 150                       # a student from scratch
   python train.py --init Qwen/Qwen3-1.7B --cache out/cache --topology out/topology --windows out/windows \\
       --device cuda --grad_ckpt --compile                                                          # one GPU
   torchrun --nproc_per_node=8 train.py ... --device cuda                              # same 32-window step
@@ -74,20 +75,24 @@ def curriculum_phase(step, total, n_phases=4):
     return min(step * n_phases // max(total, 1), n_phases - 1)
 
 
-def step_windows(step, total, pools, batch, seed):
-    """The `batch` window indices of one optimizer step: phase p draws from pools[p], shuffled, passing over
-    the pool again (new shuffle) when it runs out. A pure function of the step, so resuming needs no state."""
-    p = curriculum_phase(step, total, len(pools))
-    first = -(-p * total // len(pools))  # the first step of phase p
-    pool = pools[p]
-    out, i = [], (step - first) * batch
-    while len(out) < batch:
-        rnd, off = divmod(i, len(pool))
-        perm = np.random.default_rng([seed, p, rnd]).permutation(len(pool))
-        take = min(batch - len(out), len(pool) - off)
-        out += list(pool[perm[off:off + take]])
-        i += take
-    return np.array(out, dtype=np.int64)
+def draw_schedule(pools, total, batch, seed):
+    """The windows of every optimizer step, (total, batch): phase p draws only from pools[p], taking the windows
+    no earlier phase drew first (shuffled), then the others, then further shuffled passes. With nested pools of
+    30/55/80/100% and one epoch of steps, every window is drawn exactly once, easiest first. A pure function of
+    its arguments, so a resumed run or another process computes the same schedule."""
+    phases = np.array([curriculum_phase(s, total, len(pools)) for s in range(total)], dtype=np.int64)
+    seen, out = set(), []
+    for p, pool in enumerate(pools):
+        n = int((phases == p).sum()) * batch
+        rng = np.random.default_rng([seed, p])
+        fresh = np.array([w for w in pool if w not in seen], dtype=np.int64)
+        order = [rng.permutation(fresh), rng.permutation(np.setdiff1d(pool, fresh))]
+        while sum(map(len, order)) < n:
+            order.append(rng.permutation(pool))
+        take = np.concatenate(order)[:n]
+        seen.update(take.tolist())
+        out.append(take)
+    return np.concatenate(out).reshape(total, batch)
 
 
 # -----------------------------------------------------------------------------
@@ -105,7 +110,8 @@ def kd_rows(u, targets, ids, lq, Q, T, mode, w_ce=None, w_kd=None):
     """Per-row CE, KL, top-1 agreement and tail gap from student logits u (c, V) fp32 (overwritten);
     with w_ce/w_kd (c,) also G = d(sum w_ce CE + w_kd KL)/du (c, V).
 
-    KL_{k+1} = sum_K q (log q - log p) + Q (log Q - log P) with P = 1 - sum_K p, both at temperature T; its
+    KL_{k+1} = sum_K q (log q - log p) + Q (log Q - log P) with P the student's mass outside the k ids, both at
+    temperature T; its
     gradient in u is (p_j - q_j)/T on the k ids and p_j (1 - Q/P)/T elsewhere. renorm: KL between q and p
     renormalised over the k ids, gradient (p~_j - q~_j)/T on the ids and 0 elsewhere. CE gradient: p_1 - onehot.
     """
@@ -119,12 +125,13 @@ def kd_rows(u, targets, ids, lq, Q, T, mode, w_ce=None, w_kd=None):
     agree = (u.argmax(-1) == ids[:, 0]).float()
     lpT = torch.log_softmax(u / T, -1)  # (c, V) student log p_T
     lpK = lpT.gather(1, ids)  # (c, k)
-    pK_sum = lpK.exp().sum(-1)
-    P = (1.0 - pK_sum).clamp_min(1e-12)
+    # the student's tail mass P as a logsumexp over the ids outside the top-k, not as 1 - sum (no cancellation)
+    logP = torch.logsumexp(lpT.scatter_(1, ids, float("-inf")), -1)
+    lpT.scatter_(1, ids, lpK)  # restore
+    P = logP.exp()
     qK = lq.exp()
     if mode == "tail":
-        Qc = Q.clamp_min(1e-12)
-        kl = (qK * (lq - lpK)).sum(-1) + Q * (Qc.log() - P.log())
+        kl = (qK * (lq - lpK)).sum(-1) + torch.xlogy(Q, Q) - Q * logP
     else:  # renorm
         lq_n = lq - torch.logsumexp(lq, -1, keepdim=True)
         lp_n = lpK - torch.logsumexp(lpK, -1, keepdim=True)
@@ -134,8 +141,9 @@ def kd_rows(u, targets, ids, lq, Q, T, mode, w_ce=None, w_kd=None):
         return stats, None
     pT = lpT.exp_()  # reuse the buffer: (c, V) student p_T
     if mode == "tail":
-        G = pT * (w_kd * (1.0 - Q / P) / T)[:, None]  # the tail part for every id, corrected on the k ids below
-        G.scatter_add_(1, ids, (w_kd / T)[:, None] * (pT.gather(1, ids) * (Q / P)[:, None] - qK))
+        r = Q * torch.exp(-logP)  # Q / P
+        G = pT * (w_kd * (1.0 - r) / T)[:, None]  # the tail part for every id, corrected on the k ids below
+        G.scatter_add_(1, ids, (w_kd / T)[:, None] * (pT.gather(1, ids) * r[:, None] - qK))
     else:
         G = torch.zeros_like(pT)
         G.scatter_add_(1, ids, (w_kd / T)[:, None] * (lp_n.exp() - lq_n.exp()))
@@ -182,8 +190,8 @@ def dense_kd_loss(logits, targets, w_ce, w_kd, ids, lq, Q, T, mode):
     lpT = F.log_softmax(logits / T, -1)
     lpK = lpT.gather(1, ids)
     if mode == "tail":
-        P = (1 - lpK.exp().sum(-1)).clamp_min(1e-12)
-        kl = (lq.exp() * (lq - lpK)).sum(-1) + Q * (Q.clamp_min(1e-12).log() - P.log())
+        logP = torch.log((1 - lpK.exp().sum(-1)).clamp_min(1e-30))
+        kl = (lq.exp() * (lq - lpK)).sum(-1) + torch.xlogy(Q, Q) - Q * logP
     else:
         lq_n, lp_n = lq.log_softmax(-1), lpK.log_softmax(-1)
         kl = (lq_n.exp() * (lq_n - lp_n)).sum(-1)
@@ -301,7 +309,7 @@ def load_inputs(args):
         raise ValueError(f"{args.cache}: no tokenizer.json (the student is saved with the cache's tokenizer)")
     if args.kd_alpha > 0 and not cache.has_teacher:
         raise ValueError(f"{args.cache}: made with --teacher none, so --kd_alpha must be 0 (got {args.kd_alpha})")
-    weight, topo_fp = None, None
+    weight, topo_fp, win_fp = None, None, None
     if args.topology and not args.no_jumps:
         m = read_manifest(args.topology, "topology", needed_by="train.py")
         if m["upstream"]["cache"] != cache.fingerprint:
@@ -316,14 +324,14 @@ def load_inputs(args):
         if topo_fp and m["upstream"]["topology"] not in (None, topo_fp):
             raise ValueError(f"{args.windows}: was built from a different topology than {args.topology}: rebuild it")
         windows = np.load(os.path.join(args.windows, "windows.npy"))
-        phase = np.load(os.path.join(args.windows, "phase.npy"))
+        phase, win_fp = np.load(os.path.join(args.windows, "phase.npy")), m["fingerprint"]
         if len(windows) == 0:
             raise ValueError(f"{args.windows}/windows.npy: no windows")
     else:  # plain fixed-stride windows, no curriculum
         rows = [(d, *(a + x for x in w)) for d in range(cache.n_docs)
                 for a, b in [cache.doc_range(d)] for w in fixed_document(b - a, 512, 512)]
         windows, phase = np.array(rows, dtype=np.int64), np.zeros(len(rows), np.uint8)
-    return cache, weight, windows, phase
+    return cache, weight, windows, phase, dict(cache=cache.fingerprint, topology=topo_fp, windows=win_fp)
 
 
 def split_docs(n_docs, fraction, seed):
@@ -361,7 +369,8 @@ def configure_optimizer(model, lr, weight_decay):
 
 
 def save_checkpoint(folder, model, opt, state):
-    """Atomic: written into folder.tmp, then renamed over folder."""
+    """Atomic: written into folder.tmp (state.json last), the previous checkpoint moved to folder.old, the new one
+    renamed into place, then folder.old removed: at any kill, one complete checkpoint exists (find_checkpoint)."""
     from safetensors.torch import save_file
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -372,8 +381,24 @@ def save_checkpoint(folder, model, opt, state):
     torch.save(opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
     torch.save(dict(torch=torch.get_rng_state()), os.path.join(tmp, "rng.pt"))
     write_json(os.path.join(tmp, "state.json"), state)
-    shutil.rmtree(folder, ignore_errors=True)
+    old = folder + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(folder):
+        os.replace(folder, old)
     os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(folder):
+    """The newest complete checkpoint among folder, folder.tmp (finished but not yet moved) and folder.old."""
+    best = None
+    for f in [folder, folder + ".tmp", folder + ".old"]:
+        path = os.path.join(f, "state.json")
+        if os.path.isfile(path):
+            with open(path) as fh:
+                step = json.load(fh)["step"]
+            best = max(best or (step, f), (step, f))
+    return best[1] if best else None
 
 
 def load_checkpoint(folder, model, opt, fingerprint):
@@ -391,19 +416,21 @@ def load_checkpoint(folder, model, opt, fingerprint):
 
 
 def save_student(out, model, cache, args):
-    """The final student in Hugging Face layout, with the cache's tokenizer files and end tokens."""
+    """The final student in Hugging Face layout, with the cache's tokenizer files and end tokens (the tokenizer
+    first: save_pretrained writes config.json last, so a folder with config.json is whole)."""
     m = unwrap(model)
-    m.save_pretrained(out, dtype=DTYPES[args.save_dtype])  # the fp32 master weights, cast tensor by tensor
     for name in ["tokenizer.json", "tokenizer_config.json"]:
         src = os.path.join(cache.folder, name)
         if os.path.isfile(src):
-            shutil.copyfile(src, os.path.join(out, name))
+            shutil.copyfile(src, os.path.join(out, name + ".tmp"))
+            os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
     if not m.generation_config:  # a student from scratch: stop at the cache's end token and <|endoftext|>
         from tokenizers import Tokenizer
         tok = Tokenizer.from_file(cache.tokenizer_path)
         ends = [tok.token_to_id(t) for t in [cache.manifest.get("end_token"), "<|endoftext|>"] if t]
         ends = sorted({e for e in ends if e is not None})
-        write_json(os.path.join(out, "generation_config.json"), dict(eos_token_id=ends, pad_token_id=ends[-1]))
+        m.generation_config = dict(eos_token_id=ends, pad_token_id=ends[-1])
+    m.save_pretrained(out, dtype=DTYPES[args.save_dtype])  # the fp32 master weights, cast tensor by tensor
 
 
 # -----------------------------------------------------------------------------
@@ -417,13 +444,16 @@ def main(args):
         import torch.distributed as dist
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
+    if args.batch_size < 1 or args.grad_accum < 1 or args.loss_chunk < 1:
+        raise ValueError(f"--batch_size {args.batch_size}, --grad_accum {args.grad_accum} and --loss_chunk "
+                         f"{args.loss_chunk} must be positive")
     if args.grad_accum % world:
         raise ValueError(f"--grad_accum {args.grad_accum} must be divisible by the {world} processes")
     accum = args.grad_accum // world  # micro-batches per process: the global batch stays batch x grad_accum
     step_batch = args.batch_size * args.grad_accum
     master = rank == 0
 
-    cache, weight, windows, phase = load_inputs(args)
+    cache, weight, windows, phase, upstream = load_inputs(args)
     t_index = cache.temperature_index(args.temperature) if cache.has_teacher else 0
     stream = Stream(cache, None if weight is None else np.asarray(weight), windows, t_index)
     train_docs = split_docs(cache.n_docs, args.val_fraction, args.seed)
@@ -434,13 +464,14 @@ def main(args):
     pools = [train_w[phase[train_w] <= p] for p in range(4)] if not args.no_curriculum else [train_w] * 4
     pools = [p if len(p) else train_w for p in pools]
     total = args.max_steps or math.ceil(args.epochs * len(train_w) / step_batch)
+    schedule = draw_schedule(pools, total, step_batch, args.seed)
 
     model = build_student(args, cache, device)
     model.gradient_checkpointing = args.grad_ckpt
     opt = configure_optimizer(model, args.lr, args.weight_decay)
     settings = {k: v for k, v in vars(args).items() if k not in ("resume", "log_every", "eval_every", "ckpt_every",
                                                                   "device", "compile", "out", "force")}
-    fingerprint = sha256_json(dict(settings=settings, cache=cache.fingerprint, world_batch=step_batch))
+    fingerprint = sha256_json(dict(settings=settings, upstream=upstream, world_batch=step_batch))
     state = prepare_out(args.out, "student", fingerprint, args.force) if master else None
     if ddp:
         obj = [state]
@@ -454,13 +485,16 @@ def main(args):
         write_json(os.path.join(args.out, "manifest.json"), dict(phase="student", version=FORMAT_VERSION,
                    fingerprint=fingerprint, args=vars(args), complete=False))
     ckpt_dir = os.path.join(args.out, "ckpt")
-    start = 0
-    if args.resume and os.path.isdir(ckpt_dir):
-        start = load_checkpoint(ckpt_dir, model, opt, fingerprint)["step"]
+    found, start, first_eval = find_checkpoint(ckpt_dir), 0, None
+    if found and not args.resume:
+        raise ValueError(f"{found}: a checkpoint is there; pass --resume to continue it or remove it")
+    if found:
+        st = load_checkpoint(found, model, opt, fingerprint)
+        start, first_eval = st["step"], st.get("first_eval")
         if master:
-            print(f"resuming from {ckpt_dir} at step {start}/{total}")
-    elif os.path.isdir(ckpt_dir) and not args.resume:
-        raise ValueError(f"{ckpt_dir}: a checkpoint is there; pass --resume to continue it or remove it")
+            print(f"resuming from {found} at step {start}/{total}")
+    elif args.resume and master:
+        print(f"--resume: no checkpoint in {args.out}, starting from step 0")
     train_model = torch.compile(model) if args.compile else model
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -487,7 +521,8 @@ def main(args):
             print(f"eval step {step}: ce {ev['ce']:.4f}{kd} ({len(val_w)} held-out windows)", flush=True)
             return ev
 
-    first_eval = run_eval(start) if start == 0 else None
+    if start == 0:
+        first_eval = run_eval(0)
     t_start, tokens_done = time.time(), 0
     model.train()
     for step in range(start, total):
@@ -497,7 +532,7 @@ def main(args):
         lr = learning_rate(step, total, args.lr, args.min_lr, args.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
-        ws = step_windows(step, total, pools, step_batch, args.seed)
+        ws = schedule[step]
         micro = ws.reshape(args.grad_accum, args.batch_size)[rank * accum:(rank + 1) * accum]
         n_norm = stream.count(ws)  # trainable rows of the whole step, on every process
         sums, ntok, objective = torch.zeros(5, dtype=torch.float64), 0, 0.0
@@ -514,16 +549,19 @@ def main(args):
             ntok += batch["ntok"]
             objective += loss.item()
         part = torch.cat([sums, torch.tensor([ntok, objective], dtype=torch.float64)])
-        if ddp:
+        if ddp:  # NCCL reduces device tensors only
+            part = part.to(device)
             dist.all_reduce(part)
+            part = part.cpu()
         ce, kl, n = part[0].item(), part[1].item(), max(part[4].item(), 1)
         step_loss = part[6].item()  # the objective: weighted, divided by the step's trainable rows
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
         if not math.isfinite(gnorm) or not math.isfinite(ce) or not math.isfinite(kl):
             opt.zero_grad(set_to_none=True)
             if master:
-                save_checkpoint(ckpt_dir, model, opt, dict(step=step, fingerprint=fingerprint, total=total))
-            raise RuntimeError(f"non-finite loss at step {step}: ce sum {ce}, kl sum {kl}, grad norm {gnorm} "
+                save_checkpoint(ckpt_dir, model, opt, dict(step=step, fingerprint=fingerprint, total=total,
+                                                           first_eval=first_eval))
+            raise ValueError(f"non-finite loss at step {step}: ce sum {ce}, kl sum {kl}, grad norm {gnorm} "
                                f"(alpha {alpha:.3f}, lr {lr:.3g}); weights before this step saved in {ckpt_dir}")
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -542,16 +580,18 @@ def main(args):
         if args.eval_every > 0 and (step + 1) % args.eval_every == 0 and step + 1 < total:
             run_eval(step + 1)
         if master and args.ckpt_every > 0 and (step + 1) % args.ckpt_every == 0 and step + 1 < total:
-            save_checkpoint(ckpt_dir, model, opt, dict(step=step + 1, fingerprint=fingerprint, total=total))
+            save_checkpoint(ckpt_dir, model, opt, dict(step=step + 1, fingerprint=fingerprint, total=total,
+                                                       first_eval=first_eval))
     last_eval = run_eval(total)
     if master:
         save_student(args.out, model, cache, args)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)  # the run is complete: the student supersedes it
         log.close()
         write_json(os.path.join(args.out, "manifest.json"), dict(
             phase="student", version=FORMAT_VERSION, fingerprint=fingerprint, args=vars(args),
-            upstream=dict(cache=cache.fingerprint), steps=total, tokens=tokens_done, first_eval=first_eval,
+            upstream=upstream, steps=total, tokens=tokens_done, first_eval=first_eval,
             last_eval=last_eval, complete=True))
+        for f in [ckpt_dir, ckpt_dir + ".tmp", ckpt_dir + ".old"]:  # the run is complete: the student supersedes it
+            shutil.rmtree(f, ignore_errors=True)
         held = ""
         if first_eval and last_eval:
             held = "; held-out " + ", ".join(f"{k.upper()} {first_eval[k]:.4f} -> {last_eval[k]:.4f}"
@@ -592,7 +632,8 @@ def get_parser():
     p.add_argument("--grad_accum", type=int, default=16, help="micro-batches per optimizer step, all processes "
                    "together (card: 16, so 32 windows per step)")
     # run length, ablations, mechanics
-    p.add_argument("--epochs", type=float, default=1.0, help="passes over the training windows (sets the steps)")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the training windows; with the curriculum "
+                   "one epoch draws every window once, easiest first (sets the steps)")
     p.add_argument("--max_steps", type=int, default=0, help="optimizer steps (0: from --epochs)")
     p.add_argument("--kd_mode", choices=["tail", "renorm"], default="tail", help="KL over top-k + tail bucket, or "
                    "over the renormalised top-k (ablation)")

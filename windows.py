@@ -7,7 +7,8 @@ Each document is cut into windows of at most 512 tokens at calm places instead o
   the overlap [e - o, e) is context only, so every trainable row is trained exactly once per epoch.
 Windows never cross a document boundary, and a document of at most 512 tokens is one window.
 Difficulty of a window = its discrepancy-energy density (0.5 sum disc^2 / length) plus its gap-energy density
-(the drift channel G = TV - J - A of topology.py over the window, / length); lower is easier. The curriculum
+(the drift channel G = TV - J - A of topology.py summed over the window's 64-token blocks, / length); lower is
+easier. The curriculum
 has four phases of equal optimizer steps drawing from the easiest 30%, 55%, 80% and 100% of the windows.
 
 A window (doc, start, loss_start, end) feeds tokens [start, end) to the student and trains rows
@@ -85,20 +86,23 @@ def fixed_document(n, window=512, stride=512):
         s, loss_start = s + stride, e
 
 
-def window_difficulty(delta, jump, valid, disc, windows, width=512):
+def window_difficulty(delta, jump, valid, disc, windows, width=512, block=64):
     """Discrepancy-energy density + gap-energy density of each window [start, end) of the stream.
 
-    windows (W, 4) stream rows; the stream arrays (N,). Each window is laid out as one padded block of
-    `width` rows so topology.block_channels computes its channels; densities divide by the real length.
+    windows (W, 4) stream rows; the stream arrays (N,). Each window is laid out as `width` padded rows and cut
+    into 64-token blocks (the card's gap-energy window); topology.block_channels gives each block's drift G and
+    energy; a window's densities are their sums over its blocks divided by its real length.
     """
     W = len(windows)
+    width = -(-width // block) * block
     idx = windows[:, 1, None] + np.arange(width)[None, :]  # (W, width) rows
     inside = idx < windows[:, 3, None]
     idx = np.where(inside, idx, 0)
     ch = block_channels(np.where(inside, delta[idx], 0).ravel(), (jump[idx] & inside).ravel(),
-                        (valid[idx] & inside).ravel(), np.where(inside, disc[idx], 0).ravel(), block=width)
+                        (valid[idx] & inside).ravel(), np.where(inside, disc[idx], 0).ravel(), block=block)
+    per_window = lambda c: ch[c].astype(np.float64).reshape(W, -1).sum(1)
     length = (windows[:, 3] - windows[:, 1]).astype(np.float64)
-    return ((ch["edisc"] + ch["drift"]) / length).astype(np.float32)
+    return ((per_window("edisc") + per_window("drift")) / length).astype(np.float32)
 
 
 def curriculum_phases(difficulty, pools=POOLS):
@@ -126,7 +130,7 @@ def main(args):
     if args.topology is None and not args.fixed_stride:
         raise ValueError("--topology is needed (or --fixed_stride for the plain-KD ablation)")
     topo_m, topo = load_topology(args.topology, args.cache) if args.topology else (None, None)
-    if not 0 < args.stride <= args.window:
+    if args.fixed_stride and not 0 < args.stride <= args.window:
         raise ValueError(f"--stride {args.stride}: must be in (0, --window {args.window}] (no row may be skipped)")
     if not (0 < args.min_cut <= args.window) or not (0 < args.overlap_min <= args.overlap_max < args.min_cut):
         raise ValueError(f"need 0 < overlap_min <= overlap_max < min_cut <= window, got {args.overlap_min}, "

@@ -262,6 +262,9 @@ def test_bad_inputs(tmp_path, tiny_teacher, demo_tokenizer):
         (rec + "\n" + json.dumps({"question": "Q?", "response": "R."}) + "\n", r"bad.jsonl:2: record has no field 'CoT'"),
         ("", r"bad.jsonl: no records \(empty file\)"),
         (json.dumps({"question": "  ", "CoT": "A.", "response": "R."}) + "\n", r"bad.jsonl:1: field 'question' is empty"),
+        (json.dumps({"question": "Q", "explore": "A.", "examine": None, "response": "R."}) + "\n" +
+         json.dumps({"question": "Q", "explore": "A.", "examine": 3, "response": "R."}) + "\n",
+         r"bad.jsonl:2: field 'examine' is not text"),
     ]
     import re
     for content, msg in cases:
@@ -288,3 +291,21 @@ def test_tokenizer_beyond_teacher_vocab(tmp_path, demo_tokenizer):
     small = make_teacher(tmp_path / "small", vocab_size=512)
     r = bad(tmp_path, small, demo_tokenizer, json.dumps({"question": "Q?", "CoT": "A.", "response": "R."}) + "\n")
     assert r.returncode != 0 and "beyond the teacher's vocabulary of 512" in r.stderr
+
+
+def test_parquet_records(tmp_path, demo_tokenizer, monkeypatch):
+    """Parquet files (the 0xZee datasets' format) read like JSONL; without pyarrow, a clear install hint."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import cache_teacher
+    recs = [json.loads(l) for l in open(DATA).readlines()[:3]]
+    pq.write_table(pa.Table.from_pylist([{k: r[k] for k in ("question", "CoT", "response")} for r in recs]),
+                   tmp_path / "train-00000-of-00001.parquet")
+    got = list(cache_teacher.read_records(str(tmp_path / "train-00000-of-00001.parquet")))
+    assert [w for w, _ in got][-1].endswith(":row 2") and got[1][1]["question"] == recs[1]["question"]
+    run_script("cache_teacher.py", "--data", tmp_path / "train-00000-of-00001.parquet", "--teacher", "none",
+               "--tokenizer", demo_tokenizer, "--out", tmp_path / "c")
+    assert TeacherCache(str(tmp_path / "c")).n_docs == 3
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # as if pyarrow were not installed
+    with pytest.raises(ValueError, match="pip install pyarrow"):
+        list(cache_teacher.read_records(str(tmp_path / "train-00000-of-00001.parquet")))

@@ -149,6 +149,7 @@ def test_cli_bad_inputs(tmp_path, model_dir):
         assert r.returncode != 0 and match in r.stderr, r.stderr[-800:]
 
     fails("--model", tmp_path / "missing", "--prompt", "q", match="not a model folder")
+    fails("--model", model_dir, "--prompt_file", tmp_path / "nope.txt", match="no such file")
     fails("--model", model_dir, "--prompt", "   ", match="prompt 1 is empty")
     fails("--model", model_dir, "--prompt", "word " * 5000, match="does not fit the context of 4096")
     fails("--model", model_dir, "--prompt", "q", "--max_new_tokens", "5000", match="exceeds the context of 4096")

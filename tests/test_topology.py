@@ -12,10 +12,10 @@ from topology import (BLOCK, block_channels, deltas, discrepancy, doc_last_rows,
                       tv_consecutive)
 
 
-def analyse(f, doc_len):
-    """The pass of topology.py on an in-memory signal: delta, disc, jumps, weights, block channels."""
+def analyse(f, doc_len=None, offsets=None):
+    """The pass of topology.py on an in-memory signal, in one piece: delta, disc, jumps, weights, block channels."""
     n = len(f)
-    offsets = np.append(np.arange(0, n, doc_len), n)
+    offsets = np.append(np.arange(0, n, doc_len), n) if offsets is None else np.asarray(offsets)
     last = doc_last_rows(offsets, 0, n)
     d = deltas(f, last)
     disc = discrepancy(f, last)
@@ -186,18 +186,21 @@ def topo(tiny_topology):
 
 
 def test_pass_outputs_and_report(topo, tiny_cache):
-    """Files, dtypes, the chunked pass equal to the in-memory one, and the report's evidence table."""
+    """Files, dtypes, the chunked multi-threaded pass equal to the one-piece computation, and the report."""
     cache = TeacherCache(tiny_cache)
     N = len(cache)
     load = lambda n: np.load(os.path.join(topo, n + ".npy"))
     f, delta, disc, jump, weight = (load(n) for n in ["f", "delta", "disc", "jump", "weight"])
     assert f.dtype == np.float32 and jump.dtype == bool and weight.dtype == np.float32 and len(f) == N
     assert np.array_equal(f, np.asarray(cache.arrays["entropy"]))
-    r = analyse(f, doc_len=N)  # one-shot reference, documents from the cache
-    last = doc_last_rows(cache.doc_offsets, 0, N)
-    assert np.array_equal(delta, deltas(f, last)) and np.allclose(disc, discrepancy(f, last), atol=1e-6)
-    assert delta[last].max() == 0 and not jump[last].any()
-    assert len(load("block_tv")) == -(-N // 64)
+    r = analyse(f, offsets=cache.doc_offsets)
+    assert np.array_equal(delta, r["delta"]) and np.allclose(disc, r["disc"], atol=1e-6)
+    assert np.array_equal(jump, r["jump"]) and np.array_equal(weight, r["weight"]) and jump.sum() > 10
+    m = json.load(open(os.path.join(topo, "manifest.json")))
+    assert m["threshold"] == pytest.approx(r["thr"], rel=1e-6)
+    for c in ["tv", "jump", "smooth", "drift", "gap_density", "edisc"]:
+        assert np.allclose(load("block_" + c), r["blocks"][c], rtol=1e-5, atol=1e-6), c
+    assert delta[r["last"]].max() == 0 and not jump[r["last"]].any()
     rep = json.load(open(os.path.join(topo, "report.json")))
     assert set(rep["signals"]) == {"entropy", "surprisal", "tv"}
     for s in rep["signals"].values():
@@ -205,9 +208,20 @@ def test_pass_outputs_and_report(topo, tiny_cache):
     assert rep["jumps"] == int(jump.sum()) and 0 < rep["tail_mass"]["T=2"]["mean"] < 1
     html = open(os.path.join(topo, "report.html"), encoding="utf-8").read()
     assert html.count("<span") > 100 and "<svg" in html and "http" not in html  # self-contained
-    m = json.load(open(os.path.join(topo, "manifest.json")))
     assert m["complete"] and m["upstream"]["cache"] == cache.fingerprint
-    assert r is not None
+
+
+def test_chunked_pass_equals_one_piece_with_small_chunks(tmp_path, tiny_cache, topo):
+    """Chunks of ~600 rows (many chunk borders, some inside 64-token blocks' neighbourhoods) change nothing."""
+    out = tmp_path / "small_chunks"
+    run_script("topology.py", "--cache", tiny_cache, "--out", out, "--chunk", "600", "--threads", "2")
+    for n in ["delta", "disc", "jump", "weight", "block_drift", "block_smooth"]:
+        assert np.array_equal(np.load(out / f"{n}.npy"), np.load(os.path.join(topo, n + ".npy"))), n
+
+
+def test_bad_settings_are_refused(tmp_path, tiny_cache):
+    r = run_script("topology.py", "--cache", tiny_cache, "--out", tmp_path / "o", "--K", "0", check=False)
+    assert r.returncode != 0 and "--K 0 must be >= 1" in r.stderr
 
 
 def test_signals_tv_and_surprisal_run(tmp_path, tiny_cache):

@@ -14,8 +14,8 @@ import torch
 
 from cache_teacher import TeacherCache, topk_stats
 from conftest import ROOT, run_script
-from train import (ChunkedKDLoss, Stream, curriculum_phase, kd_alpha, learning_rate, micro_step, proof_weight,
-                   step_windows, teacher_log_q)
+from train import (ChunkedKDLoss, Stream, curriculum_phase, draw_schedule, find_checkpoint, kd_alpha, learning_rate,
+                   micro_step, proof_weight, teacher_log_q)
 from model import Qwen3, Qwen3Config
 
 # --- the loss against a dense reference built from full distributions -----------------------------------------
@@ -112,15 +112,21 @@ def test_schedules_at_breakpoints():
     assert [curriculum_phase(s, 8) for s in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
-def test_curriculum_sampler_draws_from_nested_pools():
-    pools = [np.arange(3), np.arange(6), np.arange(8), np.arange(10)]
-    total = 8
-    seen = [step_windows(s, total, pools, 4, seed=0) for s in range(total)]
-    for s, ws in enumerate(seen):
-        assert set(ws) <= set(pools[curriculum_phase(s, total)])
-    assert np.array_equal(step_windows(5, total, pools, 4, 0), seen[5])  # a pure function of the step
-    first_pass = np.concatenate(seen[4:6])[:8]  # phase 2: one shuffle of its pool before any repeat
-    assert sorted(first_pass) == list(range(8))
+def test_curriculum_schedule_one_epoch_draws_each_window_once():
+    """Each phase draws only from its pool; over one epoch every window is drawn exactly once, easiest first."""
+    W, batch = 320, 8
+    pools = [np.arange(int(f * W)) for f in (0.30, 0.55, 0.80, 1.00)]  # window ids ordered by difficulty
+    total = W // batch
+    sched = draw_schedule(pools, total, batch, seed=0)
+    assert sched.shape == (total, batch)
+    for s in range(total):
+        assert set(sched[s]) <= set(pools[curriculum_phase(s, total)])
+    assert sorted(sched.ravel()) == list(range(W))  # one epoch: all windows, once
+    assert np.array_equal(draw_schedule(pools, total, batch, seed=0), sched)  # a pure function (resume, ranks)
+    assert not np.array_equal(draw_schedule(pools, total, batch, seed=1), sched)
+    two = draw_schedule(pools, 2 * total, batch, seed=0)  # two epochs: every window at least once, easy ones
+    counts = np.bincount(two.ravel(), minlength=W)  # more often (the phases are equal in steps, not in pools)
+    assert counts.min() >= 1 and counts[:96].mean() > counts[-64:].mean()
 
 
 # --- micro-batches on the real pipeline --------------------------------------------------------------------------
@@ -141,6 +147,33 @@ def test_rows_exclude_prompt_and_document_end(stream):
         assert cache.doc_range(d)[1] - 1 not in rows
     first = stream.rows_of(0)
     assert cache.roles[first[0]] == 0 and cache.roles[first[0] + 1] == 1  # the first target opens <explore>
+
+
+def test_micro_step_matches_dense_reference(stream, student_config):
+    """micro_step composes proof weight x jump weight, alpha, T^2 and the row count exactly as DESIGN.md says:
+    its loss and gradients equal a dense full-vocabulary reference on the same micro-batch."""
+    model = Qwen3(Qwen3Config.from_json(student_config)).init_weights(0)
+    batch = stream.batch([0, 5], torch.device("cpu"))
+    batch["jump_w"] = torch.where(torch.rand(len(batch["sel"]), generator=torch.Generator().manual_seed(0)) < 0.2,
+                                  1.25, 1.0)
+    assert batch["reasoning"].any() and not batch["reasoning"].all() and (batch["jump_w"] > 1).any()
+    alpha, w_proof, T, n = 0.3, 1.7, 2.0, 500.0
+    loss, _ = micro_step(model, batch, alpha, w_proof, T, 1, "tail", n, 64)
+    g = torch.autograd.grad(loss, list(model.parameters()))
+    logits = model(batch["idx"]).flatten(0, 1)[batch["sel"]].double()
+    m = torch.where(batch["reasoning"], w_proof, 1.0) * batch["jump_w"]
+    lq, Q = teacher_log_q(batch["lp"], batch["lse"], 1, T)
+    lpT = torch.log_softmax(logits / T, -1)
+    pK = lpT.gather(1, batch["ids"]).exp()
+    qb = torch.cat([lq.exp(), Q[:, None]], 1).double()
+    pb = torch.cat([pK, 1 - pK.sum(-1, keepdim=True)], 1)
+    kl = (torch.xlogy(qb, qb) - qb * pb.log()).sum(-1)
+    ce = torch.nn.functional.cross_entropy(logits, batch["targets"], reduction="none")
+    ref = (m * ((1 - alpha) * ce + alpha * T * T * kl)).sum() / n
+    g_ref = torch.autograd.grad(ref, list(model.parameters()))
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    for a, b in zip(g, g_ref):
+        assert torch.allclose(a, b.float(), rtol=1e-3, atol=1e-7)
 
 
 def test_grad_accumulation_equals_one_big_batch(stream, student_config):
@@ -240,9 +273,26 @@ def test_kill_and_resume_gives_identical_weights(tmp_path, tiny_cache, tiny_topo
     assert json.load(open(out / "ckpt" / "state.json"))["step"] == 6
     r = run_script("train.py", *base(out), check=False)
     assert r.returncode != 0 and "--resume" in r.stderr  # an existing checkpoint is never silently overwritten
-    run_script("train.py", *base(out), "--resume")
+    r = run_script("train.py", *base(out), "--resume")
     a, b = final_weights(tmp_path / "straight"), final_weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    m1, m2 = (json.load(open(f / "manifest.json")) for f in [tmp_path / "straight", out])
+    assert m2["first_eval"] == m1["first_eval"] and "held-out KL" in r.stdout  # the step-0 evaluation survives
+    assert not (out / "ckpt").exists()
+
+
+def test_checkpoint_survives_a_kill_during_the_swap(tmp_path):
+    """save_checkpoint moves the old checkpoint aside before renaming the new one in: whichever moment a kill
+    hits, find_checkpoint returns the newest complete one."""
+    ck = str(tmp_path / "ckpt")
+    write = lambda f, step: (os.makedirs(f), open(os.path.join(f, "state.json"), "w").write(json.dumps(dict(step=step))))
+    assert find_checkpoint(ck) is None
+    write(ck + ".old", 6)
+    write(ck + ".tmp", 12)  # killed after moving the old one aside, before renaming the new one
+    assert find_checkpoint(ck) == ck + ".tmp"
+    shutil.rmtree(ck + ".tmp")
+    os.makedirs(ck + ".tmp")  # an unfinished new checkpoint (no state.json) is ignored
+    assert find_checkpoint(ck) == ck + ".old"
 
 
 def test_torchrun_two_processes_same_losses(tmp_path, tiny_cache, tiny_topology, tiny_windows, student_config):
@@ -305,6 +355,7 @@ def test_bad_inputs(tmp_path, tiny_cache, tiny_topology, tiny_windows, student_c
     shutil.copytree(tiny_windows, empty)
     np.save(empty / "windows.npy", np.zeros((0, 4), np.int64))
     fails(*good(windows=empty), match="no windows")
+    fails(*good(), "--grad_accum", "0", match="must be positive")
     # a cache without its tokenizer
     notok = tmp_path / "notok"
     shutil.copytree(tiny_cache, notok)

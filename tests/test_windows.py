@@ -8,7 +8,8 @@ import pytest
 
 from cache_teacher import TeacherCache
 from conftest import DATA, run_script
-from windows import curriculum_phases, cut_document, fixed_document, smooth3
+from topology import block_channels
+from windows import curriculum_phases, cut_document, fixed_document, smooth3, window_difficulty
 
 
 def check_windows(windows, cache, jump=None, window=512):
@@ -53,6 +54,40 @@ def test_curriculum_pools_nested_and_ordered(built):
         assert set(pools[p]) <= set(pools[p + 1])
         assert diff[pools[p]].max() <= diff[np.setdiff1d(pools[p + 1], pools[p])].min()  # easiest first
     assert (diff > 0).all()
+
+
+def test_difficulty_matches_brute_force(built, tiny_cache):
+    """Each window's difficulty: 0.5 sum disc^2 / length + drift summed over its 64-token blocks / length."""
+    cache = TeacherCache(tiny_cache)
+    topo = {n: np.load(built / "topology" / f"{n}.npy") for n in ["delta", "jump", "disc"]}
+    valid = np.ones(len(cache), bool)
+    valid[np.asarray(cache.doc_offsets[1:]) - 1] = False
+    w = np.load(built / "windows" / "windows.npy")
+    got = window_difficulty(topo["delta"], topo["jump"], valid, topo["disc"], w)
+    assert np.allclose(got, np.load(built / "windows" / "difficulty.npy"))
+    for i in [0, 3, len(w) - 1]:
+        _, s, _, e = w[i]
+        G = 0.0
+        for a in range(s, e, 64):
+            b = min(a + 64, e)
+            pad = 64 - (b - a)
+            P = lambda x, v: np.concatenate([x[a:b], np.full(pad, v, dtype=x.dtype)])
+            G += block_channels(P(topo["delta"], 0), P(topo["jump"], False), P(valid, False), P(topo["disc"], 0))["drift"][0]
+        ref = (0.5 * (topo["disc"][s:e].astype(np.float64) ** 2).sum() + G) / (e - s)
+        assert got[i] == pytest.approx(ref, rel=1e-5)
+
+
+def test_other_window_sizes(tmp_path, tiny_cache, built):
+    """--window 256 (with its own cut range and overlaps) works without --fixed_stride, and keeps the invariants."""
+    run_script("windows.py", "--cache", tiny_cache, "--topology", built / "topology", "--out", tmp_path / "w256",
+               "--window", "256", "--min_cut", "192", "--overlap_min", "16", "--overlap_max", "64")
+    w = np.load(tmp_path / "w256" / "windows.npy")
+    cache = TeacherCache(tiny_cache)
+    covered = np.zeros(len(cache), int)
+    for d, s, l, e in w:
+        covered[l:e] += 1
+        assert e - s <= 256 and (l == s or 16 <= l - s <= 64)
+    assert (covered == 1).all()
 
 
 def test_cut_document_synthetic():
