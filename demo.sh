@@ -19,7 +19,7 @@ OUT=${OUT:-out/demo}
 PY=${PYTHON:-python}
 N_SYNTH=${N_SYNTH:-1500}            # generated records, on top of the 32 hand-written ones
 TEACHER_STEPS=${TEACHER_STEPS:-90}    # optimizer steps of 32 windows for the tiny teacher
-STUDENT_STEPS=${STUDENT_STEPS:-150}  # ... and for the student
+STUDENT_STEPS=${STUDENT_STEPS:-220} # ... and for the student
 MAX_NEW=${MAX_NEW:-400}              # tokens the student may generate at the end
 DATA="data/physics_cot.jsonl $OUT/data/synth.jsonl"
 SCRATCH="--lr 3e-3 --min_lr 3e-4 --warmup 10 --dtype float32 --save_dtype float32 --device cpu --log_every 25"
@@ -56,19 +56,23 @@ $PY train.py --init scratch --config data/student_config.json --cache "$OUT/cach
   --windows "$OUT/windows" --max_steps "$STUDENT_STEPS" --eval_every 50 --ckpt_every 50 $SCRATCH \
   --out "$OUT/student" $( [ -d "$OUT/student/ckpt" ] && echo --resume )
 
-say "9/9 the student answers a held-out style question in the DualMind format (generate.py --check)"
-set +e
-$PY generate.py --model "$OUT/student" --prompt "A simple pendulum is 1.5 m long. What is its period for small \
-oscillations, with g = 9.81 m/s^2?" --temperature 0 --repetition_penalty 1.0 --max_new_tokens "$MAX_NEW" \
-  --check --enforce --dtype float32 --device cpu 2> "$OUT/generate.err"
-check=$?
-set -e
-cat "$OUT/generate.err"
+say "9/9 the student answers four new questions, one per domain, in the DualMind format (generate.py --check)"
+cat > "$OUT/prompts.jsonl" <<'EOF'
+{"prompt": "A simple pendulum is 1.5 m long. What is its period for small oscillations, with g = 9.81 m/s^2?"}
+{"prompt": "A ball is launched at 20 m/s at 45 degrees above level ground. Neglecting air resistance and taking g = 9.81 m/s^2, find its range."}
+{"prompt": "A capacitor of 2 uF is charged to 12 V. How much energy does it store?"}
+{"prompt": "What is the Schwarzschild radius of a 3 solar-mass black hole?"}
+EOF
+GEN="--temperature 0 --repetition_penalty 1.0 --max_new_tokens $MAX_NEW --dtype float32 --device cpu"
+$PY generate.py --model "$OUT/student" --prompt "$(head -1 "$OUT/prompts.jsonl" | cut -d'"' -f4)" --check $GEN 2>&1
+for who in student teacher; do
+  $PY generate.py --model "$OUT/$who" --prompts_jsonl "$OUT/prompts.jsonl" $GEN > "$OUT/answers_$who.jsonl" 2>/dev/null
+done
 
 say "summary"
-$PY - "$OUT" "$check" <<'EOF'
+$PY - "$OUT" <<'EOF'
 import json, sys
-out, check = sys.argv[1], int(sys.argv[2])
+out = sys.argv[1]
 m = json.load(open(f"{out}/student/manifest.json"))
 a, b = m["first_eval"], m["last_eval"]
 if a and b:
@@ -77,9 +81,12 @@ if a and b:
           f"{b['top1']:.3f}")
 else:
     print(f"student held-out evaluations missing (first {a}, last {b}): see {out}/student/train_log.jsonl")
-print("DualMind layout in the student's answer: " + ("learned (explore, examine and response in order; the layout, "
-      "not the physics: the arithmetic of a 0.7M-parameter student is not to be trusted)" if check == 0
-      else "NOT learned in this budget (see the check above): the tiny student did not produce all three blocks "
-           "in order"))
+ok = {who: [json.loads(l)["check"]["ok"] for l in open(f"{out}/answers_{who}.jsonl")] for who in ["student", "teacher"]}
+s, t, n = sum(ok["student"]), sum(ok["teacher"]), len(ok["student"])
+print(f"DualMind layout (explore, examine, response, in order) in greedy answers to {n} new questions: "
+      f"student {s} of {n}, teacher {t} of {n}")
+print("the student " + ("learned the layout" if s == n else "has NOT fully learned the layout in this budget"
+      if s else "did NOT learn the layout in this budget") + "; the layout, not the physics: the arithmetic of "
+      "a 0.7M-parameter student is not to be trusted")
 EOF
 echo "demo finished in $(( $(date +%s) - start ))s; outputs in $OUT (open $OUT/windows/report.html in a browser)"

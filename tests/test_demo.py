@@ -21,6 +21,8 @@ def test_scaled_down_demo(tmp_path):
         assert (out / "student" / f).exists()
     assert "student held-out KL to the teacher" in r.stdout and "DualMind layout" in r.stdout
     assert "DualMind check:" in r.stdout  # the generation step ran and reported
+    for who in ["student", "teacher"]:
+        assert len(open(out / f"answers_{who}.jsonl").readlines()) == 4
     # a second run finds every phase complete and redoes nothing
     r2 = subprocess.run(["bash", os.path.join(ROOT, "demo.sh")], capture_output=True, text=True, env=env, timeout=600)
     assert r2.returncode == 0 and r2.stdout.count("nothing to do") == 6 and r2.stdout.splitlines().count("already there") == 2
