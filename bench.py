@@ -256,16 +256,13 @@ def synthetic_cache(folder, N, doc_len=2500, k=64, vocab=151936, seed=0):
 
 
 def bench_topology(args):
-    import types
     import topology
     N = 2_000_000
     folder = synthetic_cache(os.path.join(args.work, "synthetic_cache"), N)
     rows = []
     for sig, target in [("entropy", 5_000_000), ("tv", 500_000)]:
-        a = types.SimpleNamespace(cache=folder, out=os.path.join(args.work, f"topology_{sig}"), signal=sig, K=8,
-                                  sigma=3.0, amplify=1.25, chunk=1 << 16, threads=os.cpu_count() or 1,
-                                  report_positions=32_768, force=True,
-                                  log_every=1e9)
+        a = topology.get_parser().parse_args(["--cache", folder, "--out", os.path.join(args.work, f"topology_{sig}"),
+                                              "--signal", sig, "--force", "--log_every", "1e9"])
         t0 = time.perf_counter()
         topology.main(a)
         rate = N / (time.perf_counter() - t0)

@@ -693,7 +693,7 @@ def cache_batches(model, tokens, doc_offsets, batches, arrays, k, temps, chunk, 
         if on_done:
             on_done(b, r)
 
-if __name__ == "__main__":
+def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", nargs="+", required=True, help="JSONL/parquet files or Hub dataset ids, in order")
     p.add_argument("--teacher", required=True, help="teacher folder or Hub id, or 'none' for tokens and roles only")
@@ -716,7 +716,11 @@ if __name__ == "__main__":
     p.add_argument("--examine_field", default="examine", help="the examine block of such records")
     p.add_argument("--force", action="store_true", help="delete --out and start over")
     p.add_argument("--log_every", type=float, default=10.0, help="seconds between progress lines")
+    return p
+
+
+if __name__ == "__main__":
     try:
-        main(p.parse_args())
+        main(get_parser().parse_args())
     except ValueError as e:
         sys.exit(f"cache_teacher.py: error: {e}")

@@ -432,7 +432,7 @@ orange examine, green response){'; green bars = window cuts' if cuts is not None
     os.replace(tmp, path)
 
 
-if __name__ == "__main__":
+def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", default="out/cache", help="cache_teacher.py output folder")
     p.add_argument("--out", default="out/topology", help="output folder")
@@ -446,7 +446,11 @@ if __name__ == "__main__":
                    "three-signal comparison (stretches of 512 in random documents) and for the tail-mass table")
     p.add_argument("--force", action="store_true", help="delete --out and start over")
     p.add_argument("--log_every", type=float, default=10.0, help="seconds between progress lines")
+    return p
+
+
+if __name__ == "__main__":
     try:
-        main(p.parse_args())
+        main(get_parser().parse_args())
     except ValueError as e:
         sys.exit(f"topology.py: error: {e}")

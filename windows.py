@@ -187,7 +187,7 @@ def main(args):
           f"{forced} forced cuts -> {args.out}")
 
 
-if __name__ == "__main__":
+def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", default="out/cache", help="cache_teacher.py output folder")
     p.add_argument("--topology", default=None, help="topology.py output folder (not needed with --fixed_stride)")
@@ -199,7 +199,11 @@ if __name__ == "__main__":
     p.add_argument("--fixed_stride", action="store_true", help="plain-KD ablation: fixed-stride windows, no topology")
     p.add_argument("--stride", type=int, default=512, help="stride of --fixed_stride windows, tokens")
     p.add_argument("--force", action="store_true", help="delete --out and start over")
+    return p
+
+
+if __name__ == "__main__":
     try:
-        main(p.parse_args())
+        main(get_parser().parse_args())
     except ValueError as e:
         sys.exit(f"windows.py: error: {e}")

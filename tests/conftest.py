@@ -137,3 +137,8 @@ def student_config(tmp_path_factory):
     p = tmp_path_factory.mktemp("cfg") / "student.json"
     p.write_text(json.dumps(STUDENT_CFG))
     return str(p)
+
+
+def run_main(module, *args):
+    """A script's main() in this process, with its own argument parser (fast: no interpreter start-up)."""
+    return module.main(module.get_parser().parse_args([str(a) for a in args]))

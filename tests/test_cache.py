@@ -13,7 +13,7 @@ import torch
 
 from cache_teacher import (ROLES, TeacherCache, dualmind_text, is_trigger, pack_ids18, split_cot, split_sentences,
                            tail_mass, token_roles, unpack_ids18)
-from conftest import DATA, ROOT, SHARED_TOKENIZER, make_teacher, run_script
+from conftest import DATA, ROOT, SHARED_TOKENIZER, make_teacher, run_main, run_script
 from model import Qwen3
 
 
@@ -248,14 +248,16 @@ def test_teacher_none_and_hub_dataset(tmp_path, demo_tokenizer):
 # --- bad input -------------------------------------------------------------------------------------------
 
 def bad(tmp_path, teacher, tokenizer, content, *extra, name="bad.jsonl"):
+    """cache_teacher.main on a data file with `content`, in this process."""
+    import cache_teacher
     p = tmp_path / name
     p.write_text(content)
-    r = run_script("cache_teacher.py", "--data", p, "--teacher", teacher, "--tokenizer", tokenizer, "--out",
-                   tmp_path / "o", "--dtype", "float32", "--device", "cpu", *extra, check=False)
-    return r
+    return run_main(cache_teacher, "--data", p, "--teacher", teacher, "--tokenizer", tokenizer, "--out", tmp_path / "o",
+                    "--dtype", "float32", "--device", "cpu", *extra)
 
 
 def test_bad_inputs(tmp_path, tiny_teacher, demo_tokenizer):
+    """Each a ValueError naming the file and line (or record), and from the shell a non-zero exit."""
     rec = json.dumps({"question": "Q?", "CoT": "A. B.", "response": "R."})
     cases = [
         (rec + "\n{not json\n", r"bad.jsonl:2: invalid JSON"),
@@ -266,31 +268,35 @@ def test_bad_inputs(tmp_path, tiny_teacher, demo_tokenizer):
          json.dumps({"question": "Q", "explore": "A.", "examine": 3, "response": "R."}) + "\n",
          r"bad.jsonl:2: field 'examine' is not text"),
     ]
-    import re
     for content, msg in cases:
-        r = bad(tmp_path, tiny_teacher, demo_tokenizer, content)
-        assert r.returncode != 0 and re.search(msg, r.stderr), (msg, r.stderr[-500:])
+        with pytest.raises(ValueError, match=msg):
+            bad(tmp_path, tiny_teacher, demo_tokenizer, content)
+    p = tmp_path / "shell.jsonl"
+    p.write_text(rec + "\n{not json\n")
+    r = run_script("cache_teacher.py", "--data", p, "--teacher", tiny_teacher, "--tokenizer", demo_tokenizer,
+                   "--out", tmp_path / "o2", check=False)
+    assert r.returncode != 0 and r.stderr.startswith("cache_teacher.py: error:") and "shell.jsonl:2" in r.stderr
 
 
-def test_too_long_documents(tmp_path, tiny_teacher, demo_tokenizer):
+def test_too_long_documents(tmp_path, tiny_teacher, demo_tokenizer, capsys):
     """Longer than --max_len: skipped with a count, or cut, as --too_long says."""
     short = json.dumps({"question": "Q?", "CoT": "A. B.", "response": "R."})
     long_ = json.dumps({"question": "Q?", "CoT": "Step. " * 400, "response": "R."})
-    r = bad(tmp_path, tiny_teacher, demo_tokenizer, f"{short}\n{long_}\n", "--max_len", "200")
-    assert r.returncode == 0 and "1 too long (skip)" in r.stdout
+    bad(tmp_path, tiny_teacher, demo_tokenizer, f"{short}\n{long_}\n", "--max_len", "200")
+    assert "1 too long (skip)" in capsys.readouterr().out
     assert TeacherCache(str(tmp_path / "o")).n_docs == 1
-    r = bad(tmp_path, tiny_teacher, demo_tokenizer, f"{short}\n{long_}\n", "--max_len", "200", "--too_long",
-            "truncate", "--force")
+    bad(tmp_path, tiny_teacher, demo_tokenizer, f"{short}\n{long_}\n", "--max_len", "200", "--too_long", "truncate",
+        "--force")
     c = TeacherCache(str(tmp_path / "o"))
-    assert r.returncode == 0 and c.n_docs == 2 and c.doc_range(1)[1] - c.doc_range(1)[0] == 200
-    r = bad(tmp_path, tiny_teacher, demo_tokenizer, f"{long_}\n", "--max_len", "200", "--force")
-    assert r.returncode != 0 and "1 longer than --max_len 200" in r.stderr
+    assert c.n_docs == 2 and c.doc_range(1)[1] - c.doc_range(1)[0] == 200
+    with pytest.raises(ValueError, match="1 longer than --max_len 200"):
+        bad(tmp_path, tiny_teacher, demo_tokenizer, f"{long_}\n", "--max_len", "200", "--force")
 
 
 def test_tokenizer_beyond_teacher_vocab(tmp_path, demo_tokenizer):
     small = make_teacher(tmp_path / "small", vocab_size=512)
-    r = bad(tmp_path, small, demo_tokenizer, json.dumps({"question": "Q?", "CoT": "A.", "response": "R."}) + "\n")
-    assert r.returncode != 0 and "beyond the teacher's vocabulary of 512" in r.stderr
+    with pytest.raises(ValueError, match="beyond the teacher's vocabulary of 512"):
+        bad(tmp_path, small, demo_tokenizer, json.dumps({"question": "Q?", "CoT": "A.", "response": "R."}) + "\n")
 
 
 def test_parquet_records(tmp_path, demo_tokenizer, monkeypatch):

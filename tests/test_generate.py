@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import make_hf_model, make_teacher, run_script, save_hf, tiny_hf_config
+from conftest import make_hf_model, make_teacher, run_main, run_script, save_hf, tiny_hf_config
 from generate import (cut_at_stop, decode_step, dualmind_check, generate, next_token, repetition_penalty,
                       top_k_filter, top_p_filter)
 from model import Qwen3
@@ -144,12 +144,18 @@ def test_cli_prompts_jsonl(tmp_path, model_dir):
 
 
 def test_cli_bad_inputs(tmp_path, model_dir):
+    """A missing model folder, an empty prompt, a prompt or output longer than the context, a missing prompt file:
+    each a ValueError (in this process), and from the shell a non-zero exit with the message."""
+    import generate
+
     def fails(*args, match):
-        r = run_script("generate.py", *args, check=False)
-        assert r.returncode != 0 and match in r.stderr, r.stderr[-800:]
+        with pytest.raises(ValueError, match=match):
+            run_main(generate, *args, "--device", "cpu")
 
     fails("--model", tmp_path / "missing", "--prompt", "q", match="not a model folder")
-    fails("--model", model_dir, "--prompt_file", tmp_path / "nope.txt", match="no such file")
     fails("--model", model_dir, "--prompt", "   ", match="prompt 1 is empty")
     fails("--model", model_dir, "--prompt", "word " * 5000, match="does not fit the context of 4096")
     fails("--model", model_dir, "--prompt", "q", "--max_new_tokens", "5000", match="exceeds the context of 4096")
+    fails("--model", model_dir, "--prompt_file", tmp_path / "nope.txt", match="no such file")
+    r = run_script("generate.py", "--model", model_dir, "--prompt", "   ", check=False)
+    assert r.returncode != 0 and r.stderr.startswith("generate.py: error:") and "empty" in r.stderr

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cache_teacher import TeacherCache, topk_stats
-from conftest import ROOT, run_script
+from conftest import ROOT, run_main, run_script
 from train import (ChunkedKDLoss, Stream, curriculum_phase, draw_schedule, find_checkpoint, kd_alpha, learning_rate,
                    micro_step, proof_weight, teacher_log_q)
 from model import Qwen3, Qwen3Config
@@ -328,9 +328,15 @@ def test_non_finite_loss_stops_with_checkpoint(tmp_path, tiny_cache, tiny_topolo
 
 
 def test_bad_inputs(tmp_path, tiny_cache, tiny_topology, tiny_windows, student_config, tiny_teacher, demo_tokenizer):
+    """Mismatched folders, a too-small student vocabulary, no windows, no tokenizer: each a ValueError (in this
+    process), and from the shell a non-zero exit with the message."""
+    import cache_teacher
+    import topology
+    import train
+
     def fails(*args, match):
-        r = run_script("train.py", *args, check=False)
-        assert r.returncode != 0 and match in r.stderr, r.stderr[-1500:]
+        with pytest.raises(ValueError, match=match):
+            run_main(train, *args)
 
     good = lambda **kw: train_args(tmp_path / "o", kw.get("cache", tiny_cache), kw.get("topo", tiny_topology),
                                    kw.get("windows", tiny_windows), kw.get("config", student_config), "--max_steps", 1)
@@ -338,12 +344,12 @@ def test_bad_inputs(tmp_path, tiny_cache, tiny_topology, tiny_windows, student_c
     other = tmp_path / "cache2"
     data = tmp_path / "d.jsonl"
     data.write_text("".join(open(os.path.join(ROOT, "data", "physics_cot.jsonl")).readlines()[:3]))
-    run_script("cache_teacher.py", "--data", data, "--teacher", tiny_teacher, "--tokenizer", demo_tokenizer,
-               "--out", other, "--dtype", "float32", "--device", "cpu")
+    run_main(cache_teacher, "--data", data, "--teacher", tiny_teacher, "--tokenizer", demo_tokenizer, "--out", other,
+             "--dtype", "float32", "--device", "cpu")
     fails(*good(cache=other), match="was built from a different cache")
     # windows from another topology
     topo2 = tmp_path / "topo2"
-    run_script("topology.py", "--cache", tiny_cache, "--out", topo2, "--signal", "surprisal")
+    run_main(topology, "--cache", tiny_cache, "--out", topo2, "--signal", "surprisal", "--log_every", "1e9")
     fails(*good(topo=topo2), match="was built from a different topology")
     # a student vocabulary smaller than the teacher's ids
     cfg = json.load(open(student_config))
@@ -361,3 +367,5 @@ def test_bad_inputs(tmp_path, tiny_cache, tiny_topology, tiny_windows, student_c
     shutil.copytree(tiny_cache, notok)
     os.remove(notok / "tokenizer.json")
     fails(*good(cache=notok), match="no tokenizer.json")
+    r = run_script("train.py", *good(cache=notok), check=False)
+    assert r.returncode != 0 and r.stderr.startswith("train.py: error:") and "no tokenizer.json" in r.stderr
