@@ -173,20 +173,15 @@ def bench_model(args):
 # cache: the teacher pass of cache_teacher.py vs a bare forward over the same batches
 
 
-def demo_stream(work, n_synth=0):
-    """Tokens and document offsets of the bundled records (plus n_synth generated ones), demo tokenizer."""
+def demo_stream(work):
+    """Tokens and document offsets of the bundled records, with the demo's kind of tokenizer."""
     import types
     from cache_teacher import tokenize_documents, end_token, load_tokenizer
-    from data.synth import generate
     from data.tokenizer import record_texts, save, train_bpe
     tok_dir = os.path.join(work, "tokenizer")
     data = [os.path.join("data", "physics_cot.jsonl")]
-    if n_synth:
-        data.append(os.path.join(work, f"synth{n_synth}.jsonl"))
-        with open(data[-1], "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in generate(n_synth, seed=0))
     if not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
-        save(train_bpe(record_texts(data[:1]), 2048), tok_dir)
+        save(train_bpe(record_texts(data), 2048), tok_dir)
     tok, tok_file = load_tokenizer(tok_dir)
     fields = dict(question="question", cot="CoT", response="response", explore="explore", examine="examine")
     a = types.SimpleNamespace(data=data, max_docs=0, too_long="skip")

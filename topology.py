@@ -190,7 +190,7 @@ def signal(kind, rows, last):
 
 def doc_chunks(doc_offsets, chunk):
     """Stream ranges [a, b) of whole documents, about `chunk` rows each (a longer document is its own chunk)."""
-    out, a = [], 0
+    out = []
     D = len(doc_offsets) - 1
     d = 0
     while d < D:

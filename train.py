@@ -32,6 +32,7 @@ Run
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -539,7 +540,7 @@ def main(args):
         for i, mb in enumerate(micro):
             batch = stream.batch(mb, device)
             sync = not ddp or i == len(micro) - 1
-            ctx = train_model.no_sync() if not sync else _null()
+            ctx = train_model.no_sync() if not sync else contextlib.nullcontext()
             with ctx:
                 loss, s = micro_step(train_model, batch, alpha, w_proof, args.temperature, t_index, args.kd_mode,
                                      max(n_norm, 1), args.loss_chunk, not args.no_jumps, not args.no_proof_weight,
@@ -600,14 +601,6 @@ def main(args):
               f"{time.time() - t_start:.0f}s{held} -> {args.out}")
     if ddp:
         dist.destroy_process_group()
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def get_parser():
