@@ -6,7 +6,8 @@
 #
 # No network: a byte-level BPE tokenizer and a tiny teacher are trained here from the bundled and generated
 # physics records, then the four phases distil the teacher into a smaller student, which then generates.
-# Each step says what it does and skips itself when its output is complete, so a killed run just continues.
+# Each step says what it does and skips itself when its output is complete, so a killed run just continues
+# (the two trainings with --resume: from their last checkpoint, or from step 0 when there is none).
 # The real recipe (Qwen3-30B-A3B-Thinking-2507 -> Qwen3-1.7B on one GPU) runs the same scripts: see README.md.
 #
 # Numbers that differ from the model card, and why: both models start from random weights here, so the
@@ -39,8 +40,7 @@ $PY cache_teacher.py --data $DATA --teacher none --tokenizer "$OUT/tokenizer" --
 
 say "4/9 the tiny teacher: 4 layers, hidden 256, plain next-token training (train.py --kd_alpha 0)"
 $PY train.py --init scratch --config data/teacher_config.json --cache "$OUT/cache_tokens" --kd_alpha 0 \
-  --no_proof_weight --max_steps "$TEACHER_STEPS" --eval_every 0 --ckpt_every 50 $SCRATCH --out "$OUT/teacher" \
-  $( [ -d "$OUT/teacher/ckpt" ] && echo --resume )
+  --no_proof_weight --max_steps "$TEACHER_STEPS" --eval_every 0 --ckpt_every 50 $SCRATCH --out "$OUT/teacher" --resume
 
 say "5/9 Phase 1: one teacher pass into the top-64 cache (cache_teacher.py)"
 $PY cache_teacher.py --data $DATA --teacher "$OUT/teacher" --out "$OUT/cache" --dtype float32 --device cpu
@@ -54,7 +54,7 @@ $PY windows.py --cache "$OUT/cache" --topology "$OUT/topology" --out "$OUT/windo
 say "8/9 Phase 4: distil into the student, 2 layers, hidden 128 (train.py)"
 $PY train.py --init scratch --config data/student_config.json --cache "$OUT/cache" --topology "$OUT/topology" \
   --windows "$OUT/windows" --max_steps "$STUDENT_STEPS" --eval_every 50 --ckpt_every 50 $SCRATCH \
-  --out "$OUT/student" $( [ -d "$OUT/student/ckpt" ] && echo --resume )
+  --out "$OUT/student" --resume
 
 say "9/9 the student answers four new questions, one per domain, in the DualMind format (generate.py --check)"
 cat > "$OUT/prompts.jsonl" <<'EOF'
