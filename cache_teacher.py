@@ -96,8 +96,18 @@ def check_upstream(manifest, upstream_folder, upstream_phase, path):
                          f"(fingerprint {str(want)[:12]} vs {have[:12]}): rebuild it")
 
 
-def prepare_out(out, phase, fingerprint, force=False):
-    """Create or reuse a phase folder. Returns 'done' (complete, same inputs), 'resume' or 'fresh'."""
+def prepare_out(out, phase, fingerprint, force=False, rank=0, world=1):
+    """Create or reuse a phase folder. Returns 'done' (complete, same inputs), 'resume' or 'fresh'.
+    Under torchrun, rank 0 decides and every rank gets its answer."""
+    if world > 1:
+        import torch.distributed as dist
+        obj = [_prepare_out(out, phase, fingerprint, force) if rank == 0 else None]
+        dist.broadcast_object_list(obj, src=0)
+        return obj[0]
+    return _prepare_out(out, phase, fingerprint, force)
+
+
+def _prepare_out(out, phase, fingerprint, force):
     path = os.path.join(out, "manifest.json")
     if os.path.isfile(path) and not force:
         with open(path) as f:
@@ -572,11 +582,7 @@ def main(args):
                      max_docs=args.max_docs, dtype=args.dtype, batch_tokens=args.batch_tokens, chunk=args.chunk)
     fingerprint = sha256_json(dict(inputs=inputs, args=affecting, version=FORMAT_VERSION))
     out = args.out
-    state = prepare_out(out, "cache", fingerprint, args.force) if rank == 0 else None
-    if distributed:
-        obj = [state]
-        dist.broadcast_object_list(obj, src=0)
-        state = obj[0]
+    state = prepare_out(out, "cache", fingerprint, args.force, rank, world)
     if state == "done":
         if rank == 0:
             print(f"{out}: complete cache with the same inputs already there; nothing to do")

@@ -91,7 +91,7 @@ def generate(model, prompt, max_new_tokens, eos_ids=(), temperature=0.0, top_k=0
     with torch.no_grad():
         if use_cache:
             model.setup_cache(batch_size=1, max_seq_len=T + max_new_tokens)
-            logits = model.lm_head(model(prompt, input_pos=torch.arange(T, device=device), hidden_only=True)[:, -1])
+            logits = decode_step(model, prompt, torch.arange(T, device=device))  # prefill: the last position's logits
         else:
             logits = model(prompt)[:, -1]
         try:

@@ -44,10 +44,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cache_teacher import (FORMAT_VERSION, TeacherCache, fmt_time, init_distributed, prepare_out,
+from cache_teacher import (FORMAT_VERSION, TeacherCache, check_upstream, fmt_time, init_distributed, prepare_out,
                            read_manifest, sha256_json)
 from model import DTYPES, Qwen3, Qwen3Config, write_json
-from windows import fixed_document
+from windows import fixed_windows
 
 # -----------------------------------------------------------------------------
 # Schedules (pure functions of the step)
@@ -248,9 +248,7 @@ def micro_step(model, batch, alpha, w_proof, T, t_index, mode, n_norm, chunk, us
 
     loss is already divided by n_norm, the trainable rows of the whole optimizer step.
     """
-    ctx = torch.autocast(batch["idx"].device.type, dtype=torch.bfloat16) if autocast else torch.autocast(
-        batch["idx"].device.type, enabled=False)
-    with ctx:
+    with torch.autocast(batch["idx"].device.type, dtype=torch.bfloat16, enabled=bool(autocast)):
         h = model(batch["idx"], hidden_only=True)  # (B, L, C)
         hr = h.flatten(0, 1)[batch["sel"]]  # (R, C) trainable rows only
         m = torch.ones(len(hr), device=hr.device)
@@ -280,7 +278,7 @@ def evaluate(model, stream, val, T, t_index, mode, chunk, device, autocast, batc
     sums = torch.zeros(5, dtype=torch.float64)
     for i in range(0, len(val), batch):
         b = stream.batch(val[i:i + batch], device)
-        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else torch.autocast(device.type, enabled=False)
+        ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast)
         with ctx:
             h = model(b["idx"], hidden_only=True).flatten(0, 1)[b["sel"]]
         W = unwrap(model).lm_head.weight
@@ -313,25 +311,22 @@ def load_inputs(args):
     weight, topo_fp, win_fp = None, None, None
     if args.topology and not args.no_jumps:
         m = read_manifest(args.topology, "topology", needed_by="train.py")
-        if m["upstream"]["cache"] != cache.fingerprint:
-            raise ValueError(f"{args.topology}: was built from a different cache than {args.cache}: rebuild it")
+        check_upstream(m, args.cache, "cache", args.topology)
         weight, topo_fp = np.load(os.path.join(args.topology, "weight.npy"), mmap_mode="r"), m["fingerprint"]
     elif not args.no_jumps and cache.has_teacher and args.kd_alpha > 0:
         raise ValueError("--topology is needed for the jump weights (or pass --no_jumps)")
     if args.windows:
         m = read_manifest(args.windows, "windows", needed_by="train.py")
-        if m["upstream"]["cache"] != cache.fingerprint:
-            raise ValueError(f"{args.windows}: was built from a different cache than {args.cache}: rebuild it")
-        if topo_fp and m["upstream"]["topology"] not in (None, topo_fp):
-            raise ValueError(f"{args.windows}: was built from a different topology than {args.topology}: rebuild it")
+        check_upstream(m, args.cache, "cache", args.windows)
+        if topo_fp and m["upstream"]["topology"] is not None:  # fixed-stride windows have no topology
+            check_upstream(m, args.topology, "topology", args.windows)
         windows = np.load(os.path.join(args.windows, "windows.npy"))
         phase, win_fp = np.load(os.path.join(args.windows, "phase.npy")), m["fingerprint"]
         if len(windows) == 0:
             raise ValueError(f"{args.windows}/windows.npy: no windows")
     else:  # plain fixed-stride windows, no curriculum
-        rows = [(d, *(a + x for x in w)) for d in range(cache.n_docs)
-                for a, b in [cache.doc_range(d)] for w in fixed_document(b - a, 512, 512)]
-        windows, phase = np.array(rows, dtype=np.int64), np.zeros(len(rows), np.uint8)
+        windows = fixed_windows(cache)
+        phase = np.zeros(len(windows), np.uint8)
     return cache, weight, windows, phase, dict(cache=cache.fingerprint, topology=topo_fp, windows=win_fp)
 
 
@@ -473,11 +468,7 @@ def main(args):
     settings = {k: v for k, v in vars(args).items() if k not in ("resume", "log_every", "eval_every", "ckpt_every",
                                                                   "device", "compile", "out", "force")}
     fingerprint = sha256_json(dict(settings=settings, upstream=upstream, world_batch=step_batch))
-    state = prepare_out(args.out, "student", fingerprint, args.force) if master else None
-    if ddp:
-        obj = [state]
-        dist.broadcast_object_list(obj, src=0)
-        state = obj[0]
+    state = prepare_out(args.out, "student", fingerprint, args.force, rank, world)
     if state == "done":
         if master:
             print(f"{args.out}: a complete student of the same run is already there; nothing to do")

@@ -36,7 +36,7 @@ import numpy as np
 
 from cache_teacher import FORMAT_VERSION, TeacherCache, check_upstream, prepare_out, read_manifest, sha256_json
 from model import write_json
-from topology import BLOCK_CHANNELS, block_channels, render_html
+from topology import BLOCK_CHANNELS, block_channels, doc_last_rows, render_html
 
 POOLS = (0.30, 0.55, 0.80, 1.00)
 
@@ -84,6 +84,13 @@ def fixed_document(n, window=512, stride=512):
         if e == n:
             return out
         s, loss_start = s + stride, e
+
+
+def fixed_windows(cache, window=512, stride=512):
+    """Fixed-stride windows of every document of a cache: (W, 4) stream rows (doc, start, loss_start, end)."""
+    rows = [(d, a + s, a + l, a + e) for d in range(cache.n_docs) for a, b in [cache.doc_range(d)]
+            for s, l, e in fixed_document(b - a, window, stride)]
+    return np.array(rows, dtype=np.int64).reshape(-1, 4)
 
 
 def window_difficulty(delta, jump, valid, disc, windows, width=512, block=64):
@@ -142,20 +149,20 @@ def main(args):
     if prepare_out(args.out, "windows", fingerprint, args.force) == "done":
         print(f"{args.out}: complete windows with the same inputs already there; nothing to do")
         return
-    rows, forced = [], 0
-    for d in range(cache.n_docs):
-        a, b = cache.doc_range(d)
-        if args.fixed_stride:
-            wins = fixed_document(b - a, args.window, args.stride)
-        else:
+    forced = 0
+    if args.fixed_stride:
+        windows = fixed_windows(cache, args.window, args.stride)
+    else:
+        rows = []
+        for d in range(cache.n_docs):
+            a, b = cache.doc_range(d)
             wins, f = cut_document(smooth3(topo["disc"][a:b]), np.asarray(topo["jump"][a:b]), args.window,
                                    args.min_cut, (args.overlap_min, args.overlap_max))
             forced += f
-        rows += [(d, a + s, a + l, a + e) for s, l, e in wins]
-    windows = np.array(rows, dtype=np.int64).reshape(-1, 4)
+            rows += [(d, a + s, a + l, a + e) for s, l, e in wins]
+        windows = np.array(rows, dtype=np.int64).reshape(-1, 4)
     if topo is not None:
-        valid = np.ones(len(cache), dtype=bool)
-        valid[np.asarray(cache.doc_offsets[1:]) - 1] = False
+        valid = ~doc_last_rows(cache.doc_offsets, 0, len(cache))
         difficulty = window_difficulty(np.asarray(topo["delta"]), np.asarray(topo["jump"]), valid,
                                        np.asarray(topo["disc"]), windows, args.window)
         phase = curriculum_phases(difficulty)
