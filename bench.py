@@ -176,7 +176,8 @@ def bench_model(args):
 def demo_stream(work):
     """Tokens and document offsets of the bundled records, with the demo's kind of tokenizer."""
     import types
-    from cache_teacher import tokenize_documents, end_token, load_tokenizer
+    from cache_teacher import load_tokenizer, tokenize_documents
+    from common import end_tokens
     from data.tokenizer import record_texts, save, train_bpe
     tok_dir = os.path.join(work, "tokenizer")
     data = [os.path.join("data", "physics_cot.jsonl")]
@@ -185,13 +186,14 @@ def demo_stream(work):
     tok, tok_file = load_tokenizer(tok_dir)
     fields = dict(question="question", cot="CoT", response="response", explore="explore", examine="examine")
     a = types.SimpleNamespace(data=data, max_docs=0, too_long="skip")
-    tokens, roles, offsets, _ = tokenize_documents(a, tok, fields, end_token(tok, tok_file)[1], 4096)
+    tokens, roles, offsets, _ = tokenize_documents(a, tok, fields, end_tokens(tok_file)[0][1], 4096)
     return tokens, roles, offsets
 
 
 def bench_cache(args):
     import numpy as np
     from cache_teacher import cache_batches, plan_batches
+    from common import pad_right
     from model import Qwen3
     folder = make_reference_checkpoint(os.path.join(args.work, "model_ref"))
     tokens, _, offsets = demo_stream(args.work)
@@ -202,13 +204,10 @@ def bench_cache(args):
               for n, dt, sh in [("topk_ids", np.uint8, (N, 144)), ("topk_logprobs", np.float16, (N, k)),
                                 ("lse", np.float32, (N, 2)), ("target_logprob", np.float32, (N,)),
                                 ("entropy", np.float32, (N,))]}
-    lengths = np.diff(offsets)
 
     def bare():
         for _, docs in batches:
-            idx = torch.zeros(len(docs), int(lengths[docs[0]]), dtype=torch.long)
-            for i, d in enumerate(docs):
-                idx[i, :lengths[d]] = torch.from_numpy(tokens[offsets[d]:offsets[d + 1]].astype(np.int64))
+            idx = torch.from_numpy(pad_right([tokens[offsets[d]:offsets[d + 1]] for d in docs]))
             with torch.no_grad():
                 model(idx.to(args.device))  # full logits, nothing kept
 
@@ -273,6 +272,7 @@ TRAIN_CFG = dict(MODEL_CFG, vocab_size=151936)  # Qwen3's real vocabulary: where
 
 def train_batch(device, B=2, L=512, k=64, seed=0):
     """A micro-batch of 2 x 512 tokens, every row but the last trainable, with a random top-64 teacher."""
+    from train import batch_tensors
     g = torch.Generator().manual_seed(seed)
     V = TRAIN_CFG["vocab_size"]
     idx = torch.randint(0, V, (B, L), generator=g)
@@ -280,9 +280,25 @@ def train_batch(device, B=2, L=512, k=64, seed=0):
     ids = torch.stack([torch.randperm(V, generator=g)[:k] for _ in range(len(sel))])
     lp = torch.sort(torch.log_softmax(torch.randn(len(sel), k, generator=g) * 2, -1) - 0.3, descending=True).values
     lse = torch.stack([torch.zeros(len(sel)), torch.full((len(sel),), 0.4)], 1)
-    batch = dict(idx=idx, sel=sel, targets=idx.flatten()[sel + 1], reasoning=torch.rand(len(sel), generator=g) < 0.7,
-                 jump_w=torch.ones(len(sel)), ids=ids, lp=lp, lse=lse)
-    return {k_: v.to(device) for k_, v in batch.items()}
+    return batch_tensors(device, idx=idx, sel=sel, targets=idx.flatten()[sel + 1],
+                         reasoning=torch.rand(len(sel), generator=g) < 0.7, jump_w=torch.ones(len(sel)),
+                         topk_ids=ids, topk_logprobs=lp, lse=lse)
+
+
+def dense_kd_loss(logits, targets, w_ce, w_kd, ids, lq, Q, T, mode):
+    """train.py's loss written straightforwardly over full-vocabulary logits (R, V): the reference step."""
+    F = torch.nn.functional
+    logits = logits.float()
+    ce = F.cross_entropy(logits, targets, reduction="none")
+    lpT = F.log_softmax(logits / T, -1)
+    lpK = lpT.gather(1, ids)
+    if mode == "tail":
+        logP = torch.log((1 - lpK.exp().sum(-1)).clamp_min(1e-30))
+        kl = (lq.exp() * (lq - lpK)).sum(-1) + torch.xlogy(Q, Q) - Q * logP
+    else:
+        lq_n, lp_n = lq.log_softmax(-1), lpK.log_softmax(-1)
+        kl = (lq_n.exp() * (lq_n - lp_n)).sum(-1)
+    return (w_ce * ce + w_kd * kl).sum()
 
 
 def train_pair(folder, device):
@@ -290,7 +306,7 @@ def train_pair(folder, device):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
     from model import Qwen3
-    from train import configure_optimizer, dense_kd_loss, micro_step, teacher_log_q
+    from train import configure_optimizer, micro_step, teacher_q
     hf_logging.disable_progress_bar()
     batch = train_batch(device)
     n = len(batch["sel"])
@@ -302,14 +318,15 @@ def train_pair(folder, device):
 
         def step(m=m, opt=opt, name=name):
             if name == "ours":
-                loss, _ = micro_step(m, batch, 0.45, 1.5, 2.0, 1, "tail", n, 256, autocast=True)
+                loss, _ = micro_step(m, batch, alpha=0.45, w_proof=1.5, temperature=2.0, t_index=1, kd_mode="tail",
+                                     n_norm=n, chunk=256, autocast=True)
             else:
                 with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
                     logits = m(batch["idx"]).logits.flatten(0, 1)[batch["sel"]]
                     mult = torch.where(batch["reasoning"], 1.5, 1.0)
-                    lq, Q = teacher_log_q(batch["lp"], batch["lse"], 1, 2.0)
+                    lq, Q = teacher_q(batch["topk_logprobs"], batch["lse"], 1, 2.0)
                     loss = dense_kd_loss(logits, batch["targets"], mult * 0.55 / n, mult * 0.45 * 4 / n,
-                                         batch["ids"], lq, Q, 2.0, "tail")
+                                         batch["topk_ids"], lq, Q, 2.0, "tail")
             loss.backward()
             torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
             opt.step()

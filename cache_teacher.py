@@ -38,7 +38,6 @@ import argparse
 import glob
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -46,119 +45,20 @@ import sys
 import time
 
 import numpy as np
-import torch
 
-from model import DTYPES, Qwen3, resolve_folder, write_json
+from common import (FORMAT_VERSION, DTYPES, ROLES, Progress, dualmind_text, end_tokens, init_distributed, is_hub_id,
+                    pad_right, prepare_out, publish, read_manifest, save_npy, sha256_file, sha256_json, write_json)
 
-FORMAT_VERSION = 1
-ROLES = {"prompt": 0, "explore": 1, "examine": 2, "response": 3}
+try:  # the teacher pass needs torch; the cache reader (TeacherCache) does not: topology.py and windows.py run without
+    import torch
+
+    from model import Qwen3, Qwen3Config, resolve_folder
+except ModuleNotFoundError as e:
+    if e.name != "torch":
+        raise
+    torch = None
+
 TEACHER_ARRAYS = ["topk_ids", "topk_logprobs", "lse", "target_logprob", "entropy"]
-
-# -----------------------------------------------------------------------------
-# Manifests, fingerprints and progress (shared by every phase: later phases import these)
-
-
-def sha256_file(path, chunk=1 << 20):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
-
-
-def sha256_json(obj):
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-def read_manifest(folder, phase, needed_by=""):
-    """The manifest of a complete phase folder, or a ValueError saying what to run."""
-    path = os.path.join(folder, "manifest.json")
-    hint = f" (needed by {needed_by})" if needed_by else ""
-    if not os.path.isfile(path):
-        raise ValueError(f"{folder}: no manifest.json{hint}: run the {phase} phase into it first")
-    with open(path) as f:
-        m = json.load(f)
-    if m.get("phase") != phase:
-        raise ValueError(f"{path}: is a {m.get('phase')!r} folder, expected {phase!r}{hint}")
-    if m.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format version {m.get('version')}, this code reads {FORMAT_VERSION}")
-    if not m.get("complete"):
-        raise ValueError(f"{path}: incomplete (the run was interrupted): run the {phase} phase again to finish it")
-    return m
-
-
-def check_upstream(manifest, upstream_folder, upstream_phase, path):
-    """Refuse a folder built from another version of its upstream (the upstream was rebuilt since)."""
-    want = manifest.get("upstream", {}).get(upstream_phase)
-    have = read_manifest(upstream_folder, upstream_phase)["fingerprint"]
-    if want != have:
-        raise ValueError(f"{path}: was built from a different {upstream_phase} folder than {upstream_folder} "
-                         f"(fingerprint {str(want)[:12]} vs {have[:12]}): rebuild it")
-
-
-def prepare_out(out, phase, fingerprint, force=False, rank=0, world=1):
-    """Create or reuse a phase folder. Returns 'done' (complete, same inputs), 'resume' or 'fresh'.
-    Under torchrun, rank 0 decides and every rank gets its answer."""
-    if world > 1:
-        import torch.distributed as dist
-        obj = [_prepare_out(out, phase, fingerprint, force) if rank == 0 else None]
-        dist.broadcast_object_list(obj, src=0)
-        return obj[0]
-    return _prepare_out(out, phase, fingerprint, force)
-
-
-def _prepare_out(out, phase, fingerprint, force):
-    path = os.path.join(out, "manifest.json")
-    if os.path.isfile(path) and not force:
-        with open(path) as f:
-            m = json.load(f)
-        if m.get("phase") != phase or m.get("fingerprint") != fingerprint:
-            raise ValueError(f"{out}: holds a {m.get('phase')} folder built from other inputs or settings "
-                             f"(fingerprint {str(m.get('fingerprint'))[:12]}, now {fingerprint[:12]}); "
-                             "choose another --out or pass --force to rebuild it")
-        return "done" if m.get("complete") else "resume"
-    if os.path.isdir(out) and force:
-        shutil.rmtree(out)
-    os.makedirs(out, exist_ok=True)
-    return "fresh"
-
-
-class Progress:
-    """Prints `name done/total unit | rate/s | ETA` at most every `every` seconds, and a summary at the end."""
-
-    def __init__(self, name, total, unit="tok", every=10.0, enabled=True):
-        self.name, self.total, self.unit, self.every, self.enabled = name, total, unit, every, enabled
-        self.t0 = self.last = time.time()
-        self.done = 0
-
-    def update(self, n, extra=""):
-        self.done += n
-        now = time.time()
-        if self.enabled and (now - self.last >= self.every or self.done >= self.total):
-            self.last = now
-            rate = self.done / max(now - self.t0, 1e-9)
-            eta = (self.total - self.done) / max(rate, 1e-9)
-            print(f"[{self.name}] {self.done:,}/{self.total:,} {self.unit} | {rate:,.0f} {self.unit}/s | "
-                  f"ETA {fmt_time(eta)}{extra}", file=sys.stderr, flush=True)
-
-
-def init_distributed(device):
-    """Under torchrun (RANK/WORLD_SIZE set): join the process group, one GPU per local rank.
-    Returns (rank, world size, device)."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:
-        import torch.distributed as dist
-        if device.startswith("cuda"):
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            torch.cuda.set_device(device)  # NCCL collectives (and broadcast_object_list) use the current device
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return rank, world, device
-
-
-def fmt_time(s):
-    s = int(s)
-    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
 
 # -----------------------------------------------------------------------------
 # Records: JSONL, parquet, Hub datasets
@@ -168,7 +68,7 @@ def input_files(spec):
     """A local file, or the JSONL/parquet files of a Hub dataset repo (org/name), as local paths."""
     if os.path.isfile(spec):
         return [spec]
-    if os.path.exists(spec) or spec.count("/") != 1 or os.path.isdir(spec.split("/")[0]):
+    if not is_hub_id(spec):
         raise ValueError(f"{spec}: no such file, and not a Hub dataset id of the form org/name")
     from huggingface_hub import snapshot_download
     try:
@@ -234,19 +134,6 @@ def split_cot(cot):
     late = [i for i in range(n) if 2 * i >= n and i > 0 and is_trigger(sents[i])]
     cut = late[-1] if late else min(max(round(0.7 * n), 1), n)
     return " ".join(sents[:cut]), " ".join(sents[cut:])
-
-
-def dualmind_text(question, explore, examine, response):
-    """The card's layout and the character span of each role (tags and separators with their block)."""
-    parts = [("prompt", f"##USER:\n{question}\n\n"),
-             ("explore", f"<explore>\n{explore}\n</explore>\n\n"),
-             ("examine", f"<examine>\n{examine}\n</examine>\n\n"),
-             ("response", f"<response>\n{response}\n</response>")]
-    text, spans = "", []
-    for role, s in parts:
-        spans.append((len(text), len(text) + len(s), ROLES[role]))
-        text += s
-    return text, spans
 
 
 def token_roles(offsets, spans):
@@ -412,13 +299,18 @@ class TeacherCache:
         return self.temperatures.index(T)
 
 
-def tail_mass(logprobs, lse1, lseT, T):
-    """1 - sum of the top-k probabilities at temperature T, from the cache alone.
+def teacher_log_q(topk_logprobs, lse, t_index, T):
+    """The teacher's log q_T of its k cached ids, from the cache alone (numpy arrays or torch tensors alike).
 
-    logprobs (..., k) top-k log-probs at T=1; lse1, lseT (...) the cached logsumexp(z) and logsumexp(z/T):
-    log q_T(i) = z_i / T - L_T = (logprob_i + L_1) / T - L_T.
+    topk_logprobs (..., k) log-probs at T=1; lse (..., nT) the cached logsumexp(z / T) for each cached T; t_index
+    the column of T. Since logprob_i = z_i - L_1:  log q_T(i) = z_i / T - L_T = (logprob_i + L_1) / T - L_T.
     """
-    return 1.0 - np.exp((logprobs + lse1[..., None]) / T - lseT[..., None]).sum(-1)
+    return (topk_logprobs + lse[..., :1]) / T - lse[..., t_index:t_index + 1]
+
+
+def tail_mass(topk_logprobs, lse, t_index, T):
+    """1 - sum of the top-k probabilities at temperature T (..., ): the mass the cache keeps as one tail bucket."""
+    return 1.0 - np.exp(teacher_log_q(topk_logprobs, lse, t_index, T)).sum(-1)
 
 
 def write_cache(out, tokens, roles, doc_offsets, teacher=None, k=64, temperatures=(1.0, 2.0), tokenizer=None,
@@ -437,7 +329,7 @@ def write_cache(out, tokens, roles, doc_offsets, teacher=None, k=64, temperature
                       entropy=np.asarray(teacher["entropy"], np.float32))
     h = hashlib.sha256()
     for n, a in arrays.items():
-        np.save(os.path.join(out, n + ".npy"), a)
+        save_npy(os.path.join(out, n + ".npy"), a)
         h.update(n.encode() + a.tobytes())
     if tokenizer:
         shutil.copyfile(tokenizer, os.path.join(out, "tokenizer.json"))
@@ -508,20 +400,6 @@ def load_tokenizer(path):
     return Tokenizer.from_file(f), f
 
 
-def end_token(tok, tok_file):
-    """The tokenizer's end token: eos_token of tokenizer_config.json, else <|endoftext|>."""
-    cfg = os.path.join(os.path.dirname(tok_file), "tokenizer_config.json")
-    name = None
-    if os.path.isfile(cfg):
-        with open(cfg) as f:
-            name = json.load(f).get("eos_token")
-            name = name.get("content") if isinstance(name, dict) else name
-    for n in [name, "<|endoftext|>"]:
-        if n and tok.token_to_id(n) is not None:
-            return n, tok.token_to_id(n)
-    raise ValueError(f"{tok_file}: no end token (neither tokenizer_config eos_token nor <|endoftext|>)")
-
-
 def teacher_identity(folder):
     """Fingerprint of a teacher folder without reading 61 GB: config.json, and per safetensors file either its
     Hub blob name (the sha256 of its content, when the folder is a huggingface_hub snapshot) or its header
@@ -543,6 +421,8 @@ def teacher_identity(folder):
 
 
 def main(args):
+    if torch is None:
+        raise ValueError("the teacher pass needs PyTorch: pip install -r requirements.txt")
     rank, world, args.device = init_distributed(args.device)
     distributed = world > 1
     if distributed:
@@ -560,11 +440,10 @@ def main(args):
     if args.tokenizer is None and teacher_folder is None:
         raise ValueError("--teacher none needs --tokenizer")
     tok, tok_file = load_tokenizer(args.tokenizer or teacher_folder)
-    end_name, end_id = end_token(tok, tok_file)
+    end_name, end_id = end_tokens(tok_file)[0]
     vocab_in_tok = tok.get_vocab_size(with_added_tokens=True)
     teacher_cfg = None
     if teacher_folder:
-        from model import Qwen3Config
         teacher_cfg = Qwen3Config.from_json(os.path.join(teacher_folder, "config.json"))
         if vocab_in_tok > teacher_cfg.vocab_size:
             raise ValueError(f"{tok_file}: tokenizer ids go up to {vocab_in_tok - 1}, beyond the teacher's "
@@ -597,22 +476,21 @@ def main(args):
                     end_token=end_name, counts=dict(counts, positions=N, documents=D),
                     teacher_vocab_size=teacher_cfg.vocab_size if teacher_cfg else None, complete=False)
     if rank == 0:
-        np.save(os.path.join(out, "tokens.npy"), tokens)
-        np.save(os.path.join(out, "roles.npy"), roles)
-        np.save(os.path.join(out, "doc_offsets.npy"), doc_offsets)
+        for name, arr in dict(tokens=tokens, roles=roles, doc_offsets=doc_offsets).items():
+            save_npy(os.path.join(out, name + ".npy"), arr)
         for f in [tok_file, os.path.join(os.path.dirname(tok_file), "tokenizer_config.json")]:
             if os.path.isfile(f):
                 shutil.copyfile(f, os.path.join(out, os.path.basename(f)))
         write_json(os.path.join(out, "manifest.json"), manifest)
     t0 = time.time()
     if teacher_folder is not None:
-        run_teacher(args, teacher_folder, tokens, doc_offsets, temps, rank, world, fingerprint)
+        run_teacher(args, teacher_folder, tokens, doc_offsets, temps, rank, world)
     if distributed:
         dist.barrier()
     if rank == 0:
         bytes_per_pos = 0
         for n in TEACHER_ARRAYS if teacher_folder else []:
-            os.replace(os.path.join(out, n + ".partial.npy"), os.path.join(out, n + ".npy"))
+            publish(os.path.join(out, n + ".partial.npy"), os.path.join(out, n + ".npy"))
             bytes_per_pos += np.load(os.path.join(out, n + ".npy"), mmap_mode="r")[0].nbytes
         for p in glob.glob(os.path.join(out, "progress.*.json")):
             os.remove(p)
@@ -627,7 +505,7 @@ def main(args):
         dist.destroy_process_group()
 
 
-def run_teacher(args, folder, tokens, doc_offsets, temps, rank, world, fingerprint):
+def run_teacher(args, folder, tokens, doc_offsets, temps, rank, world):
     """The one teacher pass: this rank's batches, written into shared memory-mapped .partial.npy files."""
     out, N, k = args.out, len(tokens), args.k
     shapes = dict(topk_ids=((N, k // 4 * 9), np.uint8), topk_logprobs=((N, k), np.float16),
@@ -655,7 +533,7 @@ def run_teacher(args, folder, tokens, doc_offsets, temps, rank, world, fingerpri
             done |= set(json.load(f))
     mine = [b for b in range(len(batches)) if b % world == rank and b not in done]
     my_done = sorted(b for b in done if b % world == rank)
-    model = Qwen3.from_pretrained(folder, dtype=DTYPES[args.dtype], device=args.device).eval()
+    model = Qwen3.from_pretrained(folder, dtype=getattr(torch, args.dtype), device=args.device).eval()
     total = int(sum(lengths[d] for b in mine for d in batches[b]))
     prog = Progress("cache" + (f" rank {rank}" if world > 1 else ""), total, every=args.log_every)
 
@@ -675,10 +553,7 @@ def cache_batches(model, tokens, doc_offsets, batches, arrays, k, temps, chunk, 
     """The teacher pass proper: forward each batch of documents, statistics per position, rows into `arrays`."""
     lengths = np.diff(doc_offsets)
     for b, docs in batches:
-        L = int(lengths[docs[0]])
-        idx = torch.zeros(len(docs), L, dtype=torch.long)  # right padding: causal attention never sees it
-        for i, d in enumerate(docs):
-            idx[i, :lengths[d]] = torch.from_numpy(tokens[doc_offsets[d]:doc_offsets[d + 1]].astype(np.int64))
+        idx = torch.from_numpy(pad_right([tokens[doc_offsets[d]:doc_offsets[d + 1]] for d in docs]))  # (B, L)
         with torch.no_grad():
             h = model(idx.to(device), hidden_only=True)  # (B, L, C)
             rows = torch.cat([h[i, :lengths[d]] for i, d in enumerate(docs)])  # (R, C) real positions only
@@ -714,7 +589,8 @@ def get_parser():
     p.add_argument("--batch_tokens", type=int, default=16384, help="tokens per teacher forward (batch x longest doc)")
     p.add_argument("--chunk", type=int, default=1024, help="positions per lm_head chunk (memory: chunk x vocab x 4 B)")
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="teacher weights and activations")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1")
+    p.add_argument("--device", default="cuda" if torch and torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, cuda:1")
     p.add_argument("--question_field", default="question", help="record field with the question")
     p.add_argument("--cot_field", default="CoT", help="record field with the chain of thought to restructure")
     p.add_argument("--response_field", default="response", help="record field with the final answer")

@@ -72,8 +72,9 @@ done
 say "summary"
 $PY - "$OUT" <<'EOF'
 import json, sys
+from train import read_student
 out = sys.argv[1]
-m = json.load(open(f"{out}/student/manifest.json"))
+m = read_student(f"{out}/student")  # train.py owns its folder: its manifest, read through train.py
 a, b = m["first_eval"], m["last_eval"]
 if a and b:
     print(f"student held-out KL to the teacher (T=2, top-64 + tail): {a['kl']:.4f} before distillation -> "

@@ -1,7 +1,8 @@
 """
 Sample from a Qwen3 checkpoint (the distilled student, or any Hub Qwen3) with a static KV cache.
 
-The prompt is wrapped in the model card's DualMind layout, `##USER:\\n{question}\\n\\n<explore>\\n`, unless --raw.
+The prompt is wrapped in the model card's DualMind layout (common.dualmind_prompt: the user turn, then the opening
+<explore> tag, exactly as the student was trained), unless --raw.
 Prefill once, then one token per step from the preallocated cache; sampling is a chain of small pure functions
 with transformers' semantics, in its order: repetition penalty, temperature, top-k, top-p. Generation stops at
 the end tokens of generation_config.json or at a stop string (default `</response>`, the output ending exactly
@@ -21,12 +22,12 @@ Run
 import argparse
 import json
 import os
-import re
 import sys
 import time
 
 import torch
 
+from common import BLOCKS, dualmind_prompt
 from model import Qwen3, resolve_folder
 
 # -----------------------------------------------------------------------------
@@ -80,21 +81,18 @@ def decode_step(model, idx, input_pos):
 
 
 def generate(model, prompt, max_new_tokens, eos_ids=(), temperature=0.0, top_k=0, top_p=1.0, penalty=1.0,
-             seed=0, use_cache=True, step_fn=None):
+             seed=0, step_fn=None):
     """Yield new token ids one at a time. prompt (1, T) int64. Stops at an id in eos_ids (yielded) or after
-    max_new_tokens. use_cache=False recomputes the whole sequence every step (a reference for the cache)."""
+    max_new_tokens. step_fn: the decode step (decode_step, or a compiled copy of it)."""
     device = prompt.device
     T = prompt.shape[1]
     gen = torch.Generator(device=device).manual_seed(seed)
     step_fn = step_fn or decode_step
-    seq = prompt
+    seq = prompt  # (1, T + i): what the repetition penalty looks at
     with torch.no_grad():
-        if use_cache:
-            model.setup_cache(batch_size=1, max_seq_len=T + max_new_tokens)
-            logits = decode_step(model, prompt, torch.arange(T, device=device))  # prefill: the last position's logits
-        else:
-            logits = model(prompt)[:, -1]
+        model.setup_cache(batch_size=1, max_seq_len=T + max_new_tokens)
         try:
+            logits = decode_step(model, prompt, torch.arange(T, device=device))  # prefill: the last position's logits
             for i in range(max_new_tokens):
                 nxt = next_token(logits, seq, temperature, top_k, top_p, penalty, gen)  # (1,)
                 seq = torch.cat([seq, nxt[:, None]], 1)
@@ -102,13 +100,9 @@ def generate(model, prompt, max_new_tokens, eos_ids=(), temperature=0.0, top_k=0
                 yield tok
                 if tok in eos_ids or i == max_new_tokens - 1:
                     return
-                if use_cache:
-                    logits = step_fn(model, nxt[:, None], torch.tensor([T + i], device=device))
-                else:
-                    logits = model(seq)[:, -1]
+                logits = step_fn(model, nxt[:, None], torch.tensor([T + i], device=device))  # (1, V)
         finally:
-            if use_cache:
-                model.clear_cache()
+            model.clear_cache()
 
 
 def cut_at_stop(text, stops):
@@ -117,19 +111,16 @@ def cut_at_stop(text, stops):
     return (text[:min(ends)], True) if ends else (text, False)
 
 
-BLOCKS = ["explore", "examine", "response"]
-
-
 def dualmind_check(text):
-    """Which DualMind blocks are present (opened and closed) and whether they come in the card's order."""
+    """Which DualMind blocks are present (opened and closed), and ok: all three, in the card's order."""
     spans = {}
     for b in BLOCKS:
         o, c = text.find(f"<{b}>"), text.find(f"</{b}>")
         spans[b] = (o, c) if 0 <= o < c else None
     present = {b: spans[b] is not None for b in BLOCKS}
     found = [spans[b] for b in BLOCKS if spans[b]]
-    ordered = all(present.values()) and all(a[1] < b[0] for a, b in zip(found, found[1:]))
-    return dict(present=present, ordered=ordered, ok=ordered)
+    ok = all(present.values()) and all(a[1] < b[0] for a, b in zip(found, found[1:]))
+    return dict(present=present, ok=ok)
 
 
 # -----------------------------------------------------------------------------
@@ -179,14 +170,13 @@ def main(args):
     prompts = read_prompts(args)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens {args.max_new_tokens}: must be at least 1")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    model, tok, eos = load(args.model, args.device, dtype)
+    model, tok, eos = load(args.model, args.device, getattr(torch, args.dtype))
     ctx = model.config.max_position_embeddings
     step_fn = torch.compile(decode_step) if args.compile else None
     stream = args.prompts_jsonl is None and not args.quiet
     failures = 0
     for prompt in prompts:
-        text = prompt if args.raw else f"##USER:\n{prompt.strip()}\n\n<explore>\n"
+        text = prompt if args.raw else dualmind_prompt(prompt.strip())
         ids = tok.encode(text, add_special_tokens=False).ids
         if len(ids) >= ctx:
             raise ValueError(f"prompt of {len(ids)} tokens does not fit the context of {ctx}")
@@ -216,7 +206,7 @@ def main(args):
             print(json.dumps(dict(prompt=prompt, output=answer, tokens=len(out), check=check), ensure_ascii=False))
         if args.check:
             marks = " ".join(f"<{b}>{'✓' if v else '✗'}" for b, v in check["present"].items())
-            print(f"DualMind check: {marks} | order {'ok' if check['ordered'] else 'WRONG'} -> "
+            print(f"DualMind check: {marks} | order {'ok' if check['ok'] else 'WRONG'} -> "
                   f"{'PASS' if check['ok'] else 'FAIL'}", file=sys.stderr)
         failures += not check["ok"]
     if args.enforce and failures:

@@ -38,6 +38,7 @@ Run
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -45,8 +46,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from cache_teacher import FORMAT_VERSION, Progress, TeacherCache, prepare_out, sha256_json, tail_mass
-from model import write_json
+from cache_teacher import TeacherCache, tail_mass
+from common import (FORMAT_VERSION, Progress, atomic_write, check_upstream, prepare_out, publish, read_manifest,
+                    sha256_json, write_json)
 
 BLOCK = 64
 SIGNALS = ["entropy", "surprisal", "tv"]
@@ -102,10 +104,18 @@ def discrepancy(f, last, K=8):
     return disc
 
 
+def threshold_from_sums(s1, s2, n, sigma=3.0):
+    """mean + sigma std from the streaming sums s1 = sum x, s2 = sum x^2 over n values (inf when n = 0)."""
+    if n == 0:
+        return float("inf")
+    mean = s1 / n
+    return float(mean + sigma * np.sqrt(max(s2 / n - mean * mean, 0.0)))
+
+
 def jump_threshold(delta, valid, sigma=3.0):
-    """mean + sigma std of delta over the valid rows (not a document's last row)."""
+    """mean + sigma std of delta over the valid rows (not a document's last row), in one piece."""
     d = delta[valid].astype(np.float64)
-    return float(d.mean() + sigma * d.std()) if len(d) else float("inf")
+    return threshold_from_sums(d.sum(), (d * d).sum(), len(d), sigma)
 
 
 def jumps_and_weights(delta, valid, threshold, amplify=1.25):
@@ -218,31 +228,36 @@ def run_pass(cache, kind, chunk, K, sigma, amplify, out, prog=None, threads=1):
                 weight=(N, np.float32), **{f"block_{c}": (nb, np.float32) for c in BLOCK_CHANNELS})
     arr = {n: np.lib.format.open_memmap(os.path.join(out, n + ".partial.npy"), mode="w+", dtype=dt, shape=(sh,))
            for n, (sh, dt) in spec.items()}
-    def first(ab):  # signal, delta, disc of whole documents; numpy releases the GIL, so threads use every core
+
+    def signal_pass(ab):  # signal, delta, disc of whole documents; numpy releases the GIL, so threads use every core
         a, b = ab
-        last = doc_last_rows(cache.doc_offsets, a, b)
+        last = doc_last_rows(cache.doc_offsets, a, b)  # (b - a,) bool: rows that end a document
         rows = cache.rows(a, b) if kind == "tv" else {n: cache.arrays[n][a:b] for n in ["entropy", "target_logprob"]}
         f = signal(kind, rows, last)
         d = deltas(f, last)
         arr["f"][a:b], arr["delta"][a:b], arr["disc"][a:b] = f, d, discrepancy(f, last, K)
+        # this chunk's share of the stream-wide sums (the threshold needs the mean and std of every valid delta)
         dv = d[~last].astype(np.float64)
         return dv.sum(), (dv ** 2).sum(), len(dv), b - a
 
+    # pass 1 over whole documents: f, delta, disc, and the streaming sums s1 = sum delta, s2 = sum delta^2, n
     s1 = s2 = nvalid = 0.0
     with ThreadPoolExecutor(threads) as pool:
-        for r1, r2, nv, n in pool.map(first, doc_chunks(cache.doc_offsets, chunk)):
+        for r1, r2, nv, n in pool.map(signal_pass, doc_chunks(cache.doc_offsets, chunk)):
             s1, s2, nvalid = s1 + r1, s2 + r2, nvalid + nv
             if prog:
                 prog.update(n)
-    mean = s1 / max(nvalid, 1)
-    threshold = float(mean + sigma * np.sqrt(max(s2 / max(nvalid, 1) - mean ** 2, 0.0)))
-    def second(ab):  # jumps, weights and block channels of whole blocks
+    # the stream-wide threshold from the sums of all chunks: the same number as jump_threshold over all of delta
+    threshold = threshold_from_sums(s1, s2, nvalid, sigma)
+
+    def jump_pass(ab):  # jumps, weights and block channels of whole blocks
         a, b = ab
-        lo = max(a - 1, 0)  # weight[a] depends on jump[a - 1]
+        lo = max(a - 1, 0)  # weight[a] depends on jump[a - 1]: read one row before the range
         valid = ~doc_last_rows(cache.doc_offsets, lo, b)
         delta = np.asarray(arr["delta"][lo:b])
         jump, weight = jumps_and_weights(delta, valid, threshold, amplify)
         arr["jump"][a:b], arr["weight"][a:b] = jump[a - lo:], weight[a - lo:]
+        # the range starts on a block boundary; pad its end to whole blocks with rows that count for nothing
         pad = -(b - a) % BLOCK
         padded = lambda x, v: np.concatenate([x[a - lo:], np.full(pad, v, dtype=x.dtype)])
         ch = block_channels(padded(delta, 0), padded(jump, False), padded(valid, False),
@@ -250,16 +265,37 @@ def run_pass(cache, kind, chunk, K, sigma, amplify, out, prog=None, threads=1):
         for c in BLOCK_CHANNELS:
             arr[f"block_{c}"][a // BLOCK:a // BLOCK + len(ch[c])] = ch[c]
 
+    # pass 2 over whole 64-row blocks: jumps and weights against the threshold, then the block channels
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(second, block_ranges(N, chunk)))
+        list(pool.map(jump_pass, block_ranges(N, chunk)))
     for m in arr.values():
         m.flush()
     return arr, threshold, int(nvalid)
 
 
-def signal_summary(f, delta, valid):
+class Topology:
+    """A complete topology folder, read (by windows.py and train.py): its manifest, report.json, and `arrays`,
+    the memory-mapped OUTPUTS by name (arrays["disc"], arrays["jump"], arrays["weight"], arrays["block_drift"], ...)."""
+
+    def __init__(self, folder, cache_folder, needed_by=""):
+        self.folder = folder
+        self.manifest = read_manifest(folder, "topology", needed_by=needed_by)
+        check_upstream(self.manifest, cache_folder, "cache", folder)  # built from this very cache
+        self.fingerprint = self.manifest["fingerprint"]
+        self.arrays = {n: np.load(os.path.join(folder, n + ".npy"), mmap_mode="r") for n in OUTPUTS}
+        with open(os.path.join(folder, "report.json")) as fh:
+            self.report = json.load(fh)
+
+
+def load(folder, cache_folder, needed_by=""):
+    """topology.load(folder, cache folder) -> Topology, refused if incomplete or built from another cache."""
+    return Topology(folder, cache_folder, needed_by)
+
+
+def signal_summary(f, delta, valid, sigma=3.0):
+    """One signal on a stretch of the stream: its mean and spread, and how often `sigma` x std fires."""
     d = delta[valid].astype(np.float64)
-    thr = d.mean() + 3 * d.std()
+    thr = jump_threshold(delta, valid, sigma)
     return dict(f_mean=float(f[valid].mean()), f_std=float(f[valid].std()), delta_mean=float(d.mean()),
                 delta_std=float(d.std()), threshold=float(thr), firing_rate=float((d > thr).mean()))
 
@@ -288,7 +324,7 @@ def main(args):
     render_html(os.path.join(out, "report.html"), cache, arr, report)
     del arr
     for n in OUTPUTS:  # finished: the partial files take their final names, the manifest comes last
-        os.replace(os.path.join(out, n + ".partial.npy"), os.path.join(out, n + ".npy"))
+        publish(os.path.join(out, n + ".partial.npy"), os.path.join(out, n + ".npy"))
     manifest = dict(phase="topology", version=FORMAT_VERSION, fingerprint=fingerprint, settings=settings,
                     upstream=dict(cache=cache.fingerprint), args=vars(args), threshold=threshold,
                     counts=dict(positions=N, documents=cache.n_docs, jumps=n_jumps, blocks=-(-N // BLOCK)),
@@ -318,7 +354,7 @@ def build_report(cache, args, arr, threshold, nvalid, elapsed):
             fs.append(fk)
             ds.append(deltas(fk, last))
             vs.append(~last)
-    sigs = {kind: signal_summary(*map(np.concatenate, v)) for kind, v in parts.items()}
+    sigs = {kind: signal_summary(*map(np.concatenate, v), args.sigma) for kind, v in parts.items()}
     per_doc = []
     for d in range(cache.n_docs):
         a, b = cache.doc_range(d)
@@ -332,7 +368,7 @@ def build_report(cache, args, arr, threshold, nvalid, elapsed):
     lse = np.asarray(cache.arrays["lse"][rows], dtype=np.float32)
     tails = {}
     for ti, T in enumerate(cache.temperatures):
-        q = tail_mass(lp, lse[:, 0], lse[:, ti], T)
+        q = tail_mass(lp, lse, ti, T)
         tails[f"T={T:g}"] = dict(mean=float(q.mean()), **{f"p{p}": float(np.percentile(q, p)) for p in [50, 90, 99]})
     total = lambda c: float(np.asarray(arr[f"block_{c}"], dtype=np.float64).sum())
     n_jumps = int(np.count_nonzero(arr["jump"]))
@@ -426,10 +462,8 @@ orange examine, green response){'; green bars = window cuts' if cuts is not None
 <h2>The three signals on this stream</h2>
 <table><tr><th>signal</th><th>mean delta</th><th>std delta</th><th>3-sigma firing rate</th><th>mean f</th></tr>{rows}</table>
 """
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_write(path) as fh:
         fh.write(page)
-    os.replace(tmp, path)
 
 
 def get_parser():

@@ -39,15 +39,19 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from cache_teacher import (FORMAT_VERSION, TeacherCache, check_upstream, fmt_time, init_distributed, prepare_out,
-                           read_manifest, sha256_json)
-from model import DTYPES, Qwen3, Qwen3Config, write_json
-from windows import fixed_windows
+from cache_teacher import TeacherCache, teacher_log_q
+from common import (FORMAT_VERSION, REASONING, ROLES, end_tokens, fmt_time, init_distributed, pad_right, prepare_out,
+                    publish, read_manifest, sha256_json, write_json)
+from model import Qwen3, Qwen3Config
+from topology import load as load_topology
+from windows import fixed_windows, load as load_windows
+
+STEP_STATS = ("ce", "kl", "agree", "tail_gap", "rows", "tokens", "objective")  # what one optimizer step sums up
 
 # -----------------------------------------------------------------------------
 # Schedules (pure functions of the step)
@@ -72,7 +76,8 @@ def learning_rate(step, total, peak=5e-6, floor=5e-7, warmup=30):
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(f, 1.0)))
 
 
-def curriculum_phase(step, total, n_phases=4):
+def step_phase(step, total, n_phases=4):
+    """The curriculum phase of an optimizer step: four phases of equal length."""
     return min(step * n_phases // max(total, 1), n_phases - 1)
 
 
@@ -81,7 +86,7 @@ def draw_schedule(pools, total, batch, seed):
     no earlier phase drew first (shuffled), then the others, then further shuffled passes. With nested pools of
     30/55/80/100% and one epoch of steps, every window is drawn exactly once, easiest first. A pure function of
     its arguments, so a resumed run or another process computes the same schedule."""
-    phases = np.array([curriculum_phase(s, total, len(pools)) for s in range(total)], dtype=np.int64)
+    phases = np.array([step_phase(s, total, len(pools)) for s in range(total)], dtype=np.int64)
     seen, out = set(), []
     for p, pool in enumerate(pools):
         n = int((phases == p).sum()) * batch
@@ -96,43 +101,46 @@ def draw_schedule(pools, total, batch, seed):
     return np.concatenate(out).reshape(total, batch)
 
 
+
+
 # -----------------------------------------------------------------------------
 # The loss (pure), chunked over rows, with its gradient formed in the forward
 
 
-def teacher_log_q(topk_logprobs, lse, t_index, T):
-    """Teacher log q_T over the k cached ids and its tail mass Q_T, from the cache alone.
-    topk_logprobs (R, k) at T=1, lse (R, nT) -> (R, k), (R,)."""
-    lq = (topk_logprobs + lse[:, :1]) / T - lse[:, t_index:t_index + 1]
-    return lq, (1.0 - lq.exp().sum(-1)).clamp_min(0.0)
+def teacher_q(topk_logprobs, lse, t_index, T):
+    """The teacher's side of KL_{k+1} from the cache: log q_T over its k ids (R, k) and the tail mass Q_T (R,).
+    topk_logprobs (R, k) at T=1, lse (R, nT), fp32."""
+    lq = teacher_log_q(topk_logprobs, lse, t_index, T)
+    return lq, (1.0 - lq.exp().sum(-1)).clamp_min(0.0)  # clamp: fp16 log-probs may sum a hair above 1
 
 
 def kd_rows(u, targets, ids, lq, Q, T, mode, w_ce=None, w_kd=None):
     """Per-row CE, KL, top-1 agreement and tail gap from student logits u (c, V) fp32 (overwritten);
     with w_ce/w_kd (c,) also G = d(sum w_ce CE + w_kd KL)/du (c, V).
 
-    KL_{k+1} = sum_K q (log q - log p) + Q (log Q - log P) with P the student's mass outside the k ids, both at
-    temperature T; its
-    gradient in u is (p_j - q_j)/T on the k ids and p_j (1 - Q/P)/T elsewhere. renorm: KL between q and p
-    renormalised over the k ids, gradient (p~_j - q~_j)/T on the ids and 0 elsewhere. CE gradient: p_1 - onehot.
+    With p the student and q the teacher, both at temperature T, and P, Q their masses outside the k cached ids:
+      KL_{k+1} = sum_K q (log q - log p) + Q (log Q - log P)
+      dKL/du_j = (p_j - q_j) / T on the k ids,  p_j (1 - Q/P) / T elsewhere (the tail bucket shared in proportion)
+    renorm (ablation): KL between q and p renormalised over the k ids; gradient (p~_j - q~_j) / T on the ids, 0
+    elsewhere. CE at T=1: gradient p_1 - onehot(target).
     """
-    lse1 = torch.logsumexp(u, -1)
-    ce = lse1 - u.gather(1, targets[:, None])[:, 0]
+    lse1 = torch.logsumexp(u, -1)  # (c,)
+    ce = lse1 - u.gather(1, targets[:, None])[:, 0]  # -log p_1(target)
     if ids is None:  # no teacher (plain language-model training): CE only
         nan = torch.full_like(ce, float("nan"))
         G = None if w_ce is None else torch.softmax(u, -1, out=u).mul_(w_ce[:, None]).scatter_add_(
             1, targets[:, None], -w_ce[:, None])
         return dict(ce=ce, kl=torch.zeros_like(ce), agree=nan, tail_gap=nan), G
-    agree = (u.argmax(-1) == ids[:, 0]).float()
+    agree = (u.argmax(-1) == ids[:, 0]).float()  # the student's top-1 is the teacher's
     lpT = torch.log_softmax(u / T, -1)  # (c, V) student log p_T
-    lpK = lpT.gather(1, ids)  # (c, k)
+    lpK = lpT.gather(1, ids)  # (c, k) on the teacher's ids
     # the student's tail mass P as a logsumexp over the ids outside the top-k, not as 1 - sum (no cancellation)
-    logP = torch.logsumexp(lpT.scatter_(1, ids, float("-inf")), -1)
-    lpT.scatter_(1, ids, lpK)  # restore
+    logP = torch.logsumexp(lpT.scatter_(1, ids, float("-inf")), -1)  # (c,)
+    lpT.scatter_(1, ids, lpK)  # restore the k entries
     P = logP.exp()
-    qK = lq.exp()
+    qK = lq.exp()  # (c, k) teacher q_T on its ids
     if mode == "tail":
-        kl = (qK * (lq - lpK)).sum(-1) + torch.xlogy(Q, Q) - Q * logP
+        kl = (qK * (lq - lpK)).sum(-1) + torch.xlogy(Q, Q) - Q * logP  # k terms + the tail bucket
     else:  # renorm
         lq_n = lq - torch.logsumexp(lq, -1, keepdim=True)
         lp_n = lpK - torch.logsumexp(lpK, -1, keepdim=True)
@@ -142,38 +150,51 @@ def kd_rows(u, targets, ids, lq, Q, T, mode, w_ce=None, w_kd=None):
         return stats, None
     pT = lpT.exp_()  # reuse the buffer: (c, V) student p_T
     if mode == "tail":
-        r = Q * torch.exp(-logP)  # Q / P
-        G = pT * (w_kd * (1.0 - r) / T)[:, None]  # the tail part for every id, corrected on the k ids below
+        r = Q * torch.exp(-logP)  # Q / P, (c,)
+        G = pT * (w_kd * (1.0 - r) / T)[:, None]  # the tail formula p_j (1 - Q/P) / T for every id ...
+        # ... then on the k ids add what turns it into (p_j - q_j) / T:  p_j r / T - q_j / T
         G.scatter_add_(1, ids, (w_kd / T)[:, None] * (pT.gather(1, ids) * r[:, None] - qK))
     else:
         G = torch.zeros_like(pT)
         G.scatter_add_(1, ids, (w_kd / T)[:, None] * (lp_n.exp() - lq_n.exp()))
-    G.add_(torch.softmax(u, -1, out=u) * w_ce[:, None])  # u is spent: p_1 in its place
-    G.scatter_add_(1, targets[:, None], -w_ce[:, None])
+    G.add_(torch.softmax(u, -1, out=u) * w_ce[:, None])  # CE part: w_ce p_1 (u is spent: p_1 in its place) ...
+    G.scatter_add_(1, targets[:, None], -w_ce[:, None])  # ... minus w_ce at the target
     return stats, G
+
+
+def kd_chunks(h, W, targets, teacher, T, mode, chunk, w_ce=None, w_kd=None):
+    """The one chunk loop of the loss and the evaluation: yields (row slice, per-row stats, G) `chunk` rows at a time,
+    so the student's logits exist for one chunk only. h (R, C), W (V, C); teacher None or (ids, lq, Q) per row."""
+    for s in range(0, h.shape[0], chunk):
+        sl = slice(s, s + chunk)
+        u = (h[sl] @ W.t()).float()  # (c, V) logits in the autocast dtype, then fp32 for the softmaxes
+        ids, lq, Q = (None, None, None) if teacher is None else (t[sl] for t in teacher)
+        st, G = kd_rows(u, targets[sl], ids, lq, Q, T, mode, None if w_ce is None else w_ce[sl],
+                        None if w_kd is None else w_kd[sl])
+        yield sl, st, G
+
+
+ROW_STATS = ("ce", "kl", "agree", "tail_gap")  # per-row statistics that kd_rows returns and the loss sums
 
 
 class ChunkedKDLoss(torch.autograd.Function):
     """sum over rows of w_ce CE + w_kd KL, the lm_head applied `chunk` rows at a time (Liger-style: the gradient
-    in h and W is formed chunk by chunk in the forward, so no (R, V) tensor is ever kept for the backward)."""
+    in h and W is formed chunk by chunk in the forward, so no (R, V) tensor is ever kept for the backward).
+    Returns (loss, sums (4,) of ROW_STATS over the rows)."""
 
     @staticmethod
     def forward(ctx, h, W, targets, w_ce, w_kd, ids, lq, Q, T, mode, chunk):
         # h (R, C), W (V, C); targets (R,); w_ce, w_kd (R,) fp32; ids (R, k); lq (R, k); Q (R,)
         grad_h, grad_W = torch.empty_like(h), torch.zeros(W.shape, dtype=torch.float32, device=W.device)
         total = torch.zeros((), dtype=torch.float64, device=h.device)
-        sums = torch.zeros(4, dtype=torch.float64, device=h.device)
-        for s in range(0, h.shape[0], chunk):
-            hc = h[s:s + chunk]
-            u = (hc @ W.t()).float()  # (c, V) in the autocast dtype, then fp32
-            sl = slice(s, s + chunk)
-            st, G = kd_rows(u, targets[sl], None if ids is None else ids[sl], None if lq is None else lq[sl],
-                            None if Q is None else Q[sl], T, mode, w_ce[sl], w_kd[sl])
-            total += (w_ce[s:s + chunk] * st["ce"] + w_kd[s:s + chunk] * st["kl"]).sum()
-            sums += torch.stack([st[n].sum() for n in ["ce", "kl", "agree", "tail_gap"]]).double()
-            # the two gradient matmuls run in the autocast dtype, like autograd's backward of hc @ W.t() would
-            grad_h[s:s + chunk] = (G @ W).to(h.dtype)
-            grad_W += (G.t() @ hc).float()
+        sums = torch.zeros(len(ROW_STATS), dtype=torch.float64, device=h.device)
+        teacher = None if ids is None else (ids, lq, Q)
+        for sl, st, G in kd_chunks(h, W, targets, teacher, T, mode, chunk, w_ce, w_kd):
+            total += (w_ce[sl] * st["ce"] + w_kd[sl] * st["kl"]).sum()
+            sums += torch.stack([st[n].sum() for n in ROW_STATS]).double()
+            # the two gradient matmuls run in the autocast dtype, like autograd's backward of h @ W.t() would
+            grad_h[sl] = (G @ W).to(h.dtype)  # (c, C)
+            grad_W += (G.t() @ h[sl]).float()  # (V, C)
         ctx.save_for_backward(grad_h, grad_W)
         ctx.mark_non_differentiable(sums)
         return total.float(), sums
@@ -184,85 +205,79 @@ class ChunkedKDLoss(torch.autograd.Function):
         return grad_h * grad_total, grad_W * grad_total, *([None] * 9)
 
 
-def dense_kd_loss(logits, targets, w_ce, w_kd, ids, lq, Q, T, mode):
-    """The same loss written straightforwardly over full-vocabulary logits (R, V): what bench.py compares against."""
-    logits = logits.float()
-    ce = F.cross_entropy(logits, targets, reduction="none")
-    lpT = F.log_softmax(logits / T, -1)
-    lpK = lpT.gather(1, ids)
-    if mode == "tail":
-        logP = torch.log((1 - lpK.exp().sum(-1)).clamp_min(1e-30))
-        kl = (lq.exp() * (lq - lpK)).sum(-1) + torch.xlogy(Q, Q) - Q * logP
-    else:
-        lq_n, lp_n = lq.log_softmax(-1), lpK.log_softmax(-1)
-        kl = (lq_n.exp() * (lq_n - lp_n)).sum(-1)
-    return (w_ce * ce + w_kd * kl).sum()
-
-
 # -----------------------------------------------------------------------------
 # Data: windows -> padded micro-batches with their trainable rows
 
 
-class Stream:
-    """The cache, topology weights and windows of a run; batch() turns window indices into tensors."""
+def batch_tensors(device, idx, sel, targets, reasoning, jump_w, topk_ids=None, topk_logprobs=None, lse=None):
+    """The micro-batch dict micro_step reads, as tensors on `device` (bench.py builds its batches with it too).
 
-    def __init__(self, cache, weight, windows, t_index):
-        self.cache, self.weight, self.windows, self.t_index = cache, weight, windows, t_index
-        self.doc_end = np.asarray(cache.doc_offsets)[windows[:, 0] + 1]
+    idx (B, L) int64 tokens; sel (R,) trainable rows as flat indices into B*L; targets (R,) next tokens;
+    reasoning (R,) bool (explore/examine target); jump_w (R,) topology multiplier; the teacher's cached top-k
+    for the same rows: topk_ids (R, k), topk_logprobs (R, k) at T=1, lse (R, nT)."""
+    arrays = dict(idx=idx, sel=sel, targets=targets, reasoning=reasoning, jump_w=jump_w, topk_ids=topk_ids,
+                  topk_logprobs=topk_logprobs, lse=lse)
+    out = {k: torch.as_tensor(np.ascontiguousarray(v) if isinstance(v, np.ndarray) else v).to(device)
+           for k, v in arrays.items() if v is not None}
+    out["ntok"] = int(np.prod(out["idx"].shape))
+    return out
+
+
+class WindowBatches:
+    """The windows of a run over the cache; batch() turns window indices into a padded micro-batch."""
+
+    def __init__(self, cache, windows, jump_weight=None):
+        self.cache, self.windows, self.jump_weight = cache, windows, jump_weight
+        self.doc_end = np.asarray(cache.doc_offsets)[windows[:, 0] + 1]  # (W,) end row of each window's document
 
     def rows_of(self, w):
         """Stream rows trained in window w: [loss_start, end), minus the document's last row and prompt targets."""
         d, s, l, e = self.windows[w]
-        t = np.arange(l, min(e, self.doc_end[w] - 1))
-        return t[self.cache.roles[t + 1] != 0]
+        t = np.arange(l, min(e, self.doc_end[w] - 1))  # row t predicts token t + 1, which must exist
+        return t[self.cache.roles[t + 1] != ROLES["prompt"]]  # loss never falls on the prompt
 
     def count(self, ws):
         return sum(len(self.rows_of(w)) for w in ws)
 
     def batch(self, ws, device):
-        B = len(ws)
         L = int(max(self.windows[w, 3] - self.windows[w, 1] for w in ws))
-        idx = np.zeros((B, L), dtype=np.int64)  # right padding: causal attention never sees it
         sel, rows = [], []
         for b, w in enumerate(ws):
-            _, s, _, e = self.windows[w]
-            idx[b, :e - s] = self.cache.tokens[s:e]
             t = self.rows_of(w)
-            sel.append(b * L + (t - s))
+            sel.append(b * L + (t - self.windows[w, 1]))  # flat index into (B, L)
             rows.append(t)
-        sel, rows = np.concatenate(sel), np.concatenate(rows)
-        out = dict(idx=idx, sel=sel, targets=self.cache.tokens[rows + 1].astype(np.int64),
-                   reasoning=np.isin(self.cache.roles[rows + 1], [1, 2]),
-                   jump_w=self.weight[rows] if self.weight is not None else np.ones(len(rows), np.float32))
-        if self.cache.has_teacher:
-            r = self.cache.rows_at(rows)
-            out.update(ids=r["topk_ids"], lp=r["topk_logprobs"], lse=r["lse"])
-        tens = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in out.items()}
-        tens["ntok"] = B * L
-        return tens
+        sel, rows = np.concatenate(sel), np.concatenate(rows)  # (R,) each
+        teacher = self.cache.rows_at(rows) if self.cache.has_teacher else {}
+        return batch_tensors(
+            device, idx=pad_right([self.cache.tokens[s:e] for _, s, _, e in self.windows[ws]], L), sel=sel,
+            targets=self.cache.tokens[rows + 1].astype(np.int64),
+            reasoning=np.isin(self.cache.roles[rows + 1], REASONING),
+            jump_w=self.jump_weight[rows] if self.jump_weight is not None else np.ones(len(rows), np.float32),
+            **teacher)
 
 
-def micro_step(model, batch, alpha, w_proof, T, t_index, mode, n_norm, chunk, use_jumps=True, use_proof=True,
-               autocast=None):
-    """Forward + loss (+ backward by the caller) of one micro-batch. Returns (loss, sums of ce, kl, agree, gap, rows).
-
-    loss is already divided by n_norm, the trainable rows of the whole optimizer step.
-    """
+def micro_step(model, batch, *, alpha, w_proof, temperature, t_index, kd_mode, n_norm, chunk, use_jumps=True,
+               use_proof=True, autocast=False):
+    """Forward + loss of one micro-batch (the caller runs backward). Returns (loss, sums): loss is already divided
+    by n_norm, the trainable rows of the whole optimizer step; sums (5,) float64 = ROW_STATS summed, then rows."""
+    T = temperature
     with torch.autocast(batch["idx"].device.type, dtype=torch.bfloat16, enabled=bool(autocast)):
-        h = model(batch["idx"], hidden_only=True)  # (B, L, C)
+        h = model(batch["idx"], hidden_only=True)  # (B, L, C) final-normed hidden states
         hr = h.flatten(0, 1)[batch["sel"]]  # (R, C) trainable rows only
+        # the loss multiplier m per row: proof weight on explore/examine targets, x 1.25 right after a jump
         m = torch.ones(len(hr), device=hr.device)
         if use_proof:
             m = torch.where(batch["reasoning"], torch.full_like(m, w_proof), m)
         if use_jumps:
             m = m * batch["jump_w"].float()
+        # m ((1 - alpha) CE + alpha T^2 KL), divided by the step's trainable rows (not by sum m: that cancels m)
         w_ce, w_kd = m * (1 - alpha) / n_norm, m * alpha * T * T / n_norm
         ids = lq = Q = None  # no teacher: CE only (alpha is 0)
-        if "ids" in batch:
-            lq, Q = teacher_log_q(batch["lp"].float(), batch["lse"].float(), t_index, T)
-            ids = batch["ids"]
-        W = unwrap(model).lm_head.weight
-        loss, sums = ChunkedKDLoss.apply(hr, W, batch["targets"], w_ce, w_kd, ids, lq, Q, T, mode, chunk)
+        if "topk_ids" in batch:
+            lq, Q = teacher_q(batch["topk_logprobs"].float(), batch["lse"].float(), t_index, T)
+            ids = batch["topk_ids"]
+        W = unwrap(model).lm_head.weight  # (V, C)
+        loss, sums = ChunkedKDLoss.apply(hr, W, batch["targets"], w_ce, w_kd, ids, lq, Q, T, kd_mode, chunk)
     return loss, torch.cat([sums, sums.new_tensor([len(hr)])])
 
 
@@ -272,37 +287,35 @@ def unwrap(model):
 
 
 @torch.no_grad()
-def evaluate(model, stream, val, T, t_index, mode, chunk, device, autocast, batch=2):
+def evaluate(model, batches, val, *, temperature, t_index, kd_mode, chunk, device, autocast, batch_size=2):
     """Held-out windows: mean CE, KL to the teacher at T, top-1 agreement with the teacher, tail-mass gap."""
     model.eval()
-    sums = torch.zeros(5, dtype=torch.float64)
-    for i in range(0, len(val), batch):
-        b = stream.batch(val[i:i + batch], device)
-        ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast)
-        with ctx:
-            h = model(b["idx"], hidden_only=True).flatten(0, 1)[b["sel"]]
-        W = unwrap(model).lm_head.weight
-        for s in range(0, len(h), chunk):
-            with ctx:
-                u = (h[s:s + chunk] @ W.t()).float()
-            ids = lq = Q = None
-            if "ids" in b:
-                lq, Q = teacher_log_q(b["lp"][s:s + chunk].float(), b["lse"][s:s + chunk].float(), t_index, T)
-                ids = b["ids"][s:s + chunk]
-            st, _ = kd_rows(u, b["targets"][s:s + chunk], ids, lq, Q, T, mode)
-            sums += torch.stack([st[n].sum().double().cpu() for n in ["ce", "kl", "agree", "tail_gap"]]
-                                + [torch.tensor(len(u), dtype=torch.float64)])
+    sums = dict.fromkeys(ROW_STATS + ("rows",), 0.0)
+    W = unwrap(model).lm_head.weight
+    for i in range(0, len(val), batch_size):
+        b = batches.batch(val[i:i + batch_size], device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            h = model(b["idx"], hidden_only=True).flatten(0, 1)[b["sel"]]  # (R, C)
+            teacher = None
+            if "topk_ids" in b:
+                teacher = (b["topk_ids"], *teacher_q(b["topk_logprobs"].float(), b["lse"].float(), t_index,
+                                                     temperature))
+            for _, st, _ in kd_chunks(h, W, b["targets"], teacher, temperature, kd_mode, chunk):
+                for n in ROW_STATS:
+                    sums[n] += st[n].double().sum().item()
+        sums["rows"] += len(h)
     model.train()
-    n = max(sums[4].item(), 1)
-    return dict(ce=sums[0].item() / n, kl=sums[1].item() / n, top1=sums[2].item() / n, tail_gap=sums[3].item() / n)
+    n = max(sums["rows"], 1)
+    return dict(ce=sums["ce"] / n, kl=sums["kl"] / n, top1=sums["agree"] / n, tail_gap=sums["tail_gap"] / n)
 
 
 # -----------------------------------------------------------------------------
-# Setup and checks
+# Setup: inputs, the held-out split, the student, the optimizer
 
 
 def load_inputs(args):
-    """Cache, topology weights and windows, checked to belong together."""
+    """Cache, topology jump weights and windows, checked to belong together.
+    Returns (cache, jump weight (N,) or None, windows (W, 4), phase (W,), upstream fingerprints)."""
     cache = TeacherCache(args.cache)
     if not os.path.isfile(cache.tokenizer_path):
         raise ValueError(f"{args.cache}: no tokenizer.json (the student is saved with the cache's tokenizer)")
@@ -310,20 +323,13 @@ def load_inputs(args):
         raise ValueError(f"{args.cache}: made with --teacher none, so --kd_alpha must be 0 (got {args.kd_alpha})")
     weight, topo_fp, win_fp = None, None, None
     if args.topology and not args.no_jumps:
-        m = read_manifest(args.topology, "topology", needed_by="train.py")
-        check_upstream(m, args.cache, "cache", args.topology)
-        weight, topo_fp = np.load(os.path.join(args.topology, "weight.npy"), mmap_mode="r"), m["fingerprint"]
+        topo = load_topology(args.topology, args.cache, needed_by="train.py")
+        weight, topo_fp = topo.arrays["weight"], topo.fingerprint
     elif not args.no_jumps and cache.has_teacher and args.kd_alpha > 0:
         raise ValueError("--topology is needed for the jump weights (or pass --no_jumps)")
     if args.windows:
-        m = read_manifest(args.windows, "windows", needed_by="train.py")
-        check_upstream(m, args.cache, "cache", args.windows)
-        if topo_fp and m["upstream"]["topology"] is not None:  # fixed-stride windows have no topology
-            check_upstream(m, args.topology, "topology", args.windows)
-        windows = np.load(os.path.join(args.windows, "windows.npy"))
-        phase, win_fp = np.load(os.path.join(args.windows, "phase.npy")), m["fingerprint"]
-        if len(windows) == 0:
-            raise ValueError(f"{args.windows}/windows.npy: no windows")
+        w = load_windows(args.windows, args.cache, args.topology if topo_fp else None, needed_by="train.py")
+        windows, phase, win_fp = w.windows, w.phase, w.fingerprint
     else:  # plain fixed-stride windows, no curriculum
         windows = fixed_windows(cache)
         phase = np.zeros(len(windows), np.uint8)
@@ -364,6 +370,10 @@ def configure_optimizer(model, lr, weight_decay):
     return torch.optim.AdamW(groups, lr=lr, fused=next(model.parameters()).is_cuda)
 
 
+# -----------------------------------------------------------------------------
+# Checkpoints, the log and the student folder
+
+
 def save_checkpoint(folder, model, opt, state):
     """Atomic: written into folder.tmp (state.json last), the previous checkpoint moved to folder.old, the new one
     renamed into place, then folder.old removed: at any kill, one complete checkpoint exists (find_checkpoint)."""
@@ -380,8 +390,8 @@ def save_checkpoint(folder, model, opt, state):
     old = folder + ".old"
     shutil.rmtree(old, ignore_errors=True)
     if os.path.isdir(folder):
-        os.replace(folder, old)
-    os.replace(tmp, folder)
+        publish(folder, old)
+    publish(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -411,7 +421,42 @@ def load_checkpoint(folder, model, opt, fingerprint):
     return state
 
 
-def save_student(out, model, cache, args):
+class RunLog:
+    """train_log.jsonl, written by rank 0: one JSON line per optimizer step and one per evaluation.
+
+    Resuming from the checkpoint of step S keeps the lines up to step S and drops any later ones (they were
+    written after that checkpoint and are about to be written again), so the log never repeats a step."""
+
+    def __init__(self, path, start, enabled=True):
+        self.f = None
+        if not enabled:
+            return
+        kept = []
+        if start and os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        e = json.loads(line)
+                    except json.JSONDecodeError:  # a line cut short by a kill
+                        continue
+                    if e.get("step", e.get("eval_step", 0)) <= start:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        publish(path + ".tmp", path)
+        self.f = open(path, "a", encoding="utf-8")
+
+    def record(self, entry):
+        if self.f:
+            self.f.write(json.dumps(entry) + "\n")
+            self.f.flush()
+
+    def close(self):
+        if self.f:
+            self.f.close()
+
+
+def save_student(out, model, cache, save_dtype):
     """The final student in Hugging Face layout, with the cache's tokenizer files and end tokens (the tokenizer
     first: save_pretrained writes config.json last, so a folder with config.json is whole)."""
     m = unwrap(model)
@@ -419,14 +464,48 @@ def save_student(out, model, cache, args):
         src = os.path.join(cache.folder, name)
         if os.path.isfile(src):
             shutil.copyfile(src, os.path.join(out, name + ".tmp"))
-            os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
-    if not m.generation_config:  # a student from scratch: stop at the cache's end token and <|endoftext|>
-        from tokenizers import Tokenizer
-        tok = Tokenizer.from_file(cache.tokenizer_path)
-        ends = [tok.token_to_id(t) for t in [cache.manifest.get("end_token"), "<|endoftext|>"] if t]
-        ends = sorted({e for e in ends if e is not None})
-        m.generation_config = dict(eos_token_id=ends, pad_token_id=ends[-1])
-    m.save_pretrained(out, dtype=DTYPES[args.save_dtype])  # the fp32 master weights, cast tensor by tensor
+            publish(os.path.join(out, name + ".tmp"), os.path.join(out, name))
+    if not m.generation_config:  # a student from scratch: stop at the cache's end tokens
+        ends = dict(end_tokens(cache.tokenizer_path))
+        m.generation_config = dict(eos_token_id=sorted(ends.values()),
+                                   pad_token_id=ends.get("<|endoftext|>", min(ends.values())))
+    m.save_pretrained(out, dtype=getattr(torch, save_dtype))  # the fp32 master weights, cast tensor by tensor
+
+
+def read_student(folder):
+    """The manifest of a complete student folder (what demo.sh and ablate.py read): args, steps, tokens,
+    first_eval and last_eval (dicts of ce, kl, top1, tail_gap on the held-out windows)."""
+    return read_manifest(folder, "student")
+
+
+@dataclass
+class Run:
+    """What the evaluation needs to know about the run (built once in main)."""
+    batches: WindowBatches
+    val: np.ndarray  # held-out window indices
+    args: argparse.Namespace
+    t_index: int
+    device: torch.device
+    autocast: bool
+    log: RunLog
+    master: bool
+
+
+def run_eval(run, model, step):
+    """Evaluate on the held-out windows (rank 0), log the line and print it; None when there is nothing to do."""
+    a = run.args
+    if not (run.master and len(run.val) and a.eval_every >= 0):
+        return None
+    ev = evaluate(model, run.batches, run.val, temperature=a.temperature, t_index=run.t_index, kd_mode=a.kd_mode,
+                  chunk=a.loss_chunk, device=run.device, autocast=run.autocast)
+    has_teacher = run.batches.cache.has_teacher
+    if not has_teacher:
+        ev = dict(ce=ev["ce"])
+    run.log.record(dict(eval_step=step, **ev))
+    kd = (f" | kl {ev['kl']:.4f} | top-1 agreement {ev['top1']:.3f} | tail gap {ev['tail_gap']:+.4f}"
+          if has_teacher else "")
+    print(f"eval step {step}: ce {ev['ce']:.4f}{kd} ({len(run.val)} held-out windows)", flush=True)
+    return ev
 
 
 # -----------------------------------------------------------------------------
@@ -434,8 +513,9 @@ def save_student(out, model, cache, args):
 
 
 def main(args):
+    # --- 1. processes, device and the run's size -------------------------------------------------------------
     rank, world, args.device = init_distributed(args.device)
-    ddp = world > 1
+    ddp, master = world > 1, rank == 0
     if ddp:
         import torch.distributed as dist
     device = torch.device(args.device)
@@ -446,22 +526,23 @@ def main(args):
     if args.grad_accum % world:
         raise ValueError(f"--grad_accum {args.grad_accum} must be divisible by the {world} processes")
     accum = args.grad_accum // world  # micro-batches per process: the global batch stays batch x grad_accum
-    step_batch = args.batch_size * args.grad_accum
-    master = rank == 0
+    step_batch = args.batch_size * args.grad_accum  # windows per optimizer step, all processes together
 
+    # --- 2. inputs, the held-out split and the curriculum schedule ---------------------------------------------
     cache, weight, windows, phase, upstream = load_inputs(args)
     t_index = cache.temperature_index(args.temperature) if cache.has_teacher else 0
-    stream = Stream(cache, None if weight is None else np.asarray(weight), windows, t_index)
-    train_docs = split_docs(cache.n_docs, args.val_fraction, args.seed)
-    is_train = train_docs[windows[:, 0]]
+    batches = WindowBatches(cache, windows, None if weight is None else np.asarray(weight))
+    is_train = split_docs(cache.n_docs, args.val_fraction, args.seed)[windows[:, 0]]  # (W,) by document
     train_w, val_w = np.flatnonzero(is_train), np.flatnonzero(~is_train)[:args.eval_windows]
     if len(train_w) == 0:
         raise ValueError(f"no training windows (all {len(windows)} held out: lower --val_fraction)")
+    # phase p draws from the windows whose curriculum phase is <= p (nested pools), or from all of them
     pools = [train_w[phase[train_w] <= p] for p in range(4)] if not args.no_curriculum else [train_w] * 4
     pools = [p if len(p) else train_w for p in pools]
     total = args.max_steps or math.ceil(args.epochs * len(train_w) / step_batch)
-    schedule = draw_schedule(pools, total, step_batch, args.seed)
+    schedule = draw_schedule(pools, total, step_batch, args.seed)  # (total, step_batch) window indices
 
+    # --- 3. the student, its optimizer, the output folder, resume -----------------------------------------------
     model = build_student(args, cache, device)
     model.gradient_checkpointing = args.grad_ckpt
     opt = configure_optimizer(model, args.lr, args.weight_decay)
@@ -492,91 +573,80 @@ def main(args):
         from torch.nn.parallel import DistributedDataParallel as DDP
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = args.dtype == "bfloat16"
-    os.makedirs(args.out, exist_ok=True)
-    log_path = os.path.join(args.out, "train_log.jsonl")
-    log = open(log_path, "a" if start else "w") if master else None
+    log = RunLog(os.path.join(args.out, "train_log.jsonl"), start, enabled=master)
+    run = Run(batches, val_w, args, t_index, device, autocast, log, master)
+    checkpoint = lambda step: save_checkpoint(ckpt_dir, model, opt, dict(step=step, fingerprint=fingerprint,
+                                                                         total=total, first_eval=first_eval))
 
-    def record(entry):
-        if master:
-            log.write(json.dumps(entry) + "\n")
-            log.flush()
-
-    def run_eval(step):
-        if master and len(val_w) and args.eval_every >= 0:
-            ev = evaluate(model, stream, val_w, args.temperature, t_index, args.kd_mode, args.loss_chunk, device,
-                          autocast)
-            if not cache.has_teacher:
-                ev = dict(ce=ev["ce"])
-            record(dict(eval_step=step, **ev))
-            kd = (f" | kl {ev['kl']:.4f} | top-1 agreement {ev['top1']:.3f} | tail gap {ev['tail_gap']:+.4f}"
-                  if cache.has_teacher else "")
-            print(f"eval step {step}: ce {ev['ce']:.4f}{kd} ({len(val_w)} held-out windows)", flush=True)
-            return ev
-
+    # --- 4. the training loop ------------------------------------------------------------------------------------
     if start == 0:
-        first_eval = run_eval(0)
+        first_eval = run_eval(run, model, 0)
     t_start, tokens_done = time.time(), 0
     model.train()
     for step in range(start, total):
         t0 = time.time()
+        # the schedules of this step
         alpha = kd_alpha(step, total, args.kd_alpha)
         w_proof = proof_weight(step, total, *args.proof_weight)
         lr = learning_rate(step, total, args.lr, args.min_lr, args.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
-        ws = schedule[step]
+        # this step's windows, split into micro-batches; this process takes its share of them
+        ws = schedule[step]  # (step_batch,)
         micro = ws.reshape(args.grad_accum, args.batch_size)[rank * accum:(rank + 1) * accum]
-        n_norm = stream.count(ws)  # trainable rows of the whole step, on every process
-        sums, ntok, objective = torch.zeros(5, dtype=torch.float64), 0, 0.0
+        n_norm = max(batches.count(ws), 1)  # trainable rows of the whole step, the same on every process
+        sums = dict.fromkeys(STEP_STATS, 0.0)
         for i, mb in enumerate(micro):
-            batch = stream.batch(mb, device)
-            sync = not ddp or i == len(micro) - 1
-            ctx = train_model.no_sync() if not sync else contextlib.nullcontext()
-            with ctx:
-                loss, s = micro_step(train_model, batch, alpha, w_proof, args.temperature, t_index, args.kd_mode,
-                                     max(n_norm, 1), args.loss_chunk, not args.no_jumps, not args.no_proof_weight,
-                                     autocast)
+            batch = batches.batch(mb, device)
+            sync = not ddp or i == len(micro) - 1  # DDP all-reduces the gradients on the last micro-batch only
+            with (train_model.no_sync() if not sync else contextlib.nullcontext()):
+                loss, s = micro_step(train_model, batch, alpha=alpha, w_proof=w_proof, temperature=args.temperature,
+                                     t_index=t_index, kd_mode=args.kd_mode, n_norm=n_norm, chunk=args.loss_chunk,
+                                     use_jumps=not args.no_jumps, use_proof=not args.no_proof_weight,
+                                     autocast=autocast)
                 (loss * world).backward()  # DDP averages over processes; the loss is already a share of the sum
-            sums += s.cpu()
-            ntok += batch["ntok"]
-            objective += loss.item()
-        part = torch.cat([sums, torch.tensor([ntok, objective], dtype=torch.float64)])
-        if ddp:  # NCCL reduces device tensors only
-            part = part.to(device)
-            dist.all_reduce(part)
-            part = part.cpu()
-        ce, kl, n = part[0].item(), part[1].item(), max(part[4].item(), 1)
-        step_loss = part[6].item()  # the objective: weighted, divided by the step's trainable rows
+            for n, v in zip(ROW_STATS + ("rows",), s.tolist()):
+                sums[n] += v
+            sums["tokens"] += batch["ntok"]
+            sums["objective"] += loss.item()
+        if ddp:  # every process's sums, added up (NCCL reduces device tensors only)
+            vec = torch.tensor([sums[n] for n in STEP_STATS], dtype=torch.float64, device=device)
+            dist.all_reduce(vec)
+            sums = dict(zip(STEP_STATS, vec.tolist()))
+        n = max(sums["rows"], 1)
+        ce, kl = sums["ce"] / n, sums["kl"] / n  # per trainable row
+        # clip, then refuse a non-finite step before it reaches the weights
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
         if not math.isfinite(gnorm) or not math.isfinite(ce) or not math.isfinite(kl):
             opt.zero_grad(set_to_none=True)
             if master:
-                save_checkpoint(ckpt_dir, model, opt, dict(step=step, fingerprint=fingerprint, total=total,
-                                                           first_eval=first_eval))
-            raise ValueError(f"non-finite loss at step {step}: ce sum {ce}, kl sum {kl}, grad norm {gnorm} "
-                               f"(alpha {alpha:.3f}, lr {lr:.3g}); weights before this step saved in {ckpt_dir}")
+                checkpoint(step)
+            raise ValueError(f"non-finite loss at step {step}: ce sum {sums['ce']}, kl sum {sums['kl']}, grad norm "
+                             f"{gnorm} (alpha {alpha:.3f}, lr {lr:.3g}); weights before this step saved in {ckpt_dir}")
         opt.step()
         opt.zero_grad(set_to_none=True)
-        tokens_done += int(part[5].item())
-        dt = time.time() - t0
+        # one log line per step; a printed line every --log_every steps
+        tokens_done += int(sums["tokens"])
         rate = tokens_done / max(time.time() - t_start, 1e-9)
-        entry = dict(step=step + 1, total=total, phase=curriculum_phase(step, total), ce=ce / n, kl=kl / n,
-                     loss=step_loss, alpha=alpha, proof_weight=w_proof, lr=lr, grad_norm=gnorm, tok_s=rate,
-                     rows=int(n), dt=dt)
-        record(entry)
+        entry = dict(step=step + 1, total=total, phase=step_phase(step, total), ce=ce, kl=kl,
+                     loss=sums["objective"], alpha=alpha, proof_weight=w_proof, lr=lr, grad_norm=gnorm, tok_s=rate,
+                     rows=int(n), dt=time.time() - t0)
+        log.record(entry)
         if master and ((step + 1) % args.log_every == 0 or step + 1 == total or step == start):
             eta = (total - step - 1) * (time.time() - t_start) / (step + 1 - start)
-            print(f"step {step + 1}/{total} | phase {entry['phase']} | ce {ce / n:.4f} | kl {kl / n:.4f} | "
-                  f"loss {step_loss:.4f} | alpha {alpha:.3f} | w_proof {w_proof:.3f} | lr {lr:.2e} | "
+            print(f"step {step + 1}/{total} | phase {entry['phase']} | ce {ce:.4f} | kl {kl:.4f} | "
+                  f"loss {entry['loss']:.4f} | alpha {alpha:.3f} | w_proof {w_proof:.3f} | lr {lr:.2e} | "
                   f"gnorm {gnorm:.3f} | {rate:,.0f} tok/s | ETA {fmt_time(eta)}", flush=True)
+        # evaluation, then the checkpoint (so a resume from it keeps the evaluation of its step)
         if args.eval_every > 0 and (step + 1) % args.eval_every == 0 and step + 1 < total:
-            run_eval(step + 1)
+            run_eval(run, model, step + 1)
         if master and args.ckpt_every > 0 and (step + 1) % args.ckpt_every == 0 and step + 1 < total:
-            save_checkpoint(ckpt_dir, model, opt, dict(step=step + 1, fingerprint=fingerprint, total=total,
-                                                       first_eval=first_eval))
-    last_eval = run_eval(total)
+            checkpoint(step + 1)
+
+    # --- 5. the student folder and the summary -----------------------------------------------------------------
+    last_eval = run_eval(run, model, total)
     if master:
-        save_student(args.out, model, cache, args)
+        save_student(args.out, model, cache, args.save_dtype)
         log.close()
         write_json(os.path.join(args.out, "manifest.json"), dict(
             phase="student", version=FORMAT_VERSION, fingerprint=fingerprint, args=vars(args),

@@ -28,15 +28,16 @@ Run
 """
 
 import argparse
-import json
 import os
 import sys
+from collections import namedtuple
 
 import numpy as np
 
-from cache_teacher import FORMAT_VERSION, TeacherCache, check_upstream, prepare_out, read_manifest, sha256_json
-from model import write_json
-from topology import BLOCK_CHANNELS, block_channels, doc_last_rows, render_html
+import topology
+from cache_teacher import TeacherCache
+from common import FORMAT_VERSION, check_upstream, prepare_out, read_manifest, save_npy, sha256_json, write_json
+from topology import block_channels, doc_last_rows, render_html
 
 POOLS = (0.30, 0.55, 0.80, 1.00)
 
@@ -60,18 +61,21 @@ def cut_document(sm, jump, window=512, min_cut=384, overlap=(32, 128)):
     (the change between rows e-1 and e) or jump[e].
     """
     n = len(sm)
-    out, s, loss_start, forced = [], 0, 0, 0
-    while n - s > window:
-        cand = np.arange(s + min_cut, s + window + 1)  # e - s in [min_cut, window]
+    out, s, loss_start, forced = [], 0, 0, 0  # s: where the window's tokens start; loss_start: its first trained row
+    while n - s > window:  # what is left does not fit one window: cut it
+        cand = np.arange(s + min_cut, s + window + 1)  # candidate ends e, e - s in [min_cut, window]
+        # a cut may not touch a jump: not at the jump's row, nor on either side of the change
         barred = jump[cand - 2] | jump[cand - 1] | jump[np.minimum(cand, n - 1)]
         ok = cand[~barred]
-        if len(ok) == 0:
+        if len(ok) == 0:  # jumps everywhere in range: cut anyway, and count it
             ok, forced = cand, forced + 1
-        e = int(ok[np.argmin(sm[ok])])
+        e = int(ok[np.argmin(sm[ok])])  # the calmest allowed end (lowest smoothed disc)
         out.append((s, loss_start, e))
-        starts = np.arange(e - overlap[1], e - overlap[0] + 1)  # overlap o = e - start in [32, 128]
+        # the next window re-reads o tokens before e as context (o in [32, 128]), starting at the calmest of them;
+        # its loss starts at e, so every trainable row belongs to exactly one window
+        starts = np.arange(e - overlap[1], e - overlap[0] + 1)
         s, loss_start = int(starts[np.argmin(sm[starts])]), e
-    out.append((s, loss_start, n))
+    out.append((s, loss_start, n))  # the rest of the document, which fits
     return out, forced
 
 
@@ -112,7 +116,7 @@ def window_difficulty(delta, jump, valid, disc, windows, width=512, block=64):
     return ((per_window("edisc") + per_window("drift")) / length).astype(np.float32)
 
 
-def curriculum_phases(difficulty, pools=POOLS):
+def pool_phases(difficulty, pools=POOLS):
     """phase[w] = index of the first pool (easiest fraction) that holds window w; pools are nested."""
     order = np.argsort(difficulty, kind="stable")
     rank = np.empty(len(order), dtype=np.int64)
@@ -125,18 +129,27 @@ def curriculum_phases(difficulty, pools=POOLS):
 # main
 
 
-def load_topology(folder, cache_folder):
-    m = read_manifest(folder, "topology", needed_by="windows.py")
+Windows = namedtuple("Windows", "windows phase difficulty fingerprint manifest")
+
+
+def load(folder, cache_folder, topology_folder=None, needed_by=""):
+    """windows.load(folder, cache folder[, topology folder]) -> Windows(windows (W, 4) int64, phase (W,) uint8,
+    difficulty (W,) float32, fingerprint, manifest), refused if incomplete or built from another cache/topology."""
+    m = read_manifest(folder, "windows", needed_by=needed_by)
     check_upstream(m, cache_folder, "cache", folder)
-    names = ["f", "delta", "disc", "jump", "weight"] + [f"block_{c}" for c in BLOCK_CHANNELS]
-    return m, {n: np.load(os.path.join(folder, n + ".npy"), mmap_mode="r") for n in names}
+    if topology_folder and m["upstream"]["topology"] is not None:  # fixed-stride windows have no topology
+        check_upstream(m, topology_folder, "topology", folder)
+    arr = {n: np.load(os.path.join(folder, n + ".npy")) for n in ["windows", "phase", "difficulty"]}
+    if len(arr["windows"]) == 0:
+        raise ValueError(f"{folder}/windows.npy: no windows")
+    return Windows(arr["windows"], arr["phase"], arr["difficulty"], m["fingerprint"], m)
 
 
 def main(args):
     cache = TeacherCache(args.cache)
     if args.topology is None and not args.fixed_stride:
         raise ValueError("--topology is needed (or --fixed_stride for the plain-KD ablation)")
-    topo_m, topo = load_topology(args.topology, args.cache) if args.topology else (None, None)
+    topo = topology.load(args.topology, args.cache, needed_by="windows.py") if args.topology else None
     if args.fixed_stride and not 0 < args.stride <= args.window:
         raise ValueError(f"--stride {args.stride}: must be in (0, --window {args.window}] (no row may be skipped)")
     if not (0 < args.min_cut <= args.window) or not (0 < args.overlap_min <= args.overlap_max < args.min_cut):
@@ -144,7 +157,7 @@ def main(args):
                          f"{args.overlap_max}, {args.min_cut}, {args.window}")
     settings = dict(window=args.window, min_cut=args.min_cut, overlap=[args.overlap_min, args.overlap_max],
                     fixed_stride=args.fixed_stride, stride=args.stride, pools=list(POOLS))
-    upstream = dict(cache=cache.fingerprint, topology=topo_m["fingerprint"] if topo_m else None)
+    upstream = dict(cache=cache.fingerprint, topology=topo.fingerprint if topo else None)
     fingerprint = sha256_json(dict(upstream=upstream, settings=settings, version=FORMAT_VERSION))
     if prepare_out(args.out, "windows", fingerprint, args.force) == "done":
         print(f"{args.out}: complete windows with the same inputs already there; nothing to do")
@@ -156,30 +169,26 @@ def main(args):
         rows = []
         for d in range(cache.n_docs):
             a, b = cache.doc_range(d)
-            wins, f = cut_document(smooth3(topo["disc"][a:b]), np.asarray(topo["jump"][a:b]), args.window,
-                                   args.min_cut, (args.overlap_min, args.overlap_max))
+            disc, jump = topo.arrays["disc"][a:b], np.asarray(topo.arrays["jump"][a:b])  # this document's rows
+            wins, f = cut_document(smooth3(disc), jump, args.window, args.min_cut, (args.overlap_min, args.overlap_max))
             forced += f
             rows += [(d, a + s, a + l, a + e) for s, l, e in wins]
         windows = np.array(rows, dtype=np.int64).reshape(-1, 4)
     if topo is not None:
         valid = ~doc_last_rows(cache.doc_offsets, 0, len(cache))
-        difficulty = window_difficulty(np.asarray(topo["delta"]), np.asarray(topo["jump"]), valid,
-                                       np.asarray(topo["disc"]), windows, args.window)
-        phase = curriculum_phases(difficulty)
+        difficulty = window_difficulty(np.asarray(topo.arrays["delta"]), np.asarray(topo.arrays["jump"]), valid,
+                                       np.asarray(topo.arrays["disc"]), windows, args.window)
+        phase = pool_phases(difficulty)
     else:  # no topology: no difficulty, every pool is every window
         difficulty, phase = np.zeros(len(windows), np.float32), np.zeros(len(windows), np.uint8)
     for name, arr in dict(windows=windows, difficulty=difficulty, phase=phase).items():
-        tmp = os.path.join(args.out, name + ".tmp.npy")
-        np.save(tmp, arr)
-        os.replace(tmp, os.path.join(args.out, name + ".npy"))
+        save_npy(os.path.join(args.out, name + ".npy"), arr)
     lengths = windows[:, 3] - windows[:, 1]
     overlaps = windows[:, 2] - windows[:, 1]
     if topo is not None:
-        with open(os.path.join(args.topology, "report.json")) as fh:
-            report = json.load(fh)
         cuts = [(int(w[2]), f"window {i}: loss starts") for i, w in enumerate(windows) if w[2] > w[1]]
         cuts += [(int(w[1]), f"window {i}: context starts") for i, w in enumerate(windows)]
-        render_html(os.path.join(args.out, "report.html"), cache, topo, report, cuts=sorted(cuts))
+        render_html(os.path.join(args.out, "report.html"), cache, topo.arrays, topo.report, cuts=sorted(cuts))
     counts = dict(windows=len(windows), documents=cache.n_docs, forced_cuts=forced,
                   mean_length=float(lengths.mean()), max_length=int(lengths.max()),
                   overlap_min=int(overlaps[overlaps > 0].min()) if (overlaps > 0).any() else 0,

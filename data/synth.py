@@ -14,7 +14,7 @@ Run as a script (from the repo root):
 
     python data/synth.py --n 2000 --seed 0 --out out/data/synth.jsonl
 
-Standard library only.
+Standard library and the kit's common.py only.
 """
 
 import argparse
@@ -22,7 +22,11 @@ import json
 import math
 import os
 import random
+import sys
 from decimal import Decimal
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the kit's root, for common.py
+from common import atomic_write  # noqa: E402
 
 # Constants, stated in the texts with exactly these values so every number in a record can be re-derived.
 G_EARTH = 9.81            # m/s^2
@@ -516,14 +520,11 @@ def generate(n: int, seed: int = 0) -> list:
 
 
 def write_jsonl(records, path):
-    """Write records as JSONL atomically (temp file in the same folder, then os.replace); returns bytes written."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    """Write records as JSONL atomically (readers never see a half-written file); returns bytes written."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb") as f:
         f.write(data)
-    os.replace(tmp, path)  # readers never see a half-written file
     return len(data)
 
 

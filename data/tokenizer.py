@@ -15,8 +15,10 @@ import json
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the kit's root, for common.py
+from common import TAGS, USER, atomic_write, write_json  # noqa: E402
+
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-TAGS = ["<explore>", "</explore>", "<examine>", "</examine>", "<response>", "</response>"]
 
 
 def record_texts(paths):
@@ -26,7 +28,7 @@ def record_texts(paths):
             for line in f:
                 if line.strip():
                     rec = json.loads(line)
-                    yield "##USER:\n"
+                    yield USER
                     yield from (v for v in rec.values() if isinstance(v, str))
 
 
@@ -46,13 +48,11 @@ def train_bpe(texts, vocab_size):
 def save(tok, out):
     """tokenizer.json, then tokenizer_config.json (eos <|im_end|> as in Qwen3), each written atomically."""
     os.makedirs(out, exist_ok=True)
-    tok.save(os.path.join(out, "tokenizer.json.tmp"))
-    os.replace(os.path.join(out, "tokenizer.json.tmp"), os.path.join(out, "tokenizer.json"))
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-           "bos_token": None, "model_max_length": 40960}
-    with open(os.path.join(out, "tokenizer_config.json.tmp"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    os.replace(os.path.join(out, "tokenizer_config.json.tmp"), os.path.join(out, "tokenizer_config.json"))
+    with atomic_write(os.path.join(out, "tokenizer.json")) as f:
+        f.write(tok.to_str(pretty=True))
+    write_json(os.path.join(out, "tokenizer_config.json"), {
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "bos_token": None, "model_max_length": 40960})
 
 
 def main(args):

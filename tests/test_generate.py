@@ -14,6 +14,15 @@ from generate import (cut_at_stop, decode_step, dualmind_check, generate, next_t
 from model import Qwen3
 
 
+def greedy_without_cache(model, prompt, n):
+    """The reference for the KV cache: recompute the whole sequence for every new token."""
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(n):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    return seq[0, prompt.shape[1]:].tolist()
+
+
 @pytest.mark.parametrize("moe", [False, True])
 def test_greedy_matches_transformers_generate(tmp_path, moe):
     """Greedy decoding equals transformers' greedy generate token for token, with and without our KV cache."""
@@ -25,7 +34,7 @@ def test_greedy_matches_transformers_generate(tmp_path, moe):
         ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False,
                            eos_token_id=None, pad_token_id=0)[0, 11:]
     cached = list(generate(ours, prompt, 40))
-    recomputed = list(generate(ours, prompt, 40, use_cache=False))
+    recomputed = greedy_without_cache(ours, prompt, 40)
     assert cached == recomputed == ref.tolist()
     assert len(set(cached)) > 3  # not a degenerate repeat of one token
 
@@ -104,7 +113,7 @@ def test_stop_strings_and_dualmind_check():
     r = dualmind_check(bad)
     assert not r["ok"] and r["present"] == {"explore": True, "examine": False, "response": True}
     swapped = "<explore>a</explore><response>c</response><examine>b</examine>"
-    assert not dualmind_check(swapped)["ordered"]
+    assert not dualmind_check(swapped)["ok"]
 
 
 # --- the script --------------------------------------------------------------------------------------------------

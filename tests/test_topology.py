@@ -246,3 +246,14 @@ def test_refuses_cache_without_teacher_and_changed_cache(tmp_path, tiny_cache, t
     write_cache(str(tmp_path / "other"), np.arange(n) % 7, np.ones(n), [0, 50, n], t)
     r = run_script("topology.py", "--cache", tmp_path / "other", "--out", topo, check=False)
     assert r.returncode != 0 and "built from other inputs" in r.stderr
+
+
+def test_numpy_phases_import_without_torch():
+    """topology.py and windows.py (and the cache reader they use) need numpy only: with torch unimportable they still
+    import. Breaks if any of them, common.py or cache_teacher.py's reader imports torch at module level."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    code = "import sys; sys.modules['torch'] = None; import topology, windows, common, cache_teacher; print('ok')"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

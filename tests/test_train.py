@@ -14,8 +14,8 @@ import torch
 
 from cache_teacher import TeacherCache, topk_stats
 from conftest import ROOT, run_main, run_script
-from train import (ChunkedKDLoss, Stream, curriculum_phase, draw_schedule, find_checkpoint, kd_alpha, learning_rate,
-                   micro_step, proof_weight, teacher_log_q)
+from train import (ChunkedKDLoss, WindowBatches, step_phase, draw_schedule, find_checkpoint, kd_alpha, learning_rate,
+                   micro_step, proof_weight, teacher_q)
 from model import Qwen3, Qwen3Config
 
 # --- the loss against a dense reference built from full distributions -----------------------------------------
@@ -64,7 +64,7 @@ def test_loss_and_gradients_match_dense_reference(T, mode):
     w_ce, w_kd = m * (1 - alpha) / n_norm, m * alpha * T * T / n_norm
     # the math, with the teacher's top-k kept in fp32: tight
     ids, lp, lse = cached_teacher(z, k, fp16=False)
-    lq, Q = teacher_log_q(lp, lse, [1.0, 2.0].index(T), T)
+    lq, Q = teacher_q(lp, lse, [1.0, 2.0].index(T), T)
     loss, sums = ChunkedKDLoss.apply(h, W, targets, w_ce, w_kd, ids, lq, Q, T, mode, 7)  # 7: chunks do not divide R
     gh, gW = torch.autograd.grad(loss, [h, W])
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
@@ -73,7 +73,7 @@ def test_loss_and_gradients_match_dense_reference(T, mode):
     assert Q.mean() > 0.01  # the tail bucket carries weight here
     # end to end with the fp16 log-probs as cached on disk: within the storage precision
     ids16, lp16, lse16 = cached_teacher(z, k)
-    lq16, Q16 = teacher_log_q(lp16, lse16, [1.0, 2.0].index(T), T)
+    lq16, Q16 = teacher_q(lp16, lse16, [1.0, 2.0].index(T), T)
     loss16, _ = ChunkedKDLoss.apply(h, W, targets, w_ce, w_kd, ids16, lq16, Q16, T, mode, 7)
     assert loss16.item() == pytest.approx(ref.item(), rel=2e-4)
     # normalisation by the row count, not by the sum of m: doubling m doubles the loss
@@ -88,7 +88,7 @@ def test_t_squared_factor_and_alpha():
     h, W, z = torch.randn(R, C), torch.randn(V, C), torch.randn(R, V) * 2
     targets = torch.randint(0, V, (R,))
     ids, lp, lse = cached_teacher(z, k)
-    lq, Q = teacher_log_q(lp, lse, 1, 2.0)
+    lq, Q = teacher_q(lp, lse, 1, 2.0)
     one = torch.ones(R)
     kd, sums = ChunkedKDLoss.apply(h, W, targets, 0 * one, 4.0 * one, ids, lq, Q, 2.0, "tail", 64)
     assert kd.item() == pytest.approx(4.0 * sums[1].item(), rel=1e-5)  # T^2 = 4 times the summed KL
@@ -109,7 +109,7 @@ def test_schedules_at_breakpoints():
     assert learning_rate(0, total) == pytest.approx(5e-6 / 30) and learning_rate(29, total) == pytest.approx(5e-6)
     assert learning_rate(30, total) == pytest.approx(5e-6) and learning_rate(100, total) == pytest.approx(5e-7)
     assert learning_rate(65, total) == pytest.approx((5e-6 + 5e-7) / 2, rel=1e-3)  # cosine midpoint
-    assert [curriculum_phase(s, 8) for s in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [step_phase(s, 8) for s in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
 def test_curriculum_schedule_one_epoch_draws_each_window_once():
@@ -120,7 +120,7 @@ def test_curriculum_schedule_one_epoch_draws_each_window_once():
     sched = draw_schedule(pools, total, batch, seed=0)
     assert sched.shape == (total, batch)
     for s in range(total):
-        assert set(sched[s]) <= set(pools[curriculum_phase(s, total)])
+        assert set(sched[s]) <= set(pools[step_phase(s, total)])
     assert sorted(sched.ravel()) == list(range(W))  # one epoch: all windows, once
     assert np.array_equal(draw_schedule(pools, total, batch, seed=0), sched)  # a pure function (resume, ranks)
     assert not np.array_equal(draw_schedule(pools, total, batch, seed=1), sched)
@@ -134,8 +134,10 @@ def test_curriculum_schedule_one_epoch_draws_each_window_once():
 @pytest.fixture(scope="module")
 def stream(tiny_cache, tiny_topology, tiny_windows):
     cache = TeacherCache(tiny_cache)
-    return Stream(cache, np.load(os.path.join(tiny_topology, "weight.npy")),
-                  np.load(os.path.join(tiny_windows, "windows.npy")), 1)
+    import topology
+    import windows
+    return WindowBatches(cache, windows.load(tiny_windows, tiny_cache).windows,
+                         topology.load(tiny_topology, tiny_cache).arrays["weight"])
 
 
 def test_rows_exclude_prompt_and_document_end(stream):
@@ -158,13 +160,14 @@ def test_micro_step_matches_dense_reference(stream, student_config):
                                   1.25, 1.0)
     assert batch["reasoning"].any() and not batch["reasoning"].all() and (batch["jump_w"] > 1).any()
     alpha, w_proof, T, n = 0.3, 1.7, 2.0, 500.0
-    loss, _ = micro_step(model, batch, alpha, w_proof, T, 1, "tail", n, 64)
+    loss, _ = micro_step(model, batch, alpha=alpha, w_proof=w_proof, temperature=T, t_index=1, kd_mode="tail",
+                         n_norm=n, chunk=64)
     g = torch.autograd.grad(loss, list(model.parameters()))
     logits = model(batch["idx"]).flatten(0, 1)[batch["sel"]].double()
     m = torch.where(batch["reasoning"], w_proof, 1.0) * batch["jump_w"]
-    lq, Q = teacher_log_q(batch["lp"], batch["lse"], 1, T)
+    lq, Q = teacher_q(batch["topk_logprobs"], batch["lse"], 1, T)
     lpT = torch.log_softmax(logits / T, -1)
-    pK = lpT.gather(1, batch["ids"]).exp()
+    pK = lpT.gather(1, batch["topk_ids"]).exp()
     qb = torch.cat([lq.exp(), Q[:, None]], 1).double()
     pb = torch.cat([pK, 1 - pK.sum(-1, keepdim=True)], 1)
     kl = (torch.xlogy(qb, qb) - qb * pb.log()).sum(-1)
@@ -185,7 +188,8 @@ def test_grad_accumulation_equals_one_big_batch(stream, student_config):
     def grads(groups):
         model.zero_grad()
         for g in groups:
-            loss, _ = micro_step(model, stream.batch(g, torch.device("cpu")), 0.3, 1.7, 2.0, 1, "tail", n, 64)
+            loss, _ = micro_step(model, stream.batch(g, torch.device("cpu")), alpha=0.3, w_proof=1.7, temperature=2.0,
+                                 t_index=1, kd_mode="tail", n_norm=n, chunk=64)
             loss.backward()
         return torch.cat([p.grad.flatten() for p in model.parameters()])
 

@@ -9,7 +9,7 @@ import pytest
 from cache_teacher import TeacherCache
 from conftest import DATA, run_script
 from topology import block_channels
-from windows import curriculum_phases, cut_document, fixed_document, smooth3, window_difficulty
+from windows import pool_phases, cut_document, fixed_document, smooth3, window_difficulty
 
 
 def check_windows(windows, cache, jump=None, window=512):
@@ -127,8 +127,8 @@ def test_fixed_stride_cli(tmp_path, tiny_cache):
     assert (w[:, 1] == w[:, 2]).all() and (np.load(tmp_path / "fixed" / "phase.npy") == 0).all()
 
 
-def test_curriculum_phases_small():
-    assert list(curriculum_phases(np.array([5.0, 1, 4, 2, 3, 0, 9, 8, 7, 6]))) == [1, 0, 1, 0, 1, 0, 3, 3, 2, 2]  # pools of 3, 6, 8, 10
+def test_pool_phases_small():
+    assert list(pool_phases(np.array([5.0, 1, 4, 2, 3, 0, 9, 8, 7, 6]))) == [1, 0, 1, 0, 1, 0, 3, 3, 2, 2]  # pools of 3, 6, 8, 10
 
 
 def test_topology_from_older_cache_is_refused(tmp_path, tiny_teacher, demo_tokenizer, built):

@@ -1,0 +1,247 @@
+"""
+What every phase shares, in one small file (numpy, json and hashlib only: topology.py and windows.py run without
+torch). nanochat keeps the same things in its common.py; model.py stays standalone and keeps its own few lines of
+checkpoint I/O, so it can be copied into another project alone.
+
+  atomic writes      atomic_write (a file object), write_json, publish (rename a finished file into place)
+  phase folders      sha256_file / sha256_json fingerprints, read_manifest, check_upstream, prepare_out
+  progress           Progress (rate and ETA lines), fmt_time
+  torchrun           init_distributed
+  names              is_hub_id (a Hub id or a mistyped local path?), DTYPES (the dtype names a flag accepts)
+  the DualMind text  the card's layout: USER, PROMPT, TAGS, ROLES, dualmind_prompt, dualmind_text, end tokens
+  batches            pad_right (documents or windows into one right-padded (B, L) array)
+"""
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+FORMAT_VERSION = 1  # of every phase folder; a reader refuses another version
+DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names accepted by --dtype flags (getattr(torch, name))
+
+# -----------------------------------------------------------------------------
+# Atomic writes: a killed run never leaves a file that looks finished
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="w"):
+    """Open `path.tmp` for writing; on a clean exit, flush it to disk and rename it to `path`."""
+    tmp = path + ".tmp"
+    with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    with atomic_write(path) as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def save_npy(path, array):
+    """np.save, atomically (np.save on a name would add .npy to a temporary name)."""
+    with atomic_write(path, "wb") as f:
+        np.save(f, array)
+
+
+def publish(src, dst):
+    """Rename a finished file or folder into its final name (atomic on one filesystem)."""
+    os.replace(src, dst)
+
+
+# -----------------------------------------------------------------------------
+# Fingerprints, manifests and phase folders
+
+
+def sha256_file(path, chunk=1 << 20):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def sha256_json(obj):
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def read_manifest(folder, phase, needed_by=""):
+    """The manifest of a complete phase folder, or a ValueError saying what to run."""
+    path = os.path.join(folder, "manifest.json")
+    hint = f" (needed by {needed_by})" if needed_by else ""
+    if not os.path.isfile(path):
+        raise ValueError(f"{folder}: no manifest.json{hint}: run the {phase} phase into it first")
+    with open(path) as f:
+        try:
+            m = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if m.get("phase") != phase:
+        raise ValueError(f"{path}: is a {m.get('phase')!r} folder, expected {phase!r}{hint}")
+    if m.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format version {m.get('version')}, this code reads {FORMAT_VERSION}")
+    if not m.get("complete"):
+        raise ValueError(f"{path}: incomplete (the run was interrupted): run the {phase} phase again to finish it")
+    return m
+
+
+def check_upstream(manifest, upstream_folder, upstream_phase, path):
+    """Refuse a folder built from another version of its upstream (the upstream was rebuilt since)."""
+    want = manifest.get("upstream", {}).get(upstream_phase)
+    have = read_manifest(upstream_folder, upstream_phase)["fingerprint"]
+    if want != have:
+        raise ValueError(f"{path}: was built from a different {upstream_phase} folder than {upstream_folder} "
+                         f"(fingerprint {str(want)[:12]} vs {have[:12]}): rebuild it")
+
+
+def prepare_out(out, phase, fingerprint, force=False, rank=0, world=1):
+    """Create or reuse a phase folder. Returns 'done' (complete, same inputs), 'resume' or 'fresh'.
+    Under torchrun, rank 0 decides and every rank gets its answer."""
+    if world > 1:
+        import torch.distributed as dist
+        obj = [_prepare_out(out, phase, fingerprint, force) if rank == 0 else None]
+        dist.broadcast_object_list(obj, src=0)
+        return obj[0]
+    return _prepare_out(out, phase, fingerprint, force)
+
+
+def _prepare_out(out, phase, fingerprint, force):
+    path = os.path.join(out, "manifest.json")
+    if os.path.isfile(path) and not force:
+        with open(path) as f:
+            m = json.load(f)
+        if m.get("phase") != phase or m.get("fingerprint") != fingerprint:
+            raise ValueError(f"{out}: holds a {m.get('phase')} folder built from other inputs or settings "
+                             f"(fingerprint {str(m.get('fingerprint'))[:12]}, now {fingerprint[:12]}); "
+                             "choose another --out or pass --force to rebuild it")
+        return "done" if m.get("complete") else "resume"
+    if os.path.isdir(out) and force:
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+    return "fresh"
+
+
+# -----------------------------------------------------------------------------
+# Progress and torchrun
+
+
+def fmt_time(s):
+    s = int(s)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Progress:
+    """Prints `name done/total unit | rate/s | ETA` at most every `every` seconds, and a summary at the end."""
+
+    def __init__(self, name, total, unit="tok", every=10.0, enabled=True):
+        self.name, self.total, self.unit, self.every, self.enabled = name, total, unit, every, enabled
+        self.t0 = self.last = time.time()
+        self.done = 0
+
+    def update(self, n, extra=""):
+        self.done += n
+        now = time.time()
+        if self.enabled and (now - self.last >= self.every or self.done >= self.total):
+            self.last = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            eta = (self.total - self.done) / max(rate, 1e-9)
+            print(f"[{self.name}] {self.done:,}/{self.total:,} {self.unit} | {rate:,.0f} {self.unit}/s | "
+                  f"ETA {fmt_time(eta)}{extra}", file=sys.stderr, flush=True)
+
+
+def init_distributed(device):
+    """Under torchrun (RANK/WORLD_SIZE set): join the process group, one GPU per local rank.
+    Returns (rank, world size, device). Without torchrun: (0, 1, device), and torch is not touched."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        import torch
+        import torch.distributed as dist
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)  # NCCL collectives (and broadcast_object_list) use the current device
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return rank, world, device
+
+
+def is_hub_id(spec):
+    """Could `spec` be a Hub repo id (org/name)? A path that exists, starts with . or /, or whose first part is a
+    local folder is a (mistyped) local path, never sent to the Hub."""
+    return (not os.path.exists(spec) and spec.count("/") == 1 and not spec.startswith((".", "/"))
+            and not os.path.isdir(spec.split("/")[0]))
+
+
+# -----------------------------------------------------------------------------
+# The DualMind format of the model card (one definition: the cache, the tokenizer, generate and the chat template)
+
+USER = "##USER:\n"  # opens the user turn
+PROMPT = USER + "{question}\n\n"  # the user turn; the model's answer opens with <explore>
+BLOCKS = ("explore", "examine", "response")  # in the card's order
+TAGS = [t for b in BLOCKS for t in (f"<{b}>", f"</{b}>")]
+ROLES = {"prompt": 0, "explore": 1, "examine": 2, "response": 3}  # roles.npy codes
+REASONING = (ROLES["explore"], ROLES["examine"])  # the rows the proof weight multiplies
+
+
+def dualmind_prompt(question):
+    """What the model sees before it answers: the user turn, then the opening <explore> tag."""
+    return PROMPT.format(question=question) + f"<{BLOCKS[0]}>\n"
+
+
+def dualmind_text(question, explore, examine, response):
+    """The card's layout and the character span (start, end, role code) of each role; tags and the separators
+    after them belong to the block they open or close."""
+    parts = [("prompt", PROMPT.format(question=question))]
+    parts += [(b, f"<{b}>\n{body}\n</{b}>" + ("\n\n" if b != BLOCKS[-1] else ""))
+              for b, body in zip(BLOCKS, (explore, examine, response))]
+    text, spans = "", []
+    for role, s in parts:
+        spans.append((len(text), len(text) + len(s), ROLES[role]))
+        text += s
+    return text, spans
+
+
+def end_tokens(tokenizer_file):
+    """[(name, id)] of the end tokens: tokenizer_config.json's eos_token first, then <|endoftext|>, each if the
+    tokenizer has it. Read from the JSON files alone (no tokenizer library needed)."""
+    with open(tokenizer_file, encoding="utf-8") as f:
+        try:
+            tok = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{tokenizer_file}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}): "
+                             "is the file truncated?") from None
+    ids = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
+    ids.update((tok.get("model") or {}).get("vocab") or {})
+    names = []
+    cfg = os.path.join(os.path.dirname(tokenizer_file), "tokenizer_config.json")
+    if os.path.isfile(cfg):
+        with open(cfg, encoding="utf-8") as f:
+            eos = json.load(f).get("eos_token")
+        names.append(eos.get("content") if isinstance(eos, dict) else eos)
+    names.append("<|endoftext|>")
+    found = []
+    for n in names:
+        if n and n in ids and n not in [m for m, _ in found]:
+            found.append((n, int(ids[n])))
+    if not found:
+        raise ValueError(f"{tokenizer_file}: no end token (neither tokenizer_config eos_token nor <|endoftext|>)")
+    return found
+
+
+# -----------------------------------------------------------------------------
+# Batches
+
+
+def pad_right(seqs, length=None):
+    """Sequences of token ids -> (B, L) int64, right-padded with 0 (causal attention never reads the padding)."""
+    length = length or max(len(s) for s in seqs)
+    idx = np.zeros((len(seqs), length), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        idx[i, :len(s)] = s
+    return idx
