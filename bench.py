@@ -6,6 +6,10 @@ Side-by-side speed and memory of the kit against the reference implementation, p
     python bench.py --device cuda       # the same on a GPU
 
 Sections and what each compares (higher ratio = better for us; memory ratios are ours / theirs, lower = better):
+  hardware  this machine's bounds, measured in the same run: the matmul peak in fp32 and bf16 (2048^3), memory
+          bandwidth as a 512 MiB copy and as a 256 MiB fp32 matrix-vector product. The MFU rows divide model FLOPs
+          (model.Qwen3Config.flops_per_token: 6 N + 12 L T H D per token in training, a third of it in a forward)
+          by the peak of the dtype; the decode rows divide the weight bytes read per token by the time per token.
   model   model.py vs transformers' Qwen3 on one random config (8 layers, hidden 512, 8 query / 4 KV heads,
           head_dim 64, vocab 32,000, batch 2 x 512), fp32 and bf16: forward tok/s, forward+backward tok/s,
           peak memory. Each measurement runs in a fresh subprocess so peak RSS is its own.
@@ -20,7 +24,9 @@ Sections and what each compares (higher ratio = better for us; memory ratios are
           with transformers' Qwen3 and a straightforward full-vocabulary loss, with Qwen3's real vocabulary
           (151,936) on the model config above: tokens/s, and peak memory of the step (fresh subprocesses).
   generate  decode tokens/s at batch 1 (32-token prompt, 128 new tokens, greedy, prefill included) of generate.py
-          against transformers' generate on the model config above; both must produce the same tokens.
+          against transformers' generate on the model config above; both must produce the same tokens. Then
+          per token against its bound, a bare chain of matrix-vector products over the model's own weight
+          matrices (fp32 and bf16), and as GB/s of weights read against the measured matvec bandwidth.
 
 Needs the test requirements (transformers is the reference): pip install -r requirements-dev.txt
 """
@@ -31,10 +37,47 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
+
+# -----------------------------------------------------------------------------
+# hardware: this machine's own bounds, measured in the same run (the denominators of MFU and of the GB/s fractions)
+
+HW = {}  # filled once per run by hardware(): peak FLOP/s per dtype, copy and matrix-vector bandwidth in bytes/s
+
+
+def hardware(device):
+    """Matmul peak in fp32 and bf16 (train.measure_matmul_flops, the MFU denominator train.py uses too), and memory
+    bandwidth two ways: a 512 MiB copy (read + write) and a 256 MiB fp32 matrix-vector product (what decoding does)."""
+    if HW:
+        return HW
+    from train import measure_matmul_flops
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    for name, dt in [("fp32", torch.float32), ("bf16", torch.bfloat16)]:
+        HW[f"peak_{name}"] = max(measure_matmul_flops(dev, dt, n=2048) for _ in range(2))
+    src = torch.ones(128 * 2**20, device=dev)  # 512 MiB
+    dst = torch.empty_like(src)
+    HW["copy_bw"] = 2 * src.numel() * 4 / interleaved_times({"copy": lambda: dst.copy_(src)}, 3, sync)["copy"]
+    A, v = torch.randn(8192, 8192, device=dev), torch.randn(8192, device=dev)  # 256 MiB of fp32 weights
+    HW["matvec_bw"] = A.numel() * 4 / interleaved_times({"mv": lambda: A @ v}, 5, sync)["mv"]
+    return HW
+
+
+def bench_hardware(args):
+    hw = hardware(args.device)
+    return [("peak matmul fp32 TFLOP/s", hw["peak_fp32"] / 1e12, float("nan"), float("nan"), "measured (2048^3)"),
+            ("peak matmul bf16 TFLOP/s", hw["peak_bf16"] / 1e12, float("nan"), float("nan"), "measured (2048^3)"),
+            ("memory bandwidth GB/s, copy", hw["copy_bw"] / 1e9, float("nan"), float("nan"), "measured (512 MiB)"),
+            ("memory bandwidth GB/s, matvec", hw["matvec_bw"] / 1e9, float("nan"), float("nan"), "measured (fp32)")]
+
+
+def mfu_rows(label, tok_s, flops_per_token, peak):
+    """MFU of ours and of the reference at their tokens/s, against the measured peak (percent)."""
+    o, r = (t * flops_per_token / peak * 100 for t in tok_s)
+    return (f"{label} MFU %", o, r, o / r, f"of {peak / 1e12:.2f} TFLOP/s measured")
+
 
 # -----------------------------------------------------------------------------
 # model: model.py vs transformers
@@ -160,9 +203,13 @@ def bench_model(args):
         del pair
         mem = {impl: run_worker("model", impl=impl, dtype=dtype, folder=folder, device=args.device, batch=batch,
                                 seq=seq) for impl in ["ours", "transformers"]}
+        from model import Qwen3Config
+        cfg = Qwen3Config(**MODEL_CFG)
         for train, what in [(False, "forward"), (True, "fwd+bwd")]:
             o, t = speed[train]["ours"], speed[train]["transformers"]
             rows.append((f"model {dtype} {what} tok/s", o, t, o / t, ">= 1.0"))
+            rows.append(mfu_rows(f"model {dtype} {what}", (o, t), cfg.flops_per_token(seq, backward=train),
+                                 hardware(args.device)[f"peak_{dtype}"]))
         for key, what in [("fwd_mem", "forward"), ("train_mem", "fwd+bwd")]:
             o, t = mem["ours"][key] / 2**20, mem["transformers"][key] / 2**20
             rows.append((f"model {dtype} {what} peak MiB", o, t, o / t, "<= 1.0"))
@@ -361,7 +408,10 @@ def bench_train(args):
     mem = {impl: run_worker("train", impl=impl, folder=folder, device=args.device)["mem"]
            for impl in ["ours", "transformers"]}
     o, r = ntok / t["ours"], ntok / t["transformers"]
-    return [("train step tok/s (vocab 151,936)", o, r, o / r, ">= 1.0"),
+    from model import Qwen3Config
+    fpt = Qwen3Config(**TRAIN_CFG).flops_per_token(batch["idx"].shape[1])
+    return [("train step tok/s (vocab 151,936)", o, r, o / r, ">= 2.0"),
+            mfu_rows("train step", (o, r), fpt, hardware(args.device)["peak_bf16"]),
             ("train step peak MiB (vocab 151,936)", mem["ours"] / 2**20, mem["transformers"] / 2**20,
              mem["ours"] / mem["transformers"], "<= 0.8")]
 
@@ -395,11 +445,30 @@ def bench_generate(args, prompt_len=32, new=128):
     t = interleaved_times({"ours": run_ours, "ref": run_ref}, max(1, args.reps // 2), sync)
     assert out["ours"] == out["ref"], "greedy outputs differ"
     o, r = new / t["ours"], new / t["ref"]
-    return [(f"decode tok/s, batch 1 ({prompt_len}+{new}, greedy)", o, r, o / r, ">= 3.0")]
+    rows = [(f"decode tok/s, batch 1 ({prompt_len}+{new}, greedy)", o, r, o / r, ">= 3.0 (vs transformers)")]
+    # the bound: one token reads every weight matrix once, so a bare chain of matrix-vector products over the
+    # model's own matrices is the fastest a token can be (the KV cache and the norms add a little on top)
+    hw = hardware(args.device)
+    for dtype in [torch.float32, torch.bfloat16]:
+        model = ours if dtype == torch.float32 else Qwen3.from_pretrained(folder, dtype=dtype, device=args.device).eval()
+        mats = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        vecs = {n: torch.randn(n, device=args.device, dtype=dtype) for n in {w.shape[1] for w in mats}}
+        chain = lambda: [w @ vecs[w.shape[1]] for w in mats]
+        t_tok = {}
+        t_tok.update(interleaved_times({"bound": chain}, args.reps, sync))
+        t_tok["ours"] = interleaved_times({"ours": lambda: list(generate(model, prompt, new))}, max(1, args.reps // 2),
+                                          sync)["ours"] / new
+        nbytes = sum(w.numel() * w.element_size() for w in mats)
+        name = str(dtype).removeprefix("torch.")
+        rows.append((f"decode {name} ms/token vs matvec bound", t_tok["ours"] * 1e3, t_tok["bound"] * 1e3,
+                     t_tok["bound"] / t_tok["ours"], ">= 0.90 of the bound" if dtype == torch.float32 else "info"))
+        rows.append((f"decode {name} GB/s (weights per token)", nbytes / t_tok["ours"] / 1e9, hw["matvec_bw"] / 1e9,
+                     nbytes / t_tok["ours"] / hw["matvec_bw"], "fraction of measured fp32 matvec bandwidth"))
+    return rows
 
 
-SECTIONS = {"model": bench_model, "cache": bench_cache, "topology": bench_topology, "train": bench_train,
-            "generate": bench_generate}
+SECTIONS = {"hardware": bench_hardware, "model": bench_model, "cache": bench_cache, "topology": bench_topology,
+            "train": bench_train, "generate": bench_generate}
 WORKERS = {"model": model_worker, "train": train_worker}
 
 
@@ -407,10 +476,10 @@ def main(args):
     os.makedirs(args.work, exist_ok=True)
     names = args.only.split(",") if args.only else list(SECTIONS)
     print(f"bench on {args.device}: torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'metric':<34} {'ours':>12} {'reference':>12} {'ratio':>8}  target")
+    print(f"{'metric':<42} {'ours':>10} {'reference':>10} {'ratio':>8}  target")
     for name in names:
         for metric, ours, ref, ratio, target in SECTIONS[name](args):
-            print(f"{metric:<34} {ours:>12.1f} {ref:>12.1f} {ratio:>7.2f}x  {target}", flush=True)
+            print(f"{metric:<42} {ours:>10.2f} {ref:>10.2f} {ratio:>7.2f}x  {target}", flush=True)
 
 
 if __name__ == "__main__":

@@ -199,7 +199,12 @@ def row_stats(z, top, targets, temperatures):
     m = top[:, :1]  # row max
     z.sub_(m)  # z - max <= 0, in place
     target = z.gather(1, targets[:, None])[:, 0]
-    e = torch.exp(z)  # (r, V) unnormalised probabilities
+    e2 = None
+    if 2.0 in temperatures:  # e^((z - m) / 2) is the exp; its square e^(z - m) costs a multiply, not another exp
+        e2 = z.mul(0.5).exp_()  # (r, V)
+        e = e2 * e2  # (r, V) unnormalised probabilities
+    else:
+        e = torch.exp(z)
     s1 = e.sum(-1)
     log_s1 = s1.log()
     lse = {1.0: m[:, 0] + log_s1}
@@ -207,8 +212,8 @@ def row_stats(z, top, targets, temperatures):
         if T not in (1.0, 2.0):
             lse[T] = m[:, 0] / T + torch.exp(z / T).sum(-1).log()
     entropy = log_s1 - z.mul_(e).sum(-1) / s1  # H = log s - sum e (z - m) / s; z is spent now
-    if 2.0 in temperatures:
-        lse[2.0] = m[:, 0] / 2 + e.sqrt_().sum(-1).log()  # e^(1/2): a square root, not another exp
+    if e2 is not None:
+        lse[2.0] = m[:, 0] / 2 + e2.sum(-1).log()
     return dict(logprobs=top - lse[1.0][:, None], lse=torch.stack([lse[T] for T in temperatures], 1),
                 target=target - log_s1, entropy=entropy)
 

@@ -111,6 +111,25 @@ class Qwen3Config:
                 raise ValueError(f"{path}: invalid JSON ({e})") from None
         return cls.from_dict(d, source=path)
 
+    def matmul_params(self):
+        """Weights that one token multiplies (the embedding lookup is no matmul; MoE: the router and the top-k
+        experts it runs, not all experts)."""
+        C, D = self.hidden_size, self.head_dim
+        attn = C * D * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)  # q, o and k, v projections
+        n = 0
+        for i in range(self.num_hidden_layers):
+            mlp = (self.num_experts * C + self.num_experts_per_tok * 3 * C * self.moe_intermediate_size
+                   if self.is_moe_layer(i) else 3 * C * self.intermediate_size)  # gate, up, down
+            n += attn + mlp
+        return n + self.vocab_size * C  # the lm_head
+
+    def flops_per_token(self, seq_len, backward=True):
+        """Model FLOPs per token at sequence length seq_len (nanoGPT's and PaLM's count): a forward is 2 FLOPs per
+        matmul weight plus attention's QK^T and AV, 2 x 2 x seq_len x heads x head_dim per layer (the full square,
+        as PaLM counts it); a backward costs twice the forward. So training is 6 N + 12 L T H D per token."""
+        fwd = 2 * self.matmul_params() + 4 * self.num_hidden_layers * seq_len * self.num_attention_heads * self.head_dim
+        return 3 * fwd if backward else fwd
+
     def is_moe_layer(self, i):
         # transformers' rule: sparse iff not listed dense, experts exist, and (i+1) % step == 0
         return (i not in self.mlp_only_layers and self.num_experts > 0
@@ -305,6 +324,7 @@ class Qwen3(nn.Module):
         self.gradient_checkpointing = False
         self.generation_config = {}
         self.max_seq_len = 0  # > 0 once setup_cache has run
+        self.rope_table = self.causal_table = None
 
     def tie_weights(self):
         if self.config.tie_word_embeddings:
@@ -334,11 +354,16 @@ class Qwen3(nn.Module):
             a = blk.self_attn
             a.kv_cache = KVCache(batch_size, a.n_kv, max_seq_len, a.head_dim, dtype or w.dtype, device or w.device)
         self.max_seq_len = max_seq_len
+        # decoding reads these by position instead of recomputing them every token (the same values, row by row)
+        pos = torch.arange(max_seq_len, device=device or w.device)
+        self.rope_table = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, w.dtype)  # 2 x (S, D)
+        self.causal_table = pos[:, None] >= pos[None, :]  # (S, S): position i attends to cached j <= i
 
     def clear_cache(self):
         for blk in self.model.layers:
             blk.self_attn.kv_cache = None
         self.max_seq_len = 0
+        self.rope_table = self.causal_table = None
 
     def forward(self, idx, input_pos=None, hidden_only=False):
         """idx (B, T) -> logits (B, T, V) in the model dtype, or final-normed hidden states (B, T, C).
@@ -355,10 +380,14 @@ class Qwen3(nn.Module):
                                  f"{self.config.max_position_embeddings}")
             input_pos = torch.arange(T, device=idx.device)
         x = self.model.embed_tokens(idx)  # (B, T, C)
-        cos, sin = rope_cos_sin(input_pos, self.config.head_dim, self.config.rope_theta, x.dtype)
-        mask = None  # None = causal over the T tokens
-        if self.max_seq_len:
-            mask = input_pos[:, None] >= torch.arange(self.max_seq_len, device=idx.device)[None, :]  # (T, S)
+        if self.max_seq_len and self.rope_table[0].dtype == x.dtype:  # decoding: the tables of setup_cache
+            cos, sin = self.rope_table[0][input_pos], self.rope_table[1][input_pos]  # (T, D) each
+            mask = self.causal_table[input_pos]  # (T, S) bool: what each token may attend to in the cache
+        else:
+            cos, sin = rope_cos_sin(input_pos, self.config.head_dim, self.config.rope_theta, x.dtype)
+            mask = None  # None = causal over the T tokens
+            if self.max_seq_len:
+                mask = input_pos[:, None] >= torch.arange(self.max_seq_len, device=idx.device)[None, :]  # (T, S)
         for blk in self.model.layers:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(blk, x, cos, sin, input_pos, mask, use_reentrant=False)

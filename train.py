@@ -16,6 +16,10 @@ Curriculum: four phases of equal steps drawing from the easiest 30%, 55%, 80%, 1
 AdamW (weight decay 1e-3 on matrices only), clip 1.0, micro-batch 2 x 16 accumulation = 32 windows per step
 whatever the number of processes, FP32 master weights with BF16 autocast.
 
+Each step logs its loss parts, lr, tok/s and MFU: model FLOPs (Qwen3Config.flops_per_token: 6 N + 12 L T H D per
+token, nanoGPT's count) per second over --peak_flops (default: the datasheet's dense bf16 peak of a known GPU, else
+a 2048^3 matmul measured at start, as on a CPU; the first lines say which).
+
 Inputs   --init (Hub id, folder, or `scratch` with --config), --cache, --topology, --windows
 Outputs  in --out (default out/student): the student in Hugging Face layout (config.json, model.safetensors,
          generation_config.json, tokenizer files; loads in transformers), train_log.jsonl (one JSON line per step
@@ -115,63 +119,104 @@ def teacher_q(topk_logprobs, lse, t_index, T):
 
 
 def kd_rows(u, targets, ids, lq, Q, T, mode, w_ce=None, w_kd=None):
-    """Per-row CE, KL, top-1 agreement and tail gap from student logits u (c, V) fp32 (overwritten);
-    with w_ce/w_kd (c,) also G = d(sum w_ce CE + w_kd KL)/du (c, V).
+    """Per-row CE, KL, top-1 agreement and tail gap from student logits u (r, V) fp32 (overwritten);
+    with w_ce/w_kd (r,) also G = d(sum w_ce CE + w_kd KL)/du (r, V), returned in u's buffer.
 
     With p the student and q the teacher, both at temperature T, and P, Q their masses outside the k cached ids:
       KL_{k+1} = sum_K q (log q - log p) + Q (log Q - log P)
       dKL/du_j = (p_j - q_j) / T on the k ids,  p_j (1 - Q/P) / T elsewhere (the tail bucket shared in proportion)
     renorm (ablation): KL between q and p renormalised over the k ids; gradient (p~_j - q~_j) / T on the ids, 0
     elsewhere. CE at T=1: gradient p_1 - onehot(target).
+
+    Written for memory traffic and for the exp (the costly part), since the rows are 151,936 wide: one exp per
+    element (at T=2: exp((u - max) / 2), then e = e_T^2) and about eight passes over the row in all, where
+    log_softmax, logsumexp and softmax would each make two or three passes and an exp of their own.
+    Everything follows from e = exp(u - max) and e_T = exp((u - max) / T):
+      p_1 = e / s_1,  p_T = e_T / s_T  (s = the row sums),  log p_T(j) = (u_j - max) / T - log s_T.
     """
-    lse1 = torch.logsumexp(u, -1)  # (c,)
-    ce = lse1 - u.gather(1, targets[:, None])[:, 0]  # -log p_1(target)
+    m, top1 = u.max(-1)  # (r,) row max and the student's top-1 id, in one pass
+    u_t = u.gather(1, targets[:, None])[:, 0]  # (r,) logit of the real next token
+    uK = None if ids is None else u.gather(1, ids)  # (r, k) logits on the teacher's ids
+    u.sub_(m[:, None])  # u - max <= 0
+    eT = None
+    if ids is not None and T == 2.0:  # one exp: e_T = exp((u - max) / 2), and e = e_T^2 is a multiply
+        eT = u.mul(0.5).exp_()  # (r, V)
+        e = torch.mul(eT, eT, out=u)  # (r, V) e = exp(u - max), in u's buffer
+    else:
+        if ids is not None and T != 1.0:
+            eT = torch.exp(u / T)  # (r, V) a general temperature needs its own exp
+        e = u.exp_()  # (r, V) e = exp(u - max), in u's buffer
+    s1 = e.sum(-1)
+    ce = m + s1.log() - u_t  # logsumexp(u) - u_t
     if ids is None:  # no teacher (plain language-model training): CE only
         nan = torch.full_like(ce, float("nan"))
-        G = None if w_ce is None else torch.softmax(u, -1, out=u).mul_(w_ce[:, None]).scatter_add_(
-            1, targets[:, None], -w_ce[:, None])
-        return dict(ce=ce, kl=torch.zeros_like(ce), agree=nan, tail_gap=nan), G
-    agree = (u.argmax(-1) == ids[:, 0]).float()  # the student's top-1 is the teacher's
-    lpT = torch.log_softmax(u / T, -1)  # (c, V) student log p_T
-    lpK = lpT.gather(1, ids)  # (c, k) on the teacher's ids
-    # the student's tail mass P as a logsumexp over the ids outside the top-k, not as 1 - sum (no cancellation)
-    logP = torch.logsumexp(lpT.scatter_(1, ids, float("-inf")), -1)  # (c,)
-    lpT.scatter_(1, ids, lpK)  # restore the k entries
-    P = logP.exp()
-    qK = lq.exp()  # (c, k) teacher q_T on its ids
+        stats = dict(ce=ce, kl=torch.zeros_like(ce), agree=nan, tail_gap=nan)
+        if w_ce is None:
+            return stats, None
+        G = e.mul_((w_ce / s1)[:, None])  # w_ce p_1 ...
+        return stats, G.scatter_add_(1, targets[:, None], -w_ce[:, None])  # ... minus w_ce at the target
+    if eT is None:  # T = 1
+        eT = e
+    # the student's tail mass P_T as a sum over the ids outside the top-k, not as 1 - sum (no cancellation)
+    eTK = eT.gather(1, ids)  # (r, k)
+    P_num = eT.scatter(1, ids, 0.0).sum(-1) if eT is e else eT.scatter_(1, ids, 0.0).sum(-1)
+    if eT is not e:
+        eT.scatter_(1, ids, eTK)  # restore the k entries
+    sT = P_num + eTK.sum(-1)  # (r,) the row sum of e_T
+    log_sT = sT.log()
+    lpK = (uK - m[:, None]) / T - log_sT[:, None]  # (r, k) student log p_T on the teacher's ids
+    logP = P_num.log() - log_sT  # (r,) log P_T
+    agree = (top1 == ids[:, 0]).float()  # the student's top-1 is the teacher's
+    qK = lq.exp()  # (r, k) teacher q_T on its ids
     if mode == "tail":
         kl = (qK * (lq - lpK)).sum(-1) + torch.xlogy(Q, Q) - Q * logP  # k terms + the tail bucket
     else:  # renorm
         lq_n = lq - torch.logsumexp(lq, -1, keepdim=True)
         lp_n = lpK - torch.logsumexp(lpK, -1, keepdim=True)
         kl = (lq_n.exp() * (lq_n - lp_n)).sum(-1)
-    stats = dict(ce=ce, kl=kl, agree=agree, tail_gap=P - Q)
+    stats = dict(ce=ce, kl=kl, agree=agree, tail_gap=logP.exp() - Q)
     if w_ce is None:
         return stats, None
-    pT = lpT.exp_()  # reuse the buffer: (c, V) student p_T
+    # G = w_ce p_1 + the KD part, built in e's buffer: two passes over the row, then k + 1 sparse corrections
     if mode == "tail":
-        r = Q * torch.exp(-logP)  # Q / P, (c,)
-        G = pT * (w_kd * (1.0 - r) / T)[:, None]  # the tail formula p_j (1 - Q/P) / T for every id ...
-        # ... then on the k ids add what turns it into (p_j - q_j) / T:  p_j r / T - q_j / T
-        G.scatter_add_(1, ids, (w_kd / T)[:, None] * (pT.gather(1, ids) * r[:, None] - qK))
+        r = Q * torch.exp(-logP)  # Q / P, (r,)
+        a = w_kd * (1.0 - r) / (T * sT)  # the tail formula p_T,j (1 - Q/P) / T for every id, as a multiple of e_T
+        corr = (w_kd / T)[:, None] * (eTK / sT[:, None] * r[:, None] - qK)  # on the k ids: to (p_T,j - q_j) / T
     else:
-        G = torch.zeros_like(pT)
-        G.scatter_add_(1, ids, (w_kd / T)[:, None] * (lp_n.exp() - lq_n.exp()))
-    G.add_(torch.softmax(u, -1, out=u) * w_ce[:, None])  # CE part: w_ce p_1 (u is spent: p_1 in its place) ...
-    G.scatter_add_(1, targets[:, None], -w_ce[:, None])  # ... minus w_ce at the target
+        a = torch.zeros_like(s1)
+        corr = (w_kd / T)[:, None] * (lp_n.exp() - lq_n.exp())
+    G = e.mul_((w_ce / s1)[:, None]) if eT is not e else e.mul_((w_ce / s1 + a)[:, None])
+    if eT is not e and mode == "tail":
+        G.addcmul_(eT, a[:, None])
+    G.scatter_add_(1, ids, corr)
+    G.scatter_add_(1, targets[:, None], -w_ce[:, None])  # CE: minus w_ce at the target
     return stats, G
 
 
-def kd_chunks(h, W, targets, teacher, T, mode, chunk, w_ce=None, w_kd=None):
-    """The one chunk loop of the loss and the evaluation: yields (row slice, per-row stats, G) `chunk` rows at a time,
-    so the student's logits exist for one chunk only. h (R, C), W (V, C); teacher None or (ids, lq, Q) per row."""
+BLOCK_ELEMENTS = 1 << 20  # fp32 logits worked out together (4 MiB, which stays in a CPU's L2/L3 cache): 6 rows of
+# Qwen3's 151,936-wide vocabulary, 496 rows of the demo's 2,112
+
+
+def kd_chunks(h, W, targets, teacher, T, mode, chunk, w_ce=None, w_kd=None, block=None):
+    """The one chunk loop of the loss and the evaluation. Per `chunk` rows it forms the logits z = h W^T (c, V) in
+    the autocast dtype, works out the statistics `block` rows at a time in fp32 (so the passes over a row block hit
+    the cache, not main memory; default BLOCK_ELEMENTS / V rows, all of them on a GPU) and, with weights, writes G
+    into z in place. Yields (row slice, per-row stats, z). h (R, C), W (V, C); teacher None or (ids, lq, Q) per row."""
+    block = block or (chunk if h.is_cuda else max(1, BLOCK_ELEMENTS // W.shape[0]))
     for s in range(0, h.shape[0], chunk):
-        sl = slice(s, s + chunk)
-        u = (h[sl] @ W.t()).float()  # (c, V) logits in the autocast dtype, then fp32 for the softmaxes
-        ids, lq, Q = (None, None, None) if teacher is None else (t[sl] for t in teacher)
-        st, G = kd_rows(u, targets[sl], ids, lq, Q, T, mode, None if w_ce is None else w_ce[sl],
-                        None if w_kd is None else w_kd[sl])
-        yield sl, st, G
+        z = h[s:s + chunk] @ W.t()  # (c, V) logits in the autocast dtype
+        parts = []
+        for b in range(0, len(z), block):
+            rows = slice(s + b, s + min(b + block, len(z)))  # rows of h
+            zb = z[b:b + block]
+            u = zb.float()  # (r, V) fp32: a copy when z is bf16, z itself when it is fp32 (kd_rows overwrites it)
+            ids, lq, Q = (None, None, None) if teacher is None else (t[rows] for t in teacher)
+            st, G = kd_rows(u, targets[rows], ids, lq, Q, T, mode, None if w_ce is None else w_ce[rows],
+                            None if w_kd is None else w_kd[rows])
+            if G is not None and G.data_ptr() != zb.data_ptr():
+                zb.copy_(G)  # the gradient of the logits, back in z's dtype
+            parts.append(st)
+        yield slice(s, s + len(z)), {n: torch.cat([p[n] for p in parts]) for n in parts[0]}, z
 
 
 ROW_STATS = ("ce", "kl", "agree", "tail_gap")  # per-row statistics that kd_rows returns and the loss sums
@@ -194,7 +239,7 @@ class ChunkedKDLoss(torch.autograd.Function):
             sums += torch.stack([st[n].sum() for n in ROW_STATS]).double()
             # the two gradient matmuls run in the autocast dtype, like autograd's backward of h @ W.t() would
             grad_h[sl] = (G @ W).to(h.dtype)  # (c, C)
-            grad_W += (G.t() @ h[sl]).float()  # (V, C)
+            grad_W.add_(G.t() @ h[sl])  # (V, C), accumulated in fp32
         ctx.save_for_backward(grad_h, grad_W)
         ctx.mark_non_differentiable(sums)
         return total.float(), sums
@@ -362,6 +407,40 @@ def build_student(args, cache, device):
     return model
 
 
+# dense bf16 peak of known GPUs, FLOP/s (vendor datasheets, without sparsity); the first name found in the device's
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A6000": 155e12, "4090": 165e12,
+              "3090": 71e12, "A10": 125e12, "L4": 121e12, "V100": 125e12}
+
+
+def measure_matmul_flops(device, dtype, n=2048, reps=3):
+    """This device's matmul speed in FLOP/s: the best of `reps` (n x n) @ (n x n) products in `dtype`."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def peak_flops(device, dtype, flag=0.0):
+    """The MFU denominator and where it comes from: --peak_flops when given; on a GPU the datasheet's dense bf16
+    figure of a known model (PEAK_FLOPS); otherwise (CPU, or an unknown GPU) a large matmul measured here and now."""
+    if flag > 0:
+        return flag, "--peak_flops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, v in PEAK_FLOPS.items():
+            if key in name:
+                return v, f"{name} datasheet, dense bf16"
+    return measure_matmul_flops(device, dtype), f"measured: a 2048^3 {str(dtype).removeprefix('torch.')} matmul"
+
+
 def configure_optimizer(model, lr, weight_decay):
     """AdamW with weight decay on matrices only (norms are not decayed); fused on CUDA."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -497,7 +576,7 @@ def run_eval(run, model, step):
     if not (run.master and len(run.val) and a.eval_every >= 0):
         return None
     ev = evaluate(model, run.batches, run.val, temperature=a.temperature, t_index=run.t_index, kd_mode=a.kd_mode,
-                  chunk=a.loss_chunk, device=run.device, autocast=run.autocast)
+                  chunk=a.loss_chunk, device=run.device, autocast=run.autocast, batch_size=a.batch_size)
     has_teacher = run.batches.cache.has_teacher
     if not has_teacher:
         ev = dict(ce=ev["ce"])
@@ -547,7 +626,7 @@ def main(args):
     model.gradient_checkpointing = args.grad_ckpt
     opt = configure_optimizer(model, args.lr, args.weight_decay)
     settings = {k: v for k, v in vars(args).items() if k not in ("resume", "log_every", "eval_every", "ckpt_every",
-                                                                  "device", "compile", "out", "force")}
+                                                                  "device", "compile", "out", "force", "peak_flops")}
     fingerprint = sha256_json(dict(settings=settings, upstream=upstream, world_batch=step_batch))
     state = prepare_out(args.out, "student", fingerprint, args.force, rank, world)
     if state == "done":
@@ -574,6 +653,12 @@ def main(args):
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = args.dtype == "bfloat16"
     log = RunLog(os.path.join(args.out, "train_log.jsonl"), start, enabled=master)
+    peak, peak_source = peak_flops(device, torch.bfloat16 if autocast else torch.float32, args.peak_flops)
+    if master:
+        mean_len = int(np.mean(windows[:, 3] - windows[:, 1]))
+        print(f"MFU against a peak of {peak / 1e12:.3g} TFLOP/s ({peak_source}); the model takes "
+              f"{model.config.flops_per_token(mean_len) / 1e6:,.1f} MFLOP per trained token at the mean window "
+              f"length {mean_len} (Qwen3Config.flops_per_token)", flush=True)
     run = Run(batches, val_w, args, t_index, device, autocast, log, master)
     checkpoint = lambda step: save_checkpoint(ckpt_dir, model, opt, dict(step=step, fingerprint=fingerprint,
                                                                          total=total, first_eval=first_eval))
@@ -593,9 +678,11 @@ def main(args):
             g["lr"] = lr
         # this step's windows, split into micro-batches; this process takes its share of them
         ws = schedule[step]  # (step_batch,)
+        # windows of similar length share a micro-batch, so little of it is padding (the step's sum is the same)
+        ws = ws[np.argsort(windows[ws, 3] - windows[ws, 1], kind="stable")]
         micro = ws.reshape(args.grad_accum, args.batch_size)[rank * accum:(rank + 1) * accum]
         n_norm = max(batches.count(ws), 1)  # trainable rows of the whole step, the same on every process
-        sums = dict.fromkeys(STEP_STATS, 0.0)
+        sums, flops = dict.fromkeys(STEP_STATS, 0.0), 0.0
         for i, mb in enumerate(micro):
             batch = batches.batch(mb, device)
             sync = not ddp or i == len(micro) - 1  # DDP all-reduces the gradients on the last micro-batch only
@@ -608,6 +695,7 @@ def main(args):
             for n, v in zip(ROW_STATS + ("rows",), s.tolist()):
                 sums[n] += v
             sums["tokens"] += batch["ntok"]
+            flops += batch["ntok"] * model.config.flops_per_token(batch["idx"].shape[1])  # this process's share
             sums["objective"] += loss.item()
         if ddp:  # every process's sums, added up (NCCL reduces device tensors only)
             vec = torch.tensor([sums[n] for n in STEP_STATS], dtype=torch.float64, device=device)
@@ -628,15 +716,16 @@ def main(args):
         # one log line per step; a printed line every --log_every steps
         tokens_done += int(sums["tokens"])
         rate = tokens_done / max(time.time() - t_start, 1e-9)
+        dt = time.time() - t0
         entry = dict(step=step + 1, total=total, phase=step_phase(step, total), ce=ce, kl=kl,
                      loss=sums["objective"], alpha=alpha, proof_weight=w_proof, lr=lr, grad_norm=gnorm, tok_s=rate,
-                     rows=int(n), dt=time.time() - t0)
+                     mfu=flops / dt / peak, rows=int(n), dt=dt)
         log.record(entry)
         if master and ((step + 1) % args.log_every == 0 or step + 1 == total or step == start):
             eta = (total - step - 1) * (time.time() - t_start) / (step + 1 - start)
             print(f"step {step + 1}/{total} | phase {entry['phase']} | ce {ce:.4f} | kl {kl:.4f} | "
                   f"loss {entry['loss']:.4f} | alpha {alpha:.3f} | w_proof {w_proof:.3f} | lr {lr:.2e} | "
-                  f"gnorm {gnorm:.3f} | {rate:,.0f} tok/s | ETA {fmt_time(eta)}", flush=True)
+                  f"gnorm {gnorm:.3f} | {rate:,.0f} tok/s | MFU {entry['mfu']:.1%} | ETA {fmt_time(eta)}", flush=True)
         # evaluation, then the checkpoint (so a resume from it keeps the evaluation of its step)
         if args.eval_every > 0 and (step + 1) % args.eval_every == 0 and step + 1 < total:
             run_eval(run, model, step + 1)
@@ -708,6 +797,8 @@ def get_parser():
                    "student (the card: BF16 inference)")
     p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing (recompute each layer)")
     p.add_argument("--compile", action="store_true", help="torch.compile the student")
+    p.add_argument("--peak_flops", type=float, default=0.0, help="the device's peak FLOP/s for the MFU in the log "
+                   "(0: the datasheet's dense bf16 figure of a known GPU, else a matmul measured at start)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1")
     p.add_argument("--seed", type=int, default=1337, help="split, curriculum shuffles and scratch init")
     return p

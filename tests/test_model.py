@@ -390,3 +390,21 @@ def test_real_qwen3_tokenizer_special_ids():
     tc = json.load(open(os.path.join(SHARED_TOKENIZER, "tokenizer_config.json")))
     assert tok.token_to_id(tc["eos_token"]) == 151645 and tok.token_to_id(tc["pad_token"]) == 151643
     assert tok.encode("Hello world", add_special_tokens=False).ids == [9707, 1879]
+
+
+def test_flops_per_token_hand_count():
+    """The MFU formula against a count by hand on a tiny config (dense and MoE). Breaks if a projection, the lm_head,
+    the attention term or the backward factor is miscounted, or if the MoE count includes idle experts."""
+    cfg = Qwen3Config(vocab_size=100, hidden_size=8, intermediate_size=12, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=3)
+    per_layer = 8 * 12 + 8 * 6 + 8 * 6 + 12 * 8 + 3 * 8 * 12  # q (8x12), k, v (8x6 each), o (12x8), gate/up/down
+    n = 2 * per_layer + 100 * 8  # two layers and the lm_head; the embedding lookup is no matmul
+    assert cfg.matmul_params() == n == 1952
+    attn = 2 * 2 * 2 * 16 * 4 * 3  # layers x (QK^T and AV) x 2 FLOPs x T=16 x heads x head_dim
+    assert cfg.flops_per_token(16, backward=False) == 2 * n + attn
+    assert cfg.flops_per_token(16) == 3 * (2 * n + attn)
+    moe = Qwen3Config(model_type="qwen3_moe", vocab_size=100, hidden_size=8, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=3, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=5,
+                      mlp_only_layers=[1], intermediate_size=12)
+    sparse = 8 * 12 + 8 * 6 + 8 * 6 + 12 * 8 + 6 * 8 + 2 * 3 * 8 * 5  # attention + router + 2 active experts
+    assert moe.matmul_params() == sparse + per_layer + 800
