@@ -38,6 +38,7 @@ import argparse
 import glob
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -46,13 +47,14 @@ import time
 
 import numpy as np
 
-from common import (FORMAT_VERSION, DTYPES, ROLES, Progress, dualmind_text, end_tokens, init_distributed, is_hub_id,
-                    pad_right, prepare_out, publish, read_manifest, save_npy, sha256_file, sha256_json, write_json)
+from common import (FORMAT_VERSION, DTYPES, ROLES, Progress, dualmind_text, end_tokens, fmt_time, init_distributed,
+                    is_hub_id, pad_right, prepare_out, publish, read_manifest, save_npy, sha256_file, sha256_json,
+                    write_json)
 
 try:  # the teacher pass needs torch; the cache reader (TeacherCache) does not: topology.py and windows.py run without
     import torch
 
-    from model import Qwen3, Qwen3Config, resolve_folder
+    from model import Qwen3, Qwen3Config, checkpoint_index, load_tensors, resolve_folder, rope_cos_sin
 except ModuleNotFoundError as e:
     if e.name != "torch":
         raise
@@ -455,6 +457,9 @@ def main(args):
                              f"vocabulary of {teacher_cfg.vocab_size} ({teacher_folder})")
         if teacher_cfg.vocab_size > 1 << 18:
             raise ValueError(f"teacher vocabulary {teacher_cfg.vocab_size} exceeds the 18-bit id packing")
+        if args.stream_layers:  # a missing tensor or too small a budget fails here, before any work
+            check_budget(stream_pieces(teacher_folder, teacher_cfg, getattr(torch, args.dtype))[1],
+                         stream_budget(args.stream_budget_gb, args.device))
     max_len = args.max_len or (teacher_cfg.max_position_embeddings if teacher_cfg else 40960)
 
     # --- fingerprint: everything that changes the bytes written ---------------------------------------
@@ -499,6 +504,7 @@ def main(args):
             bytes_per_pos += np.load(os.path.join(out, n + ".npy"), mmap_mode="r")[0].nbytes
         for p in glob.glob(os.path.join(out, "progress.*.json")):
             os.remove(p)
+        shutil.rmtree(os.path.join(out, "stream_scratch"), ignore_errors=True)
         manifest.update(complete=True, dtypes=dict(tokens="uint32", doc_offsets="int64", roles="uint8",
                                                    topk_ids="uint8 (18-bit packed)", topk_logprobs="float16",
                                                    lse="float32", target_logprob="float32", entropy="float32"),
@@ -538,9 +544,11 @@ def run_teacher(args, folder, tokens, doc_offsets, temps, rank, world):
             done |= set(json.load(f))
     mine = [b for b in range(len(batches)) if b % world == rank and b not in done]
     my_done = sorted(b for b in done if b % world == rank)
-    model = Qwen3.from_pretrained(folder, dtype=getattr(torch, args.dtype), device=args.device).eval()
+    if not args.stream_layers:
+        model = Qwen3.from_pretrained(folder, dtype=getattr(torch, args.dtype), device=args.device).eval()
     total = int(sum(lengths[d] for b in mine for d in batches[b]))
-    prog = Progress("cache" + (f" rank {rank}" if world > 1 else ""), total, every=args.log_every)
+    prog = Progress("cache" + (f" rank {rank}" if world > 1 else ""), total, every=args.log_every,
+                    enabled=not args.stream_layers)  # the streamed pass reports per layer instead
 
     def on_done(b, n):
         for arr in arrays.values():
@@ -549,35 +557,241 @@ def run_teacher(args, folder, tokens, doc_offsets, temps, rank, world):
         write_json(os.path.join(out, f"progress.{rank}.json"), my_done)
         prog.update(n)
 
-    cache_batches(model, tokens, doc_offsets, [(b, batches[b]) for b in mine], arrays, k, temps, args.chunk,
-                  args.device, on_done)
+    work = [(b, batches[b]) for b in mine]
+    if args.stream_layers:  # one decoder layer at a time: the same bytes, a teacher of any size
+        cfg = Qwen3Config.from_json(os.path.join(folder, "config.json"))
+        stream_batches(folder, cfg, work, tokens, doc_offsets, arrays, k, temps, args.chunk,
+                       getattr(torch, args.dtype), args.device, stream_budget(args.stream_budget_gb, args.device),
+                       os.path.join(out, "stream_scratch"), rank, on_done, args.log_every)
+    else:
+        cache_batches(model, tokens, doc_offsets, work, arrays, k, temps, args.chunk, args.device, on_done)
     del arrays
 
 
 def cache_batches(model, tokens, doc_offsets, batches, arrays, k, temps, chunk, device, on_done=None):
     """The teacher pass proper: forward each batch of documents, statistics per position, rows into `arrays`."""
-    lengths = np.diff(doc_offsets)
     for b, docs in batches:
-        idx = torch.from_numpy(pad_right([tokens[doc_offsets[d]:doc_offsets[d + 1]] for d in docs]))  # (B, L)
+        idx = batch_input(tokens, doc_offsets, docs)  # (B, L)
         with torch.no_grad():
             h = model(idx.to(device), hidden_only=True)  # (B, L, C)
-            rows = torch.cat([h[i, :lengths[d]] for i, d in enumerate(docs)])  # (R, C) real positions only
-            nxt = torch.cat([torch.cat([idx[i, 1:lengths[d]], idx.new_zeros(1)]) for i, d in enumerate(docs)])
-            st = topk_stats(model.lm_head, rows, nxt, k, temps, chunk)
-        st = {n: v.cpu() for n, v in st.items()}
-        r = 0
-        for d in docs:
-            a, n = int(doc_offsets[d]), int(lengths[d])
-            st["target"][r + n - 1] = 0.0  # the last row of a document has no next token
-            sl = slice(r, r + n)
-            arrays["topk_ids"][a:a + n] = pack_ids18(st["ids"][sl].numpy())
-            arrays["topk_logprobs"][a:a + n] = st["logprobs"][sl].numpy().astype(np.float16)
-            arrays["lse"][a:a + n] = st["lse"][sl].numpy()
-            arrays["target_logprob"][a:a + n] = st["target"][sl].numpy()
-            arrays["entropy"][a:a + n] = st["entropy"][sl].numpy()
-            r += n
+            n = write_stats(model.lm_head, h, idx, docs, doc_offsets, arrays, k, temps, chunk)
         if on_done:
-            on_done(b, r)
+            on_done(b, n)
+
+
+def batch_input(tokens, doc_offsets, docs):
+    """(B, L) int64 ids of a batch of documents (longest first), right-padded with 0."""
+    return torch.from_numpy(pad_right([tokens[doc_offsets[d]:doc_offsets[d + 1]] for d in docs]))
+
+
+def write_stats(head, h, idx, docs, doc_offsets, arrays, k, temps, chunk):
+    """h (B, L, C) final-normed hidden states of a batch -> the statistics of its real positions, written into
+    `arrays` at their stream rows. Returns the number of positions."""
+    lengths = [int(doc_offsets[d + 1] - doc_offsets[d]) for d in docs]
+    rows = torch.cat([h[i, :n] for i, n in enumerate(lengths)])  # (R, C) real positions only
+    nxt = torch.cat([torch.cat([idx[i, 1:n], idx.new_zeros(1)]) for i, n in enumerate(lengths)])
+    st = {name: v.cpu() for name, v in topk_stats(head, rows, nxt, k, temps, chunk).items()}
+    r = 0
+    for d, n in zip(docs, lengths):
+        a = int(doc_offsets[d])
+        st["target"][r + n - 1] = 0.0  # the last row of a document has no next token
+        sl = slice(r, r + n)
+        arrays["topk_ids"][a:a + n] = pack_ids18(st["ids"][sl].numpy())
+        arrays["topk_logprobs"][a:a + n] = st["logprobs"][sl].numpy().astype(np.float16)
+        arrays["lse"][a:a + n] = st["lse"][sl].numpy()
+        arrays["target_logprob"][a:a + n] = st["target"][sl].numpy()
+        arrays["entropy"][a:a + n] = st["entropy"][sl].numpy()
+        r += n
+    return r
+
+
+# -----------------------------------------------------------------------------
+# The streamed pass: a teacher of any size, one decoder layer at a time
+#
+# Stage 0 embeds every batch of this rank, stage s = 1..L runs every batch through decoder layer s-1, and the head
+# stage applies the final norm and the lm_head statistics (write_stats, as in the in-memory pass). Each weight is
+# read once for the whole dataset. Between stages the hidden states (B, L, C) of each batch, padding included (every
+# matmul keeps the in-memory pass's shapes, so fp32 CPU rows come out bit for bit the same), stay on the device when
+# they fit the budget, and are always written to one of two scratch files (by stage parity); state.{rank}.json then
+# names the last complete stage, so a kill -9 loses at most the stage in flight.
+
+
+def stream_pieces(folder, cfg, dtype):
+    """Check a checkpoint from its safetensors headers alone (a ValueError names any missing tensor before any work)
+    and list what the streamed pass holds at once: (index, [(what, tensor names, bytes in dtype)]) for the
+    embedding, each decoder layer (for MoE all its experts) and the final norm with the lm_head."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Qwen3(cfg).state_dict().items()}
+    tied = cfg.tie_word_embeddings
+    index = checkpoint_index(folder, expected, {"lm_head.weight"} if tied else set())
+    groups = ([("embedding", ["model.embed_tokens.weight"])] +
+              [(f"decoder layer model.layers.{i}", [k for k in expected if k.startswith(f"model.layers.{i}.")])
+               for i in range(cfg.num_hidden_layers)] +
+              [("final norm and lm_head", ["model.norm.weight",
+                                           "model.embed_tokens.weight" if tied else "lm_head.weight"])])
+    size = torch.empty((), dtype=dtype).element_size()
+    return index, [(what, names, sum(math.prod(expected[k]) for k in names) * size) for what, names in groups]
+
+
+def check_budget(pieces, budget):
+    """The largest piece of the teacher must fit the budget on its own; a ValueError names both sizes."""
+    what, _, n = max(pieces, key=lambda p: p[2])
+    if n > budget:
+        raise ValueError(f"--stream_budget_gb {budget / 1e9:g}: smaller than the teacher's {what} "
+                         f"({n / 1e9:.4g} GB), which must be on the device at once")
+
+
+def stream_budget(gb, device):
+    """Bytes the streamed pass plans to hold on the device: --stream_budget_gb, or when 0, 90% of the free memory
+    (CUDA) or half of the available memory (CPU)."""
+    if gb > 0:
+        return int(gb * 1e9)
+    if str(device).startswith("cuda"):
+        return int(0.9 * torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open("/proc/meminfo") as f:
+            avail = int(re.search(r"MemAvailable:\s+(\d+) kB", f.read()).group(1)) * 1024
+    except OSError:
+        avail = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return avail // 2
+
+
+class ScratchStates:
+    """The hidden states (B, L, C) of each batch between two stages. Stage s writes slot (s + 1) % 2 of two scratch
+    files of raw `dtype` bytes, while the slot it reads stays intact; with `resident`, a copy also stays on the
+    device and reads come from there. Plain positioned I/O, not mmap: the page cache holds the files, the process
+    does not."""
+
+    def __init__(self, folder, rank, shapes, dtype, device, resident):
+        self.dtype, self.device = dtype, device
+        size = torch.empty((), dtype=dtype).element_size()
+        self.where, pos = {}, 0
+        for b, shape in shapes:  # batch b at byte offset pos in either file
+            self.where[b] = (pos, tuple(shape))
+            pos += math.prod(shape) * size
+        self.nbytes, self.written = pos, 0
+        self.paths = [os.path.join(folder, f"hidden.{rank}.{slot}.bin") for slot in (0, 1)]
+        self.fds = [os.open(p, os.O_RDWR | os.O_CREAT, 0o644) for p in self.paths]
+        for fd in self.fds:
+            os.ftruncate(fd, pos)
+        self.on_device = {} if resident else None
+
+    def get(self, b, slot):
+        if self.on_device is not None and b in self.on_device:
+            return self.on_device.pop(b)  # the caller's output takes its place: one copy on the device
+        offset, shape = self.where[b]
+        x = torch.empty(shape, dtype=self.dtype)
+        buf = memoryview(x.view(-1).view(torch.uint8).numpy())
+        while len(buf):  # a read may return less than asked
+            n = os.preadv(self.fds[slot], [buf], offset)
+            assert n > 0, f"{self.paths[slot]}: ends before batch {b}"
+            buf, offset = buf[n:], offset + n
+        return x.to(self.device)
+
+    def put(self, b, slot, y):
+        offset, shape = self.where[b]
+        assert tuple(y.shape) == shape, (b, tuple(y.shape), shape)
+        buf = memoryview(y.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy())
+        self.written += len(buf)
+        while len(buf):
+            n = os.pwrite(self.fds[slot], buf, offset)
+            buf, offset = buf[n:], offset + n
+        if self.on_device is not None:
+            self.on_device[b] = y
+
+    def sync(self, slot):
+        os.fsync(self.fds[slot])  # on disk before the state file says the stage is complete
+
+    def remove(self):
+        for fd, p in zip(self.fds, self.paths):
+            os.close(fd)
+            os.remove(p)
+
+
+def stream_batches(folder, cfg, batches, tokens, doc_offsets, arrays, k, temps, chunk, dtype, device, budget,
+                   scratch, rank=0, on_done=None, log_every=10.0):
+    """The teacher pass one stage at a time over `batches` [(b, docs)]: the same rows into `arrays` as cache_batches,
+    with at most one decoder layer of weights on the device. Resumes from scratch/state.{rank}.json."""
+    if not batches:
+        return
+    index, pieces = stream_pieces(folder, cfg, dtype)
+    check_budget(pieces, budget)
+    L, C, tag = cfg.num_hidden_layers, cfg.hidden_size, f"stream rank {rank}" if rank else "stream"
+    os.makedirs(scratch, exist_ok=True)
+    state_path = os.path.join(scratch, f"state.{rank}.json")
+    shapes = [[b, [len(docs), int(doc_offsets[docs[0] + 1] - doc_offsets[docs[0]]), C]] for b, docs in batches]
+    state = dict(shapes=shapes, dtype=str(dtype), stages_done=0)
+    if os.path.isfile(state_path):  # resume if the kept states cover every batch left to do
+        with open(state_path) as f:
+            old = json.load(f)
+        kept = {b: shape for b, shape in old["shapes"]}
+        if old["dtype"] == str(dtype) and all(kept.get(b) == shape for b, shape in shapes):
+            state = old
+    start = state["stages_done"]
+    write_json(state_path, state)
+    n_pos = int(sum(doc_offsets[d + 1] - doc_offsets[d] for _, docs in batches for d in docs))
+    padded = sum(math.prod(shape) for _, shape in shapes) // C  # positions with padding
+    size = torch.empty((), dtype=dtype).element_size()
+    weights = max(n for _, _, n in pieces)
+    resident = weights + padded * C * size <= budget
+    store = ScratchStates(scratch, rank, state["shapes"], dtype, device, resident)
+    print(f"[{tag}] {L} layers, largest piece {weights / 1e9:.4g} GB; hidden states: {padded:,} positions "
+          f"({n_pos:,} real) x {C} x {size} B = {padded * C * size / 1e9:.3f} GB, "
+          f"{'kept on the device' if resident else 'spilled to ' + scratch} (budget {budget / 1e9:.3f} GB)"
+          + (f"; resuming after layer {start - 1}/{L}" if start > 1 else ""), file=sys.stderr, flush=True)
+    with torch.device("meta"):
+        model = Qwen3(cfg).eval()  # the skeleton: each stage's weights are assigned in, then sent back to meta
+    t0, read = time.time(), 0
+
+    def load(names):
+        nonlocal read
+        model.load_state_dict(load_tensors(index, names, dtype, device), strict=False, assign=True)
+        read += sum(index[n][2] for n in names)
+
+    for s in range(start, L + 1):
+        load(pieces[s][1])
+        stage = model.model.embed_tokens if s == 0 else model.model.layers[s - 1]
+        last = time.time()
+        for j, (b, docs) in enumerate(batches):
+            with torch.no_grad():
+                if s == 0:
+                    y = stage(batch_input(tokens, doc_offsets, docs).to(device))  # (B, L, C)
+                else:
+                    x = store.get(b, s % 2)  # (B, L, C) the output of stage s - 1
+                    cos, sin = rope_cos_sin(torch.arange(x.shape[1], device=device), cfg.head_dim, cfg.rope_theta,
+                                            x.dtype)  # positions 0..L-1, as the in-memory forward
+                    y = stage(x, cos, sin)
+            store.put(b, (s + 1) % 2, y)
+            if time.time() - last >= log_every:
+                last = time.time()
+                print(f"[{tag}] {pieces[s][0]}: batch {j + 1}/{len(batches)}", file=sys.stderr, flush=True)
+        x = y = None
+        store.sync((s + 1) % 2)
+        write_json(state_path, dict(state, stages_done=s + 1))  # stage s is complete, on disk
+        stage.to("meta")  # frees its weights before the next stage's are read
+        if s > 0:
+            dt = time.time() - t0
+            rate = (s - max(start, 1) + 1) * n_pos / dt  # positions x layers per second
+            print(f"[{tag}] layer {s}/{L} | {rate:,.0f} tok/s (positions x layers) | ETA {fmt_time((L - s) * n_pos / rate)} "
+                  f"| {read / 1e9:.3f} GB read", file=sys.stderr, flush=True)
+
+    load(pieces[-1][1])
+    model.tie_weights()  # a tied lm_head is the embedding just loaded
+    prog = Progress(f"{tag} head", n_pos, every=log_every)
+    for b, docs in batches:
+        with torch.no_grad():
+            h = model.model.norm(store.get(b, (L + 1) % 2))  # (B, L, C) final-normed, as hidden_only=True
+            n = write_stats(model.lm_head, h, batch_input(tokens, doc_offsets, docs), docs, doc_offsets, arrays, k,
+                            temps, chunk)
+        if on_done:
+            on_done(b, n)
+        prog.update(n)
+    store.remove()
+    os.remove(state_path)
+    print(f"[{tag}] done: {L - max(start - 1, 0)} layers over {n_pos:,} positions in {fmt_time(time.time() - t0)}, "
+          f"{read / 1e9:.3f} GB read from the checkpoint, {store.written / 1e9:.3f} GB written to scratch",
+          file=sys.stderr, flush=True)
+
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -601,6 +815,11 @@ def get_parser():
     p.add_argument("--response_field", default="response", help="record field with the final answer")
     p.add_argument("--explore_field", default="explore", help="records with this field are already DualMind")
     p.add_argument("--examine_field", default="examine", help="the examine block of such records")
+    p.add_argument("--stream_layers", action="store_true", help="load one decoder layer at a time (every batch "
+                   "through layer 1, then layer 2, ...): a teacher larger than the device, the same bytes out")
+    p.add_argument("--stream_budget_gb", type=float, default=0.0, help="with --stream_layers: device memory (GB, "
+                   "1e9 B) for the largest layer plus the hidden states, which spill to disk beyond it; 0: 90%% of "
+                   "the free GPU memory, half of the available RAM on CPU")
     p.add_argument("--force", action="store_true", help="delete --out and start over")
     p.add_argument("--log_every", type=float, default=10.0, help="seconds between progress lines")
     return p

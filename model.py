@@ -535,8 +535,9 @@ def checkpoint_index(folder, expected, optional=()):
     missing = sorted(set(expected) - set(found) - set(optional))
     unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{folder}: checkpoint does not match the config: missing tensors {_few(missing)}, "
-                         f"unexpected tensors {_few(unexpected)}")
+        layers = sorted({int(k.split(".")[2]) for k in missing if k.startswith("model.layers.")})
+        raise ValueError(f"{folder}: checkpoint does not match the config: missing tensors {_few(missing)}"
+                         f"{f' (of layers {layers})' if layers else ''}, unexpected tensors {_few(unexpected)}")
     for k, (path, shape, _) in found.items():
         if shape != expected[k]:
             raise ValueError(f"{path}: tensor {k} has shape {list(shape)}, config expects {list(expected[k])}")
