@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -237,6 +238,15 @@ def demo_stream(work):
     return tokens, roles, offsets
 
 
+def cache_arrays(work, N, k=64):
+    """The teacher arrays of a cache of N positions (top-k, T = 1, 2), as fresh memory-mapped files in `work`."""
+    import numpy as np
+    return {n: np.lib.format.open_memmap(os.path.join(work, n + ".npy"), mode="w+", dtype=dt, shape=sh)
+            for n, dt, sh in [("topk_ids", np.uint8, (N, k // 4 * 9)), ("topk_logprobs", np.float16, (N, k)),
+                              ("lse", np.float32, (N, 2)), ("target_logprob", np.float32, (N,)),
+                              ("entropy", np.float32, (N,))]}
+
+
 def bench_cache(args):
     import numpy as np
     from cache_teacher import cache_batches, plan_batches
@@ -247,10 +257,7 @@ def bench_cache(args):
     model = Qwen3.from_pretrained(folder, dtype=torch.float32, device=args.device).eval()
     batches = list(enumerate(plan_batches(np.diff(offsets), 4096)))
     N, k = len(tokens), 64
-    arrays = {n: np.lib.format.open_memmap(os.path.join(args.work, n + ".npy"), mode="w+", dtype=dt, shape=sh)
-              for n, dt, sh in [("topk_ids", np.uint8, (N, 144)), ("topk_logprobs", np.float16, (N, k)),
-                                ("lse", np.float32, (N, 2)), ("target_logprob", np.float32, (N,)),
-                                ("entropy", np.float32, (N,))]}
+    arrays = cache_arrays(args.work, N, k)
 
     def bare():
         for _, docs in batches:
@@ -270,6 +277,66 @@ def bench_cache(args):
     per_pos = sum(a[0].nbytes for a in arrays.values())
     return [("cache pass / bare forward (time)", t["cache"], t["bare"], t["cache"] / t["bare"], "<= 1.10"),
             ("cache teacher bytes / position", per_pos, 400, per_pos / 400, "<= 1.0 (budget 400 B)")]
+
+
+# -----------------------------------------------------------------------------
+# stream: cache_teacher.py --stream_layers against the in-memory pass (time), and its peak memory against the
+# size of a checkpoint four times its budget
+
+STREAM_MEM_CFG = dict(model_type="qwen3", vocab_size=2112, hidden_size=1024, intermediate_size=4096,
+                      num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=4, head_dim=128,
+                      max_position_embeddings=4096, tie_word_embeddings=True, torch_dtype="float32")  # 1.02 GB fp32
+
+
+def teacher_pass(streamed, folder, tokens, offsets, work, device, batch_tokens=4096, chunk=1024, budget=0):
+    """One whole Phase-1 teacher pass, weights read from `folder`, rows into fresh arrays in `work`: in memory
+    (from_pretrained + cache_batches) or streamed layer by layer (stream_batches). Returns the stream's summary."""
+    import numpy as np
+    from cache_teacher import cache_batches, plan_batches, stream_batches, stream_budget
+    from model import Qwen3, Qwen3Config
+    batches = list(enumerate(plan_batches(np.diff(offsets), batch_tokens)))
+    arrays = cache_arrays(work, len(tokens))
+    if not streamed:
+        model = Qwen3.from_pretrained(folder, dtype=torch.float32, device=device).eval()
+        return cache_batches(model, tokens, offsets, batches, arrays, 64, [1.0, 2.0], chunk, device)
+    cfg = Qwen3Config.from_json(os.path.join(folder, "config.json"))
+    scratch = os.path.join(work, "stream_scratch")
+    shutil.rmtree(scratch, ignore_errors=True)  # no resuming from an earlier pass
+    return stream_batches(folder, cfg, batches, tokens, offsets, arrays, 64, [1.0, 2.0], chunk, torch.float32, device,
+                          budget or stream_budget(0, device), scratch, log_every=1e9)
+
+
+def stream_worker(folder, work, device, budget, positions):
+    """Runs in its own process: the rise of peak memory (RSS on CPU) over a streamed pass of the first documents
+    of the demo stream (about `positions` positions), batches of 1,024 tokens, lm_head chunks of 256 rows."""
+    import numpy as np
+    tokens, _, offsets = demo_stream(work)
+    n = max(1, int(np.searchsorted(offsets, positions)))
+    tokens, offsets = tokens[:offsets[n]], offsets[:n + 1]
+    base = reset_peak(device)
+    summary = teacher_pass(True, folder, tokens, offsets, work, device, 1024, 256, budget)
+    return dict(summary, rise=peak_mem(device) - base, positions=int(offsets[-1]))
+
+
+def bench_stream(args):
+    from model import Qwen3, Qwen3Config, weight_files
+    folder = make_reference_checkpoint(os.path.join(args.work, "model_ref"))
+    tokens, _, offsets = demo_stream(args.work)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    fns = {k: (lambda k=k: teacher_pass(k == "stream", folder, tokens, offsets, args.work, args.device))
+           for k in ["memory", "stream"]}  # the warm-up run puts the checkpoint in the page cache
+    t = interleaved_times(fns, max(1, args.reps // 2), sync)
+    rows = [("stream pass / in-memory (time)", t["stream"], t["memory"], t["stream"] / t["memory"], "<= 1.3")]
+    big = os.path.join(args.work, "stream_1gb")
+    if not os.path.isfile(os.path.join(big, "config.json")):
+        Qwen3(Qwen3Config(**STREAM_MEM_CFG)).init_weights(0).save_pretrained(big)
+    ckpt = sum(os.path.getsize(p) for p in weight_files(big))
+    for budget in [ckpt / 4, 0.07e9]:  # states kept in memory; spilled (the budget holds one layer and little more)
+        r = run_worker("stream", folder=big, work=args.work, device=args.device, budget=budget, positions=3000)
+        how = "kept" if r["resident"] else "spilled"
+        rows.append((f"stream RSS / ckpt, {budget / 1e9:.2f} GB, {how}", r["rise"] / 2**20, ckpt / 2**20,
+                     r["rise"] / ckpt, "<= 0.35"))
+    return rows
 
 
 # -----------------------------------------------------------------------------
@@ -467,9 +534,9 @@ def bench_generate(args, prompt_len=32, new=128):
     return rows
 
 
-SECTIONS = {"hardware": bench_hardware, "model": bench_model, "cache": bench_cache, "topology": bench_topology,
-            "train": bench_train, "generate": bench_generate}
-WORKERS = {"model": model_worker, "train": train_worker}
+SECTIONS = {"hardware": bench_hardware, "model": bench_model, "cache": bench_cache, "stream": bench_stream,
+            "topology": bench_topology, "train": bench_train, "generate": bench_generate}
+WORKERS = {"model": model_worker, "train": train_worker, "stream": stream_worker}
 
 
 def main(args):

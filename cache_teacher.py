@@ -711,9 +711,10 @@ class ScratchStates:
 def stream_batches(folder, cfg, batches, tokens, doc_offsets, arrays, k, temps, chunk, dtype, device, budget,
                    scratch, rank=0, on_done=None, log_every=10.0):
     """The teacher pass one stage at a time over `batches` [(b, docs)]: the same rows into `arrays` as cache_batches,
-    with at most one decoder layer of weights on the device. Resumes from scratch/state.{rank}.json."""
+    with at most one decoder layer of weights on the device. Resumes from scratch/state.{rank}.json.
+    Returns dict(read=checkpoint bytes read, written=scratch bytes written, resident=states kept on the device)."""
     if not batches:
-        return
+        return dict(read=0, written=0, resident=True)
     index, pieces = stream_pieces(folder, cfg, dtype)
     check_budget(pieces, budget)
     L, C, tag = cfg.num_hidden_layers, cfg.hidden_size, f"stream rank {rank}" if rank else "stream"
@@ -791,6 +792,7 @@ def stream_batches(folder, cfg, batches, tokens, doc_offsets, arrays, k, temps, 
     print(f"[{tag}] done: {L - max(start - 1, 0)} layers over {n_pos:,} positions in {fmt_time(time.time() - t0)}, "
           f"{read / 1e9:.3f} GB read from the checkpoint, {store.written / 1e9:.3f} GB written to scratch",
           file=sys.stderr, flush=True)
+    return dict(read=read, written=store.written, resident=resident)
 
 
 def get_parser():

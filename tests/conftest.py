@@ -65,7 +65,7 @@ def max_rel_diff(a, b):
 DATA = os.path.join(ROOT, "data", "physics_cot.jsonl")
 
 
-def make_teacher(folder, vocab_size, moe=False, std=0.3, seed=0, layers=2, **kw):
+def make_teacher(folder, vocab_size, moe=False, std=0.3, seed=0, layers=2, max_shard_bytes=5 * 2**30, **kw):
     """A tiny random Qwen3 saved by model.py; std large enough for peaked, varied next-token distributions."""
     from model import Qwen3, Qwen3Config
     cfg = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
@@ -76,7 +76,7 @@ def make_teacher(folder, vocab_size, moe=False, std=0.3, seed=0, layers=2, **kw)
         cfg.update(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
     cfg.update(kw)
     m = Qwen3(Qwen3Config(**cfg)).init_weights(seed)
-    m.save_pretrained(folder)
+    m.save_pretrained(folder, max_shard_bytes=max_shard_bytes)
     return str(folder)
 
 
