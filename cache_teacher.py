@@ -458,6 +458,8 @@ def main(args):
         if teacher_cfg.vocab_size > 1 << 18:
             raise ValueError(f"teacher vocabulary {teacher_cfg.vocab_size} exceeds the 18-bit id packing")
         if args.stream_layers:  # a missing tensor or too small a budget fails here, before any work
+            if args.stream_save_every < 1:
+                raise ValueError(f"--stream_save_every {args.stream_save_every}: must be at least 1")
             check_budget(stream_pieces(teacher_folder, teacher_cfg, getattr(torch, args.dtype))[1],
                          stream_budget(args.stream_budget_gb, args.device))
     max_len = args.max_len or (teacher_cfg.max_position_embeddings if teacher_cfg else 40960)
@@ -562,7 +564,7 @@ def run_teacher(args, folder, tokens, doc_offsets, temps, rank, world):
         cfg = Qwen3Config.from_json(os.path.join(folder, "config.json"))
         stream_batches(folder, cfg, work, tokens, doc_offsets, arrays, k, temps, args.chunk,
                        getattr(torch, args.dtype), args.device, stream_budget(args.stream_budget_gb, args.device),
-                       os.path.join(out, "stream_scratch"), rank, on_done, args.log_every)
+                       os.path.join(out, "stream_scratch"), rank, on_done, args.log_every, args.stream_save_every)
     else:
         cache_batches(model, tokens, doc_offsets, work, arrays, k, temps, args.chunk, args.device, on_done)
     del arrays
@@ -642,12 +644,12 @@ def check_budget(pieces, budget):
 
 
 def stream_budget(gb, device):
-    """Bytes the streamed pass plans to hold on the device: --stream_budget_gb, or when 0, 90% of the free memory
+    """Bytes the streamed pass plans to hold on the device: --stream_budget_gb, or when 0, 75% of the free memory
     (CUDA) or half of the available memory (CPU)."""
     if gb > 0:
         return int(gb * 1e9)
     if str(device).startswith("cuda"):
-        return int(0.9 * torch.cuda.mem_get_info(torch.device(device))[0])
+        return int(0.75 * torch.cuda.mem_get_info(torch.device(device))[0])  # the rest: a batch's activations
     try:
         with open("/proc/meminfo") as f:
             avail = int(re.search(r"MemAvailable:\s+(\d+) kB", f.read()).group(1)) * 1024
@@ -657,50 +659,53 @@ def stream_budget(gb, device):
 
 
 class ScratchStates:
-    """The hidden states (B, L, C) of each batch between two stages. Stage s writes slot (s + 1) % 2 of two scratch
-    files of raw `dtype` bytes, while the slot it reads stays intact; with `resident`, a copy also stays on the
-    device and reads come from there. Plain positioned I/O, not mmap: the page cache holds the files, the process
-    does not."""
+    """The hidden states (B, L, C) of each batch between two stages, in two scratch files of raw `dtype` bytes: `slot`
+    holds the last saved stage's outputs, and a save writes the other file, so a kill mid-save leaves the last one
+    intact. With `resident`, the states also stay on the device and reads come from there. Positioned I/O, not
+    mmap: the page cache holds the files, not the process's memory."""
 
-    def __init__(self, folder, rank, shapes, dtype, device, resident):
-        self.dtype, self.device = dtype, device
+    def __init__(self, folder, rank, shapes, dtype, device, resident, slot):
+        self.dtype, self.device, self.slot, self.written = dtype, device, slot, 0
         size = torch.empty((), dtype=dtype).element_size()
         self.where, pos = {}, 0
         for b, shape in shapes:  # batch b at byte offset pos in either file
             self.where[b] = (pos, tuple(shape))
             pos += math.prod(shape) * size
-        self.nbytes, self.written = pos, 0
-        self.paths = [os.path.join(folder, f"hidden.{rank}.{slot}.bin") for slot in (0, 1)]
+        self.paths = [os.path.join(folder, f"hidden.{rank}.{i}.bin") for i in (0, 1)]
         self.fds = [os.open(p, os.O_RDWR | os.O_CREAT, 0o644) for p in self.paths]
         for fd in self.fds:
             os.ftruncate(fd, pos)
         self.on_device = {} if resident else None
 
-    def get(self, b, slot):
+    def get(self, b):
         if self.on_device is not None and b in self.on_device:
             return self.on_device.pop(b)  # the caller's output takes its place: one copy on the device
         offset, shape = self.where[b]
         x = torch.empty(shape, dtype=self.dtype)
         buf = memoryview(x.view(-1).view(torch.uint8).numpy())
         while len(buf):  # a read may return less than asked
-            n = os.preadv(self.fds[slot], [buf], offset)
-            assert n > 0, f"{self.paths[slot]}: ends before batch {b}"
+            n = os.preadv(self.fds[self.slot], [buf], offset)
+            assert n > 0, f"{self.paths[self.slot]}: ends before batch {b}"
             buf, offset = buf[n:], offset + n
         return x.to(self.device)
 
-    def put(self, b, slot, y):
+    def put(self, b, y, save):
+        if self.on_device is not None:
+            self.on_device[b] = y
+        if not save:
+            return
         offset, shape = self.where[b]
         assert tuple(y.shape) == shape, (b, tuple(y.shape), shape)
         buf = memoryview(y.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy())
         self.written += len(buf)
         while len(buf):
-            n = os.pwrite(self.fds[slot], buf, offset)
+            n = os.pwrite(self.fds[1 - self.slot], buf, offset)
             buf, offset = buf[n:], offset + n
-        if self.on_device is not None:
-            self.on_device[b] = y
 
-    def sync(self, slot):
-        os.fsync(self.fds[slot])  # on disk before the state file says the stage is complete
+    def commit(self):
+        """The save is whole: on disk (before the state file says so), and the file reads come from."""
+        os.fsync(self.fds[1 - self.slot])
+        self.slot = 1 - self.slot
 
     def remove(self):
         for fd, p in zip(self.fds, self.paths):
@@ -709,9 +714,10 @@ class ScratchStates:
 
 
 def stream_batches(folder, cfg, batches, tokens, doc_offsets, arrays, k, temps, chunk, dtype, device, budget,
-                   scratch, rank=0, on_done=None, log_every=10.0):
+                   scratch, rank=0, on_done=None, log_every=10.0, save_every=1):
     """The teacher pass one stage at a time over `batches` [(b, docs)]: the same rows into `arrays` as cache_batches,
-    with at most one decoder layer of weights on the device. Resumes from scratch/state.{rank}.json.
+    with at most one decoder layer of weights on the device. The hidden states are saved to scratch after every
+    layer (every `save_every` layers while they stay on the device), and a rerun resumes from the last save.
     Returns dict(read=checkpoint bytes read, written=scratch bytes written, resident=states kept on the device)."""
     if not batches:
         return dict(read=0, written=0, resident=True)
@@ -721,7 +727,7 @@ def stream_batches(folder, cfg, batches, tokens, doc_offsets, arrays, k, temps, 
     os.makedirs(scratch, exist_ok=True)
     state_path = os.path.join(scratch, f"state.{rank}.json")
     shapes = [[b, [len(docs), int(doc_offsets[docs[0] + 1] - doc_offsets[docs[0]]), C]] for b, docs in batches]
-    state = dict(shapes=shapes, dtype=str(dtype), stages_done=0)
+    state = dict(shapes=shapes, dtype=str(dtype), stages_done=0, slot=0)
     if os.path.isfile(state_path):  # resume if the kept states cover every batch left to do
         with open(state_path) as f:
             old = json.load(f)
@@ -735,7 +741,7 @@ def stream_batches(folder, cfg, batches, tokens, doc_offsets, arrays, k, temps, 
     size = torch.empty((), dtype=dtype).element_size()
     weights = max(n for _, _, n in pieces)
     resident = weights + padded * C * size <= budget
-    store = ScratchStates(scratch, rank, state["shapes"], dtype, device, resident)
+    store = ScratchStates(scratch, rank, state["shapes"], dtype, device, resident, state["slot"])
     print(f"[{tag}] {L} layers, largest piece {weights / 1e9:.4g} GB; hidden states: {padded:,} positions "
           f"({n_pos:,} real) x {C} x {size} B = {padded * C * size / 1e9:.3f} GB, "
           f"{'kept on the device' if resident else 'spilled to ' + scratch} (budget {budget / 1e9:.3f} GB)"
@@ -753,35 +759,37 @@ def stream_batches(folder, cfg, batches, tokens, doc_offsets, arrays, k, temps, 
         load(pieces[s][1])
         stage = model.model.embed_tokens if s == 0 else model.model.layers[s - 1]
         last = time.time()
+        save = not resident or s % save_every == 0 or s == L  # spilled states are saved at every stage
         for j, (b, docs) in enumerate(batches):
             with torch.no_grad():
                 if s == 0:
                     y = stage(batch_input(tokens, doc_offsets, docs).to(device))  # (B, L, C)
                 else:
-                    x = store.get(b, s % 2)  # (B, L, C) the output of stage s - 1
+                    x = store.get(b)  # (B, L, C) the output of stage s - 1
                     cos, sin = rope_cos_sin(torch.arange(x.shape[1], device=device), cfg.head_dim, cfg.rope_theta,
                                             x.dtype)  # positions 0..L-1, as the in-memory forward
                     y = stage(x, cos, sin)
-            store.put(b, (s + 1) % 2, y)
+            store.put(b, y, save)
             if time.time() - last >= log_every:
                 last = time.time()
                 print(f"[{tag}] {pieces[s][0]}: batch {j + 1}/{len(batches)}", file=sys.stderr, flush=True)
         x = y = None
-        store.sync((s + 1) % 2)
-        write_json(state_path, dict(state, stages_done=s + 1))  # stage s is complete, on disk
+        if save:
+            store.commit()
+            write_json(state_path, dict(state, stages_done=s + 1, slot=store.slot))  # stages 0..s are on disk
         stage.to("meta")  # frees its weights before the next stage's are read
         if s > 0:
             dt = time.time() - t0
             rate = (s - max(start, 1) + 1) * n_pos / dt  # positions x layers per second
-            print(f"[{tag}] layer {s}/{L} | {rate:,.0f} tok/s (positions x layers) | ETA {fmt_time((L - s) * n_pos / rate)} "
-                  f"| {read / 1e9:.3f} GB read", file=sys.stderr, flush=True)
+            print(f"[{tag}] layer {s}/{L} | {rate:,.0f} tok/s (positions x layers) | "
+                  f"ETA {fmt_time((L - s) * n_pos / rate)} | {read / 1e9:.3f} GB read", file=sys.stderr, flush=True)
 
-    load(pieces[-1][1])
-    model.tie_weights()  # a tied lm_head is the embedding just loaded
+    load(pieces[-1][1])  # a tied lm_head reads the embedding a second time: memory stays one piece at a time
+    model.tie_weights()
     prog = Progress(f"{tag} head", n_pos, every=log_every)
     for b, docs in batches:
         with torch.no_grad():
-            h = model.model.norm(store.get(b, (L + 1) % 2))  # (B, L, C) final-normed, as hidden_only=True
+            h = model.model.norm(store.get(b))  # (B, L, C) final-normed, as hidden_only=True
             n = write_stats(model.lm_head, h, batch_input(tokens, doc_offsets, docs), docs, doc_offsets, arrays, k,
                             temps, chunk)
         if on_done:
@@ -820,8 +828,11 @@ def get_parser():
     p.add_argument("--stream_layers", action="store_true", help="load one decoder layer at a time (every batch "
                    "through layer 1, then layer 2, ...): a teacher larger than the device, the same bytes out")
     p.add_argument("--stream_budget_gb", type=float, default=0.0, help="with --stream_layers: device memory (GB, "
-                   "1e9 B) for the largest layer plus the hidden states, which spill to disk beyond it; 0: 90%% of "
+                   "1e9 B) for the largest layer plus the hidden states, which spill to disk beyond it; 0: 75%% of "
                    "the free GPU memory, half of the available RAM on CPU")
+    p.add_argument("--stream_save_every", type=int, default=1, help="with --stream_layers and the hidden states on "
+                   "the device: save them to disk every N layers (a rerun resumes from the last save; each save "
+                   "writes positions x hidden x bytes)")
     p.add_argument("--force", action="store_true", help="delete --out and start over")
     p.add_argument("--log_every", type=float, default=10.0, help="seconds between progress lines")
     return p

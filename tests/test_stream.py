@@ -80,17 +80,19 @@ def wait_for(path, ok, timeout=120):
     return False
 
 
-@pytest.mark.parametrize("point", ["layer", "head"])
+@pytest.mark.parametrize("point", ["layer", "layer-resident", "head"])
 def test_streamed_kill_and_resume(tmp_path, demo_tokenizer, deep, point):
-    """kill -9 during layer 4 (or during the lm_head stage), run again: it resumes from the last complete layer
-    (or batch) and ends byte-identical to the in-memory pass, with the scratch files removed."""
+    """kill -9 after layer 3 was saved (states spilled, or kept in memory and saved every 3 layers) or during the
+    lm_head stage, run again: it resumes from the last saved layer (or batch) and ends byte-identical to the
+    in-memory pass, with the scratch files removed."""
     teacher, ref = deep
     out = tmp_path / "killed"
+    how = (["--stream_budget_gb", "0.0005"] if point != "layer-resident" else  # under the states' size: spilled
+           ["--stream_save_every", "3"])  # saves after the embedding and layers 3, 6 and 8
     cmd = [sys.executable, os.path.join(ROOT, "cache_teacher.py"), "--data", DATA, "--teacher", teacher,
-           "--tokenizer", demo_tokenizer, "--out", str(out), "--max_docs", "12", *BASE, "--stream_layers",
-           "--stream_budget_gb", "0.0005"]  # under the hidden states' size: they spill to scratch
+           "--tokenizer", demo_tokenizer, "--out", str(out), "--max_docs", "12", *BASE, "--stream_layers", *how]
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-    if point == "layer":  # embedding and layers 1-3 complete
+    if point != "head":  # the embedding and layers 1-3 saved
         assert wait_for(out / "stream_scratch" / "state.0.json", lambda s: s["stages_done"] >= 4)
     else:
         assert wait_for(out / "progress.0.json", lambda done: len(done) >= 1)
@@ -99,7 +101,7 @@ def test_streamed_kill_and_resume(tmp_path, demo_tokenizer, deep, point):
     assert json.load(open(out / "manifest.json"))["complete"] is False
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
-    if point == "layer":
+    if point != "head":
         assert "resuming after layer" in r.stderr and "[stream] layer 1/8" not in r.stderr
     else:
         assert "[stream] layer" not in r.stderr  # every layer was complete: only the lm_head stage is left
@@ -135,7 +137,7 @@ def test_stream_bad_inputs(tmp_path, demo_tokenizer, tiny_teacher):
     save_file({k: v for k, v in sd.items() if not k.startswith("model.layers.1.mlp.")},
               os.path.join(broken, "model.safetensors"))
     with pytest.raises(ValueError, match=r"missing tensors \['model.layers.1.mlp.down_proj.weight', "
-                                         r"'model.layers.1.mlp.gate_proj.weight', 'model.layers.1.mlp.up_proj.weight'\] "
-                                         r"\(of layers \[1\]\)"):
+                                         r"'model.layers.1.mlp.gate_proj.weight', "
+                                         r"'model.layers.1.mlp.up_proj.weight'\] \(of layers \[1\]\)"):
         cache(tmp_path / "o2", str(broken), demo_tokenizer, "--stream_layers")
     assert not (tmp_path / "o2").exists()
