@@ -16,6 +16,12 @@ Sections and what each compares (higher ratio = better for us; memory ratios are
   cache   the teacher pass of cache_teacher.py (top-64, logsumexp at T=1,2, target log-prob, entropy, written to
           memory-mapped files) vs a bare forward producing full logits, same model (the model config above)
           and the same batches of the bundled records; and the bytes the teacher record takes per position.
+  stream  the streamed teacher pass (cache_teacher.py --stream_layers, one decoder layer at a time) against the
+          in-memory pass, each whole (weights read from the checkpoint in the page cache, statistics written), on the
+          model config above and the bundled records (target <= 1.3x on CPU); and, in fresh subprocesses, the peak
+          RSS rise of a streamed pass of a 1 GB fp32 checkpoint (16 layers, hidden 1024) over its first ~3,000
+          positions, with a budget of a quarter of the checkpoint (states kept in memory) and of 0.07 GB (spilled),
+          against the checkpoint's size (target <= 0.35x)
   topology  positions per second of the whole topology.py pass (report and picture included) on a synthetic
           2,000,000-position cache with Qwen3-sized ids, for the default signal and for --signal tv (k = 64),
           against the targets (5,000,000/s and 500,000/s): here the reference column is the target.

@@ -32,6 +32,23 @@ Run
       --device cuda --dtype bfloat16 --out out/cache                                            # real, one GPU
   torchrun --nproc_per_node=8 cache_teacher.py ... --device cuda                                 # documents split by rank
 Killed at any point, the same command resumes; a complete cache is left alone.
+
+A teacher larger than the device: --stream_layers
+  python cache_teacher.py ... --teacher Qwen/Qwen3-30B-A3B-Thinking-2507 --device cuda --dtype bfloat16 \\
+      --stream_layers --stream_budget_gb 18 --out out/cache                                      # a 24 GB GPU
+  Every batch goes through the embedding, then every batch through decoder layer 1, then layer 2, ..., then the
+  final norm and the lm_head statistics. Each weight is read once from disk for the whole dataset (a tied embedding
+  twice). The kernels, batches, padding and positions are those of the in-memory pass, and so are the files written:
+  byte for byte in fp32 on CPU, where the tests check it. On a GPU no forward kernel sums atomically, so the same is
+  expected in bf16; test_streamed_equals_in_memory_on_gpu checks it where a GPU is present.
+  Device memory: the largest piece of the teacher (one decoder layer with all its experts: 1.25 GB for the card's
+  teacher in bf16) plus the hidden states of all positions (padded positions x hidden x bytes: about 14 GB for the
+  card's data) while both fit --stream_budget_gb (default 75% of the free GPU memory, half the available RAM on
+  CPU); a batch's activations and the lm_head chunk come on top. Beyond the budget the hidden states spill to
+  --out/stream_scratch and are read back for each layer. Disk: two scratch files of the hidden states' size, saved
+  (fsync'd) after every layer, or every --stream_save_every layers while the states stay on the device; a kill -9
+  resumes from the last save, and the scratch folder is removed when the cache is complete. torchrun: each process
+  streams its own batches with its own scratch files.
 """
 
 import argparse

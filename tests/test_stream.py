@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from conftest import DATA, ROOT, make_teacher, run_main
 from model import read_header, weight_files
@@ -54,6 +55,18 @@ def test_streamed_equals_in_memory(tmp_path, demo_tokenizer, kind, capsys):
         assert ("kept on the device" if name == "resident" else "spilled to") in err
         assert same_arrays(out, ref), name
         assert not os.path.exists(os.path.join(out, "stream_scratch"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["dense-tied", "moe-untied-sharded"])
+def test_streamed_equals_in_memory_on_gpu(tmp_path, demo_tokenizer, kind):
+    """bf16 on a GPU: the same kernels on the same shapes, and no forward kernel that sums atomically (a token meets
+    each expert at most once, so index_add_ never adds twice into a row): the bytes are the in-memory pass's."""
+    teacher = teacher_of(kind, tmp_path / "teacher")
+    gpu = ["--device", "cuda", "--dtype", "bfloat16", "--max_docs", "8"]
+    ref = cache(tmp_path / "mem", teacher, demo_tokenizer, *gpu)
+    for name, extra in [("resident", []), ("spilled", ["--stream_budget_gb", "0.0003"])]:
+        assert same_arrays(cache(tmp_path / name, teacher, demo_tokenizer, *gpu, "--stream_layers", *extra), ref)
 
 
 @pytest.fixture(scope="module")
