@@ -34,10 +34,35 @@ Sections and what each compares (higher ratio = better for us; memory ratios are
           per token against its bound, a bare chain of matrix-vector products over the model's own weight
           matrices (fp32 and bf16), and as GB/s of weights read against the measured matvec bandwidth.
 
+The real shapes (--real): one prepared check of the card's run on one device, random weights made on the device
+(nothing downloaded), one table and the same figures in --work/real.json; under 8 minutes on one H100 (estimated).
+
+    python bench.py --real --device cuda                         # every row below, at the card's shapes
+    python bench.py --real --device cuda --only teacher,parity   # some rows
+    python bench.py --real --device cpu                          # the student row at Qwen3-0.6B shapes (~14 GB)
+    torchrun --nproc_per_node=8 bench.py --real --device cuda    # DDP step vs one process: same losses (NCCL)
+    python bench.py --tiny                                       # the same code at test size on CPU (the tests)
+
+  student  one optimizer step of train.py, Qwen3-1.7B shapes (GPU; 0.6B on CPU): micro-batch 2 x 512 x 16 accumulated
+           (1 on CPU), BF16 autocast, FP32 master weights + AdamW, eager and --compile: tok/s, MFU (Qwen3Config.
+           flops_per_token over train.peak_flops: the datasheet's dense bf16 peak of a known GPU, 989 TFLOP/s for an
+           H100, else a bf16 matmul measured here) and peak memory beside 16 B per parameter; the largest micro-batch
+           that fits, without and with --grad_ckpt (doubling until out of memory; GPU only).   Target: MFU >= 40%
+           with --compile.
+  teacher  Qwen3-30B-A3B shapes with 4 of its 48 layers, the real embedding and untied head: cache_teacher's whole
+           pass (statistics included) over 8 documents of 2,048 tokens in one forward, the experts grouped and in a
+           loop: positions/s and the MoE blocks' share of the time, each also extrapolated to 48 layers (labelled).
+           Target: >= 20,000 positions/s for the whole model on one H100.
+  decode   batch 1, 32-token prompt + 128 greedy tokens, bf16, Qwen3-1.7B shapes: generate.py eager and --compile
+           against transformers' generate on the same weights and prompt.   Target: >= 3x with --compile.
+  parity   model.py vs transformers in bf16 on the device: logits of 512 tokens, max abs and relative difference,
+           for the 1.7B shapes and for the teacher's layers (grouped experts).
+
 Needs the test requirements (transformers is the reference): pip install -r requirements-dev.txt
 """
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -390,14 +415,15 @@ def bench_topology(args):
 TRAIN_CFG = dict(MODEL_CFG, vocab_size=151936)  # Qwen3's real vocabulary: where chunking the loss matters
 
 
-def train_batch(device, B=2, L=512, k=64, seed=0):
-    """A micro-batch of 2 x 512 tokens, every row but the last trainable, with a random top-64 teacher."""
+def train_batch(device, B=2, L=512, k=64, seed=0, vocab=TRAIN_CFG["vocab_size"]):
+    """A micro-batch of B x L tokens, every row but the last trainable, with a random top-k teacher (k distinct ids per
+    row: a random first id, then a fixed stride)."""
     from train import batch_tensors
     g = torch.Generator().manual_seed(seed)
-    V = TRAIN_CFG["vocab_size"]
+    V = vocab
     idx = torch.randint(0, V, (B, L), generator=g)
     sel = torch.cat([torch.arange(L - 1) + b * L for b in range(B)])
-    ids = torch.stack([torch.randperm(V, generator=g)[:k] for _ in range(len(sel))])
+    ids = (torch.randint(0, V, (len(sel), 1), generator=g) + torch.arange(k) * (V // k)) % V  # (R, k)
     lp = torch.sort(torch.log_softmax(torch.randn(len(sel), k, generator=g) * 2, -1) - 0.3, descending=True).values
     lse = torch.stack([torch.zeros(len(sel)), torch.full((len(sel),), 0.4)], 1)
     return batch_tensors(device, idx=idx, sel=sel, targets=idx.flatten()[sel + 1],
@@ -421,12 +447,32 @@ def dense_kd_loss(logits, targets, w_ce, w_kd, ids, lq, Q, T, mode):
     return (w_ce * ce + w_kd * kl).sum()
 
 
+def kd_step(model, opt, batches, n_norm, world=1):
+    """One optimizer step of train.py: micro_step (CE + T^2 KL over top-64 + tail, proof weights, BF16 autocast) and
+    backward on each micro-batch, clip 1.0, AdamW. Returns the step's objective (summed over the processes of a DDP
+    model, which syncs gradients on the last micro-batch only, as train.py)."""
+    from train import micro_step
+    total = 0.0
+    for i, b in enumerate(batches):
+        with model.no_sync() if world > 1 and i < len(batches) - 1 else contextlib.nullcontext():
+            loss, _ = micro_step(model, b, alpha=0.45, w_proof=1.5, temperature=2.0, t_index=1, kd_mode="tail",
+                                 n_norm=n_norm, chunk=256, autocast=True)
+            (loss * world).backward()  # DDP averages over processes; each loss is a share of the step's sum
+        total += loss.detach()
+    if world > 1:
+        torch.distributed.all_reduce(total)
+    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(total)
+
+
 def train_pair(folder, device):
     """(ours, transformers): each a (model, optimizer, step function) for one full optimizer step."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
     from model import Qwen3
-    from train import configure_optimizer, micro_step, teacher_q
+    from train import configure_optimizer, teacher_q
     hf_logging.disable_progress_bar()
     batch = train_batch(device)
     n = len(batch["sel"])
@@ -438,15 +484,13 @@ def train_pair(folder, device):
 
         def step(m=m, opt=opt, name=name):
             if name == "ours":
-                loss, _ = micro_step(m, batch, alpha=0.45, w_proof=1.5, temperature=2.0, t_index=1, kd_mode="tail",
-                                     n_norm=n, chunk=256, autocast=True)
-            else:
-                with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
-                    logits = m(batch["idx"]).logits.flatten(0, 1)[batch["sel"]]
-                    mult = torch.where(batch["reasoning"], 1.5, 1.0)
-                    lq, Q = teacher_q(batch["topk_logprobs"], batch["lse"], 1, 2.0)
-                    loss = dense_kd_loss(logits, batch["targets"], mult * 0.55 / n, mult * 0.45 * 4 / n,
-                                         batch["topk_ids"], lq, Q, 2.0, "tail")
+                return kd_step(m, opt, [batch], n)
+            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
+                logits = m(batch["idx"]).logits.flatten(0, 1)[batch["sel"]]
+                mult = torch.where(batch["reasoning"], 1.5, 1.0)
+                lq, Q = teacher_q(batch["topk_logprobs"], batch["lse"], 1, 2.0)
+                loss = dense_kd_loss(logits, batch["targets"], mult * 0.55 / n, mult * 0.45 * 4 / n,
+                                     batch["topk_ids"], lq, Q, 2.0, "tail")
             loss.backward()
             torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
             opt.step()
@@ -540,6 +584,372 @@ def bench_generate(args, prompt_len=32, new=128):
     return rows
 
 
+# -----------------------------------------------------------------------------
+# real: the card's shapes on one device, random weights made on the device (no downloads); --tiny: test-sized
+
+SHAPES = {  # config.json values of the Hub models (reference: Qwen3-0.6B, -1.7B, -30B-A3B); tiny ones for tests
+    "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
+    "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+                          num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936,
+                          num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
+                          tie_word_embeddings=False),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, vocab_size=1024, tie_word_embeddings=True),
+    "tiny-moe": dict(model_type="qwen3_moe", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=1024, num_experts=8,
+                     num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True, tie_word_embeddings=False),
+}
+REAL_ROWS = ["student", "teacher", "decode", "parity"]
+
+
+def real_plan(args):
+    """What --real measures on this device: the card's shapes on a GPU, the student row at Qwen3-0.6B shapes on a
+    CPU, every row at test size with --tiny (the same code, seconds on a CPU; compiled with aot_eager, no C++ build)."""
+    cuda = args.device.startswith("cuda")
+    if args.tiny:
+        return dict(student="tiny", teacher="tiny-moe", teacher_layers=2, batch=2, seq=64, accum=2, reps=1,
+                    doc_len=128, positions=512, prompt=8, new=8, decode_dtype=torch.float32, backend="aot_eager",
+                    search_cap=4, compile=True, rows=REAL_ROWS)
+    return dict(student="qwen3-1.7b" if cuda else "qwen3-0.6b", teacher="qwen3-30b-a3b", teacher_layers=4, batch=2,
+                seq=512, accum=16 if cuda else 1, reps=3 if cuda else 1, doc_len=2048, positions=16384, prompt=32,
+                new=128, decode_dtype=torch.bfloat16, backend="inductor", search_cap=256 if cuda else 0, compile=cuda,
+                rows=REAL_ROWS if cuda else ["student"])
+
+
+def random_model(shape, device, dtype, layers=None, seed=0, std=0.02):
+    """A Qwen3 of a SHAPES entry with N(0, std) matrices and unit norms, made on `device` (no host copy)."""
+    from model import Qwen3, Qwen3Config
+    cfg = Qwen3Config(**dict(SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})))
+    with torch.device("meta"):
+        model = Qwen3(cfg).to(dtype)
+    model.to_empty(device=device)
+    model.tie_weights()  # to_empty gave the embedding and the head separate Parameters
+    g = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # the tied head is the embedding, listed once
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=g)
+    return model
+
+
+def hf_twin(model):
+    """transformers' model of the same config holding a copy of model's weights (its v5 layout: experts fused)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from model import SparseMoeBlock
+    d = model.config.to_hf_dict()
+    p = next(model.parameters())
+    with torch.device(p.device):
+        ref = AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d), dtype=p.dtype).eval()
+    sd = dict(model.state_dict())
+    for i, blk in enumerate(model.model.layers):
+        if isinstance(blk.mlp, SparseMoeBlock):
+            pre = f"model.layers.{i}.mlp.experts."
+            sd = {k: v for k, v in sd.items() if not k.startswith(pre)}
+            gate, up, down = blk.mlp.stacked  # (E, I, C), (E, I, C), (E, C, I)
+            sd[pre + "gate_up_proj"], sd[pre + "down_proj"] = torch.cat([gate, up], 1), down  # gate rows first
+    missing, unexpected = ref.load_state_dict(sd, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    return ref
+
+
+def sync_of(device):
+    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+
+def largest_micro_batch(model, opt, seq, device, cap):
+    """The largest micro-batch, doubling from 2 up to cap, whose step fits beside the AdamW state (lr 0: the weights
+    stay). Returns (size, whether the cap ended the search)."""
+    size, b = 0, 2
+    while b <= cap:
+        batch, oom = train_batch(device, B=b, L=seq, vocab=model.config.vocab_size, seed=b), False
+        try:
+            kd_step(model, opt, [batch], len(batch["sel"]))
+        except torch.cuda.OutOfMemoryError:
+            oom = True
+        if oom:  # out of the except block: its traceback no longer holds the step's tensors
+            del batch
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            return size, False
+        size, b = b, 2 * b
+    return size, True
+
+
+def real_student(plan, device, peak):
+    """One optimizer step of train.py at the card's micro-batch, eager and compiled: tok/s, MFU, peak memory; and the
+    largest micro-batch that fits, without and with gradient checkpointing."""
+    from train import configure_optimizer
+    model = random_model(plan["student"], device, torch.float32).train()  # FP32 master weights
+    opt = configure_optimizer(model, 5e-6, 1e-3)
+    B, L, V = plan["batch"], plan["seq"], model.config.vocab_size
+    batches = [train_batch(device, B=B, L=L, vocab=V, seed=s) for s in range(plan["accum"])]
+    n_norm = sum(len(b["sel"]) for b in batches)
+    sync, fpt, N = sync_of(device), model.config.flops_per_token(L), model.num_params()
+    out = dict(shape=plan["student"], params=N, micro_batch=[B, L], accum=plan["accum"],
+               tokens_per_step=B * L * plan["accum"], flops_per_token=fpt, mem_estimate_gb=16 * N / 1e9,
+               mem_estimate="16 B per parameter: fp32 weights and grads, AdamW m and v (activations not counted)")
+    for name in ["eager", "compile"]:
+        if name == "compile" and not plan["compile"]:
+            out[name] = None
+            continue
+        step_model = torch.compile(model, backend=plan["backend"]) if name == "compile" else model
+        kd_step(step_model, opt, batches, n_norm)  # warm-up: the AdamW state, compilation
+        times = []
+        for _ in range(plan["reps"]):
+            before = reset_peak(device)
+            sync()
+            t0 = time.perf_counter()
+            loss = kd_step(step_model, opt, batches, n_norm)
+            sync()
+            times.append(time.perf_counter() - t0)
+        tok_s = out["tokens_per_step"] / min(times)
+        out[name] = dict(tok_s=tok_s, mfu=tok_s * fpt / peak, step_s=min(times), peak_mem_gb=peak_mem(device) / 1e9,
+                         mem_before_step_gb=before / 1e9, loss=loss)
+    for ckpt in [False, True]:
+        model.gradient_checkpointing = ckpt
+        key = "max_micro_batch" + ("_grad_ckpt" if ckpt else "")
+        out[key] = None
+        if plan["search_cap"]:
+            size, capped = largest_micro_batch(model, opt, L, device, plan["search_cap"])
+            out[key] = dict(size=size, capped=capped)
+    return out
+
+
+def timed_modules(model, classes, fn, sync):
+    """Run fn once with the device synchronised around every module of `classes`: (seconds, {class: seconds})."""
+    spent, start, hooks = {c: 0.0 for c in classes}, {}, []
+
+    def pre(mod, args):
+        sync()
+        start[mod] = time.perf_counter()
+
+    def post(mod, args, out):
+        sync()
+        spent[type(mod)] += time.perf_counter() - start[mod]
+
+    for m in model.modules():
+        if type(m) in classes:
+            hooks += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    total = time.perf_counter() - t0
+    for h in hooks:
+        h.remove()
+    return total, spent
+
+
+def real_teacher(plan, device):
+    """Phase 1 on a few of the teacher's layers with its real embedding and lm_head: cache_teacher's whole pass
+    (forward, top-64, logsumexp at T = 1, 2, target log-prob, entropy) over one batch of documents, with either way of
+    running the experts; the time split measured per layer and extrapolated to all the layers."""
+    import numpy as np
+    from cache_teacher import cache_batches, plan_batches
+    from model import Block, SparseMoeBlock
+    layers, all_layers = plan["teacher_layers"], SHAPES[plan["teacher"]]["num_hidden_layers"]
+    model = random_model(plan["teacher"], device, torch.bfloat16, layers=layers).eval()
+    P, k = plan["positions"], 64
+    tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, P).astype(np.uint32)
+    offsets = np.arange(0, P + 1, plan["doc_len"])
+    batches = list(enumerate(plan_batches(np.diff(offsets), P)))  # one forward of P positions
+    arrays = dict(topk_ids=np.empty((P, k // 4 * 9), np.uint8), topk_logprobs=np.empty((P, k), np.float16),
+                  lse=np.empty((P, 2), np.float32), target_logprob=np.empty(P, np.float32),
+                  entropy=np.empty(P, np.float32))
+
+    def run():
+        cache_batches(model, tokens, offsets, batches, arrays, k, [1.0, 2.0], 1024, device)
+
+    sync = sync_of(device)
+    out = dict(shape=plan["teacher"], layers_run=layers, layers_total=all_layers, positions=P, doc_len=plan["doc_len"])
+    for impl in ["grouped", "loop"]:
+        model.set_moe_impl(impl)
+        t = interleaved_times({impl: run}, plan["reps"], sync)[impl]
+        total, spent = timed_modules(model, {Block, SparseMoeBlock}, run, sync)
+        f_layers, f_moe = spent[Block] / total, spent[SparseMoeBlock] / total  # shares of the pass
+        scale = all_layers / layers
+        t_all = t * (1 - f_layers + f_layers * scale)  # the layers scale; embedding, head and statistics do not
+        out[impl] = dict(positions_s=P / t, moe_share=f_moe, positions_s_all_layers=P / t_all,
+                         moe_share_all_layers=f_moe * scale * t / t_all, finite=bool(np.isfinite(arrays["lse"]).all()))
+    out["streamed"] = "not measured: the layer-streamed Phase 1 pass has not landed"
+    return out
+
+
+def real_decode(plan, device):
+    """Decoding at batch 1 (prompt + new tokens, greedy, prefill included): generate.py eager and with its compiled
+    decode step (generate.py --compile), against transformers' generate on the same weights and prompt."""
+    from generate import decode_step, generate
+    model = random_model(plan["student"], device, plan["decode_dtype"]).eval()
+    ref = hf_twin(model)
+    P, new, got = plan["prompt"], plan["new"], {}
+    prompt = torch.randint(0, model.config.vocab_size, (1, P), generator=torch.Generator().manual_seed(1)).to(device)
+    step = torch.compile(decode_step, backend=plan["backend"])
+
+    def ours(name, step_fn=None):
+        def run():
+            got[name] = list(generate(model, prompt, new, step_fn=step_fn))
+        return run
+
+    def theirs():
+        with torch.no_grad():
+            got["transformers"] = ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
+                                               min_new_tokens=new, do_sample=False, pad_token_id=0)[0, P:].tolist()
+
+    t = interleaved_times({"eager": ours("eager"), "compile": ours("compile", step), "transformers": theirs},
+                          plan["reps"], sync_of(device))
+    agree = {n: next((i for i, (a, b) in enumerate(zip(got[n], got["transformers"])) if a != b), new)
+             for n in ["eager", "compile"]}
+    return dict(shape=plan["student"], dtype=str(plan["decode_dtype"]).removeprefix("torch."), prompt=P, new=new,
+                **{f"{n}_tok_s": new / s for n, s in t.items()}, tokens_equal_before_first_difference=agree,
+                compile_vs_transformers=t["transformers"] / t["compile"])
+
+
+def logits_parity(model, seq):
+    """model.py vs transformers on the same weights and tokens: logits in the model's dtype, on its device."""
+    ref = hf_twin(model)
+    idx = torch.randint(0, model.config.vocab_size, (1, seq), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        idx = idx.to(next(model.parameters()).device)
+        a, b = ref(idx).logits.float(), model(idx).float()
+    return dict(tokens=seq, max_abs=(a - b).abs().max().item(), max_rel=((a - b).abs().max() / a.abs().max()).item(),
+                max_abs_logit=a.abs().max().item())
+
+
+def real_parity(plan, device):
+    """model.py vs transformers in bf16: the student's shapes, and the teacher's layers with the grouped experts."""
+    student = random_model(plan["student"], device, torch.bfloat16).eval()
+    out = dict(student=dict(shape=plan["student"], **logits_parity(student, plan["seq"])))
+    del student
+    teacher = random_model(plan["teacher"], device, torch.bfloat16, layers=plan["teacher_layers"]).eval()
+    out["teacher"] = dict(shape=plan["teacher"], layers=plan["teacher_layers"],
+                          **logits_parity(teacher.set_moe_impl("grouped"), plan["seq"]))
+    return out
+
+
+def real_distributed(plan, args, steps=2, lr=1e-3):
+    """Under torchrun: two optimizer steps of the student with DDP, each process taking its share of the micro-batches,
+    against the same two steps in one process (each process first computes that reference alone, then frees it).
+    lr is high enough that the second step's loss shows the first step's gradients."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from common import init_distributed
+    from train import configure_optimizer
+    rank, world, device = init_distributed(args.device)
+    if plan["accum"] % world:
+        raise ValueError(f"{world} processes do not divide the {plan['accum']} micro-batches of a step")
+    batches = [train_batch(device, B=plan["batch"], L=plan["seq"], vocab=SHAPES[plan["student"]]["vocab_size"],
+                           seed=s) for s in range(plan["accum"])]
+    n_norm = sum(len(b["sel"]) for b in batches)
+    losses = {}
+    for name, procs in [("one_process", 1), ("ddp", world)]:
+        model = random_model(plan["student"], device, torch.float32).train()
+        opt = configure_optimizer(model, lr, 1e-3)
+        step_model = model if procs == 1 else DDP(model, device_ids=[torch.device(device).index]
+                                                  if device.startswith("cuda") else None)
+        mine = batches if procs == 1 else batches[rank::world]
+        losses[name] = [kd_step(step_model, opt, mine, n_norm, procs) for _ in range(steps)]
+        del step_model, model, opt
+    one, ddp = losses["one_process"], losses["ddp"]
+    out = dict(world=world, backend=torch.distributed.get_backend(), steps=steps, lr=lr, **losses,
+               max_rel_diff=max(abs(a - b) / abs(a) for a, b in zip(one, ddp)))
+    torch.distributed.destroy_process_group()
+    return out if rank == 0 else None
+
+
+def rate(x):
+    """1,234 or 5.17: whole numbers from 100 up, three significant digits below."""
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def real_table(res):
+    """The figures of a --real run as (what, value, target) lines."""
+    lines = []
+    s = res.get("student")
+    if s:
+        B, L = s["micro_batch"]
+        for name in ["eager", "compile"]:
+            r = s[name]
+            what = f"student {s['shape']} step ({s['accum']} x {B} x {L}), {name}"
+            lines.append((what, "not run on a CPU" if r is None else
+                          f"{rate(r['tok_s'])} tok/s | MFU {r['mfu']:.1%} | peak {r['peak_mem_gb']:.2f} GB "
+                          f"(16 B/param: {s['mem_estimate_gb']:.2f} GB)", "MFU >= 40%" if name == "compile" else ""))
+        for key, what in [("max_micro_batch", "plain"), ("max_micro_batch_grad_ckpt", "--grad_ckpt")]:
+            r = s[key]
+            lines.append((f"student largest micro-batch x {L}, {what}", "searched on a GPU only" if r is None else
+                          f"{r['size']}{' (the cap)' if r['capped'] else ''}", ""))
+    t = res.get("teacher")
+    if t:
+        for impl in ["grouped", "loop"]:
+            r = t[impl]
+            lines.append((f"teacher {t['shape']}, {t['layers_run']} of {t['layers_total']} layers, {impl} experts",
+                          f"{rate(r['positions_s'])} positions/s | MoE blocks {r['moe_share']:.0%} of the time", ""))
+            lines.append((f"  extrapolated to all {t['layers_total']} layers", f"{rate(r['positions_s_all_layers'])} "
+                          f"positions/s | MoE blocks {r['moe_share_all_layers']:.0%}",
+                          ">= 20,000 positions/s" if impl == "grouped" else ""))
+    d = res.get("decode")
+    if d:
+        lines.append((f"decode {d['shape']} batch 1 ({d['prompt']}+{d['new']} greedy, {d['dtype']})",
+                      f"eager {rate(d['eager_tok_s'])} | compile {rate(d['compile_tok_s'])} | transformers "
+                      f"{rate(d['transformers_tok_s'])} tok/s | compile {d['compile_vs_transformers']:.2f}x", ">= 3x"))
+    p = res.get("parity")
+    if p:
+        for key in ["student", "teacher"]:
+            r = p[key]
+            lines.append((f"parity bf16 vs transformers, {r['shape']}" + (f" ({r['layers']} layers)" if key == "teacher"
+                                                                          else ""),
+                          f"max abs {r['max_abs']:.3g} | max rel {r['max_rel']:.2e} (of |logit| <= "
+                          f"{r['max_abs_logit']:.3g})", ""))
+    g = res.get("distributed")
+    if g:
+        lines.append((f"torchrun x {g['world']} ({g['backend']}) vs one process, {g['steps']} steps",
+                      f"losses {', '.join(f'{x:.6f}' for x in g['ddp'])} | max rel diff {g['max_rel_diff']:.1e}",
+                      "<= 1e-4"))
+    return lines
+
+
+def real_main(args):
+    """--real / --tiny: the rows of the plan (or --only), one table, and the same figures in a JSON file."""
+    from common import write_json
+    plan, cuda = real_plan(args), args.device.startswith("cuda")
+    res = dict(mode="tiny" if args.tiny else "real", device=args.device, torch=torch.__version__,
+               threads=torch.get_num_threads(), device_name=torch.cuda.get_device_name(args.device) if cuda else "cpu")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: the DDP row only, reported by rank 0
+        res["distributed"] = real_distributed(plan, args)
+        if res["distributed"] is None:
+            return None
+    else:
+        rows = args.only.split(",") if args.only else plan["rows"]
+        if set(rows) - set(REAL_ROWS):
+            raise ValueError(f"--only {args.only}: with --real, choose among {', '.join(REAL_ROWS)}")
+        from train import peak_flops
+        peak, res["peak_source"] = peak_flops(torch.device(args.device), torch.bfloat16)
+        res["peak_bf16_flops"], res["seconds"] = peak, {}
+        run = dict(student=lambda: real_student(plan, args.device, peak),
+                   teacher=lambda: real_teacher(plan, args.device), decode=lambda: real_decode(plan, args.device),
+                   parity=lambda: real_parity(plan, args.device))
+        for row in REAL_ROWS:
+            res[row] = None
+            if row in rows:
+                print(f"[real] {row} ...", file=sys.stderr, flush=True)
+                t0 = time.time()
+                res[row] = run[row]()
+                res["seconds"][row] = time.time() - t0
+    path = os.path.join(args.work, "real" + ("_tiny" if args.tiny else "") +
+                        ("_torchrun" if "distributed" in res else "") + ".json")
+    write_json(path, res)
+    peak = (f"; bf16 peak {res['peak_bf16_flops'] / 1e12:.3g} TFLOP/s ({res['peak_source']})"
+            if "peak_source" in res else "")
+    print(f"{res['mode']} shapes on {args.device} ({res['device_name']}), torch {res['torch']}, {res['threads']} "
+          f"threads{peak}")
+    for what, value, target in real_table(res):
+        print(f"{what:<58} {value:<84} {target}".rstrip())
+    print(f"-> {path}")
+    return res
+
+
 SECTIONS = {"hardware": bench_hardware, "model": bench_model, "cache": bench_cache, "stream": bench_stream,
             "topology": bench_topology, "train": bench_train, "generate": bench_generate}
 WORKERS = {"model": model_worker, "train": train_worker, "stream": stream_worker}
@@ -547,6 +957,8 @@ WORKERS = {"model": model_worker, "train": train_worker, "stream": stream_worker
 
 def main(args):
     os.makedirs(args.work, exist_ok=True)
+    if args.real or args.tiny:
+        return real_main(args)
     names = args.only.split(",") if args.only else list(SECTIONS)
     print(f"bench on {args.device}: torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'metric':<42} {'ours':>10} {'reference':>10} {'ratio':>8}  target")
@@ -555,16 +967,27 @@ def main(args):
             print(f"{metric:<42} {ours:>10.2f} {ref:>10.2f} {ratio:>7.2f}x  {target}", flush=True)
 
 
-if __name__ == "__main__":
+def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default="", help=f"comma-separated sections to run, of: {', '.join(SECTIONS)}")
+    p.add_argument("--only", default="", help=f"comma-separated sections to run, of: {', '.join(SECTIONS)}; with "
+                   f"--real, rows of: {', '.join(REAL_ROWS)}")
+    p.add_argument("--real", action="store_true", help="the card's shapes on --device, random weights (see above)")
+    p.add_argument("--tiny", action="store_true", help="--real's code at test size (seconds on a CPU)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement (the best is reported)")
-    p.add_argument("--work", default=os.path.join("out", "bench"), help="scratch folder for benchmark checkpoints")
+    p.add_argument("--work", default=os.path.join("out", "bench"), help="scratch folder: benchmark checkpoints, "
+                   "real.json")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p
+
+
+if __name__ == "__main__":
+    args = get_parser().parse_args()
     if args._worker:
         kw = json.loads(args._worker)
         print(json.dumps(WORKERS[kw.pop("section")](**kw)))
     else:
-        main(args)
+        try:
+            main(args)
+        except ValueError as e:
+            sys.exit(f"bench.py: error: {e}")

@@ -17,8 +17,8 @@ from model import Qwen3, Qwen3Config
 IDX = torch.randint(0, 320, (2, 23), generator=torch.Generator().manual_seed(1))
 
 
-def ours_vs_hf(hf, folder, dtype=torch.float32, idx=IDX, **fw):
-    ours = Qwen3.from_pretrained(folder, dtype=dtype).eval()
+def ours_vs_hf(hf, folder, dtype=torch.float32, idx=IDX, moe_impl="auto", **fw):
+    ours = Qwen3.from_pretrained(folder, dtype=dtype).set_moe_impl(moe_impl).eval()
     with torch.no_grad():
         ref = hf(idx, **fw).logits
         got = ours(idx, **({"input_pos": fw["position_ids"][0]} if "position_ids" in fw else {}))
@@ -43,17 +43,75 @@ def test_dense_fp32_parity(tmp_path, kind):
     assert ref.abs().max() > 1.0  # logits large enough for the tolerance to mean something
 
 
+@pytest.mark.parametrize("impl", ["loop", "grouped"])
 @pytest.mark.parametrize("norm_topk_prob", [True, False])
-def test_moe_fp32_parity(tmp_path, norm_topk_prob):
-    """Breaks if routing (fp32 softmax, top-k, renorm), expert grouping or dense-layer placement differ."""
+def test_moe_fp32_parity(tmp_path, norm_topk_prob, impl):
+    """Breaks if routing (fp32 softmax, top-k, renorm), expert grouping (either way of running the experts) or
+    dense-layer placement differ."""
     cfg = tiny_hf_config(moe=True, norm_topk_prob=norm_topk_prob)
     hf = make_hf_model(cfg)
     folder = save_hf(hf, tmp_path)
     ours = Qwen3.from_pretrained(folder, dtype=torch.float32)
     assert not hasattr(ours.model.layers[1].mlp, "experts")  # mlp_only_layers=[1] is dense
     assert len(ours.model.layers[0].mlp.experts) == 6
-    ref, got = ours_vs_hf(hf, folder)
+    ref, got = ours_vs_hf(hf, folder, moe_impl=impl)
     assert max_rel_diff(ref, got) <= 1e-4, max_rel_diff(ref, got)
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped"])
+def test_moe_bf16_parity(tmp_path, impl):
+    """bf16 MoE logits within 1% of max |logit| of transformers in bf16 (the tolerance of test_bf16_parity).
+    The grouped path sums a token's k expert outputs once in fp32 where transformers adds them one by one in bf16."""
+    from transformers import AutoModelForCausalLM
+    folder = save_hf(make_hf_model(tiny_hf_config(moe=True)), tmp_path)
+    hf16 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    ref, got = ours_vs_hf(hf16, folder, dtype=torch.bfloat16, moe_impl=impl)
+    assert got.dtype == torch.bfloat16
+    assert max_rel_diff(ref, got) <= 1e-2, max_rel_diff(ref, got)
+
+
+def test_moe_experts_stacked_in_place(tmp_path):
+    """Each expert's weight is a view of one row of its layer's stacked tensor, so the grouped path reads the weights
+    without a copy; names stay per-expert, and .to(), load_state_dict(assign=True) and in-place updates keep the
+    stacked tensors current (the grouped path then still equals the loop)."""
+    folder = save_hf(make_hf_model(tiny_hf_config(moe=True)), tmp_path)
+    m = Qwen3.from_pretrained(folder, dtype=torch.float32).eval()
+    blk = m.model.layers[0].mlp
+    assert "model.layers.0.mlp.experts.5.down_proj.weight" in m.state_dict()
+    stacked_bytes = sum(s.untyped_storage().nbytes() for s in blk.stacked)
+    assert stacked_bytes == sum(p.numel() * 4 for ps in blk.expert_weights() for p in ps)  # one copy of the experts
+
+    def grouped_equals_loop():
+        for ps, s in zip(blk.expert_weights(), blk.stacked):
+            assert all(p.untyped_storage().data_ptr() == s.untyped_storage().data_ptr() for p in ps)
+        with torch.no_grad():
+            a, b = m.set_moe_impl("grouped")(IDX), m.set_moe_impl("loop")(IDX)
+        assert max_rel_diff(b, a) <= 1e-5, max_rel_diff(b, a)
+        return a
+
+    before = grouped_equals_loop()
+    with torch.no_grad():
+        blk.experts[3].up_proj.weight.mul_(2.0)  # what an optimizer step does: in place
+    assert (grouped_equals_loop() - before).abs().max() > 1e-3
+    sd = {k: v.clone() * 1.1 for k, v in m.state_dict().items()}
+    m.load_state_dict(sd, assign=True)
+    grouped_equals_loop()
+    m.to(torch.bfloat16)
+    assert blk.stacked[0].dtype == torch.bfloat16
+    grouped_equals_loop()
+
+
+def test_moe_grouped_never_reads_data_on_the_host():
+    """The grouped path routes and runs the experts (forward and backward) on meta tensors, which have no data: so it
+    never syncs the device to read counts (the loop's bincount(...).tolist() cannot run there)."""
+    cfg = Qwen3Config.from_dict(tiny_hf_config(moe=True).to_dict())
+    with torch.device("meta"):
+        m = Qwen3(cfg).to(torch.bfloat16).set_moe_impl("grouped")  # F.grouped_mm's meta kernel takes bf16
+    idx = torch.zeros(2, 16, dtype=torch.long, device="meta")
+    m(idx).float().sum().backward()
+    assert m.model.layers[0].mlp.experts[2].gate_proj.weight.grad.shape == (32, 64)
+    with pytest.raises(NotImplementedError, match="bincount"):
+        m.set_moe_impl("loop")(idx)
 
 
 def test_decoder_sparse_step(tmp_path):
@@ -118,11 +176,11 @@ def test_long_positions(dense_ckpt):
 
 # --- KV cache ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("moe", [False, True])
+@pytest.mark.parametrize("moe", [False, "loop", "grouped"])
 def test_kv_cache_matches_full_forward(tmp_path, moe):
     """Prefill then single-token steps equal one full forward (fp32, <= 1e-5 relative)."""
-    folder = save_hf(make_hf_model(tiny_hf_config(moe=moe)), tmp_path)
-    m = Qwen3.from_pretrained(folder, dtype=torch.float32).eval()
+    folder = save_hf(make_hf_model(tiny_hf_config(moe=bool(moe))), tmp_path)
+    m = Qwen3.from_pretrained(folder, dtype=torch.float32).set_moe_impl(moe or "auto").eval()
     with torch.no_grad():
         full = m(IDX)
         m.setup_cache(batch_size=2, max_seq_len=40)
@@ -248,11 +306,12 @@ def test_load_peak_memory(tmp_path):
 
 # --- training switches ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("moe", [False, True])
+@pytest.mark.parametrize("moe", [False, "loop", "grouped"])
 def test_gradients_match_transformers(tmp_path, moe):
-    """fp32 gradients of every parameter equal transformers' (the custom SwiGLU backward included)."""
-    hf = make_hf_model(tiny_hf_config(moe=moe)).train()
-    ours = Qwen3.from_pretrained(save_hf(hf, tmp_path), dtype=torch.float32).train()
+    """fp32 gradients of every parameter equal transformers' (the custom SwiGLU backward and both ways of running
+    the experts included)."""
+    hf = make_hf_model(tiny_hf_config(moe=bool(moe))).train()
+    ours = Qwen3.from_pretrained(save_hf(hf, tmp_path), dtype=torch.float32).set_moe_impl(moe or "auto").train()
     target = IDX.roll(-1, 1)
     for m, logits in [(hf, lambda: hf(IDX).logits), (ours, lambda: ours(IDX))]:
         torch.nn.functional.cross_entropy(logits().flatten(0, 1), target.flatten()).backward()
