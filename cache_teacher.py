@@ -6,8 +6,9 @@ The teacher runs once over the whole training stream; later phases read only thi
 Inputs
   --data      JSONL or parquet files, or Hub dataset ids (org/name), in order. Records either carry
               explore/examine/response, used as they are, or question/CoT/response (the 0xZee/dataset-CoT-*
-              format), restructured: CoT split into sentences, <examine> starting at the last sentence past
-              the first half that opens with a verification trigger, else a 70/30 split.
+              format), restructured: CoT cut into segments at sentence ends and line breaks, <examine> starting
+              at the last segment past the first half (in characters) that opens with a verification trigger,
+              else at the segment boundary nearest 70%; explore and examine are two slices of the CoT, byte for byte.
   --teacher   a model folder or Hub id (model.py loads it), or `none` for tokens and roles only
   --tokenizer tokenizer.json or a folder holding it (default: the teacher's)
 
