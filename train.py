@@ -110,11 +110,12 @@ def draws_summary(schedule, bands, alphas):
     """How often the schedule draws the windows of each difficulty band, and at what alpha: bands is a list of
     window-index arrays (band p = pool p minus pool p-1), alphas (total,) the KD weight of each step."""
     steps = np.repeat(np.arange(len(schedule)), schedule.shape[1])  # (total * batch,) the step of each draw
-    drawn, out = schedule.ravel(), []
+    drawn = schedule.ravel()
+    counts = np.bincount(drawn, minlength=max([int(drawn.max())] + [int(b.max()) for b in bands if len(b)]) + 1)
+    out = []
     for band in bands:
         hit = np.isin(drawn, band)
-        counts = np.bincount(drawn[hit], minlength=int(drawn.max()) + 1)[band] if hit.any() else np.zeros(len(band))
-        out.append(dict(windows=len(band), draws=int(hit.sum()), never_drawn=int((counts == 0).sum()),
+        out.append(dict(windows=len(band), draws=int(hit.sum()), never_drawn=int((counts[band] == 0).sum()),
                         mean_alpha=float(alphas[steps[hit]].mean()) if hit.any() else None))
     return out
 

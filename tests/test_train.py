@@ -15,8 +15,8 @@ import torch
 from cache_teacher import TeacherCache, topk_stats
 from common import ROLES
 from conftest import ROOT, run_main, run_script
-from train import (ChunkedKDLoss, WindowBatches, step_phase, draw_schedule, find_checkpoint, kd_alpha, learning_rate,
-                   micro_step, proof_weight, teacher_q)
+from train import (ChunkedKDLoss, WindowBatches, step_phase, draw_schedule, draws_summary, find_checkpoint, kd_alpha,
+                   learning_rate, micro_step, proof_weight, teacher_q)
 from model import Qwen3, Qwen3Config
 
 # --- the loss against a dense reference built from full distributions -----------------------------------------
@@ -141,6 +141,13 @@ def test_curriculum_draws_each_phase_uniformly_from_its_nested_pool():
     assert alpha[easy].mean() > 0.2 and alpha[hard].mean() == pytest.approx(0.45)
     assert np.array_equal(draw_schedule(pools, total, batch, seed=0), sched)  # a pure function (resume, ranks)
     assert not np.array_equal(draw_schedule(pools, total, batch, seed=1), sched)
+
+
+def test_draws_summary_by_hand():
+    """Per band: its windows, its draws, those never drawn (window 4, the band's last, among them) and their alpha."""
+    got = draws_summary(np.array([[0, 1], [1, 3]]), [np.array([0, 1]), np.array([2, 3, 4])], np.array([0.0, 0.5]))
+    assert got == [dict(windows=2, draws=3, never_drawn=0, mean_alpha=pytest.approx(0.5 / 3)),
+                   dict(windows=3, draws=1, never_drawn=2, mean_alpha=0.5)]
 
 
 # --- micro-batches on the real pipeline --------------------------------------------------------------------------
