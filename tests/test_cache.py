@@ -274,8 +274,8 @@ def test_any_chunk_gives_the_same_bytes(tmp_path, tiny_teacher, demo_tokenizer):
     for chunk in [1024, 100, 7]:
         outs[chunk] = tmp_path / f"c{chunk}"
         run_main(cache_teacher, "--data", DATA, "--teacher", tiny_teacher, "--tokenizer", demo_tokenizer, "--out",
-                 outs[chunk], "--dtype", "float32", "--device", "cpu", "--max_docs", "2", "--chunk", chunk)
-    assert TeacherCache(str(outs[7])).n_docs == 2
+                 outs[chunk], "--dtype", "float32", "--device", "cpu", "--max_docs", "1", "--chunk", chunk)
+    assert TeacherCache(str(outs[7])).n_docs == 1 and len(TeacherCache(str(outs[7]))) > 200
     for chunk in [100, 7]:
         assert same_arrays(str(outs[chunk]), str(outs[1024])), chunk
 
