@@ -130,11 +130,11 @@ LIST_NUMBER = re.compile(r"[ \t]*(?:[-*+][ \t]+)?\(?\d{1,3}\." + CLOSERS)
 TRIGGER = re.compile(
     r"^[\s#>*_+-]*(?:\d{1,3}[.)]\s+)?[*_]*"
     r"(?:(?:hmm+|okay|ok|now|but|so|wait|well|alright|actually|finally|then|and|also|right|yes)\b[^\w\s]*\s*){0,2}"
-    r"(?:(?:let me|let's|let us|to|as an?|just to|i(?:'ll| will| can| should)|we(?:'ll| will| can| should)"
-    r"|quick(?:ly)?)\s+)?"
-    r"(?:(?:one more|another|a|quick|final|last|further|sanity)\s+){0,2}"
+    r"(?:(?:let me|let['\u2019]s|let us|to|as an?|i(?:['\u2019]ll| will| can| should)|we(?:['\u2019]ll| will| can| should))"
+    r"\s+)?"
+    r"(?:(?:one more|another|a|just|also|quick(?:ly)?|final|last|further|sanity)\s+){0,2}"
     r"(?:(?:double|re|cross)[- ]?check(?:s|ing|ed)?|check(?:s|ing|ed)?|verif(?:y|ies|ying|ied|ication)"
-    r"|confirm(?:s|ing|ed|ation)?|sanity|(?<=me |'s |to )make sure|substitut\w*\s+back|plug\w*\s+back"
+    r"|confirm(?:s|ing|ed|ation)?|sanity|(?<=me |.s |to )make sure|substitut\w*\s+back|plug\w*\s+back"
     r"|however|wait)\b",
     re.IGNORECASE)
 

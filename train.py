@@ -557,10 +557,11 @@ def save_student(out, model, cache, save_dtype):
     publish(os.path.join(out, "tokenizer.json.tmp"), os.path.join(out, "tokenizer.json"))
     # the cache's tokenizer_config.json (the teacher's), with the DualMind prompt as its chat template
     src = os.path.join(cache.folder, "tokenizer_config.json")
-    cfg = dict(tokenizer_class="PreTrainedTokenizerFast", eos_token=end_tokens(cache.tokenizer_path)[0][0])
     if os.path.isfile(src):
         with open(src, encoding="utf-8") as f:
             cfg = json.load(f)
+    else:  # a cache written without one: the least AutoTokenizer needs
+        cfg = dict(tokenizer_class="PreTrainedTokenizerFast", eos_token=end_tokens(cache.tokenizer_path)[0][0])
     write_json(os.path.join(out, "tokenizer_config.json"), dict(cfg, chat_template=chat_template()))
     if not m.generation_config:  # a student from scratch: stop at the cache's end tokens
         ends = dict(end_tokens(cache.tokenizer_path))
