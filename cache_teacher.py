@@ -6,8 +6,9 @@ The teacher runs once over the whole training stream; later phases read only thi
 Inputs
   --data      JSONL or parquet files, or Hub dataset ids (org/name), in order. Records either carry
               explore/examine/response, used as they are, or question/CoT/response (the 0xZee/dataset-CoT-*
-              format), restructured: CoT split into sentences, <examine> starting at the last sentence past
-              the first half that opens with a verification trigger, else a 70/30 split.
+              format), restructured: CoT cut into segments at sentence ends and line breaks, <examine> starting
+              at the last segment past the first half (in characters) that opens with a verification trigger,
+              else at the segment boundary nearest 70%; explore and examine are two slices of the CoT, byte for byte.
   --teacher   a model folder or Hub id (model.py loads it), or `none` for tokens and roles only
   --tokenizer tokenizer.json or a folder holding it (default: the teacher's)
 
@@ -127,32 +128,83 @@ def read_records(path):
 
 
 # -----------------------------------------------------------------------------
-# DualMind: the text format and the CoT restructuring (pure functions)
+# DualMind: the CoT restructuring (pure functions; the layout itself is common.dualmind_text)
+#
+# The CoT is cut into segments at sentence ends and at line breaks, never inside math, after an abbreviation or
+# inside a number. explore and examine are two slices of the CoT string: its text, newlines and LaTeX survive byte
+# for byte, and only the whitespace at the one split point goes (the block layout replaces it).
 
+# Math that no segment boundary falls inside: display $$...$$ and \[...\] (across lines too), inline \(...\) and $...$
+MATH = re.compile(r"\$\$.+?\$\$|\\\[.+?\\\]|\\\(.+?\\\)|(?<![\\$])\$[^$\n]+?(?<!\\)\$", re.DOTALL)
+CLOSERS = "[\"'\u2019\u201d)\\]*_]*"  # closing quotes, brackets and markdown emphasis after a sentence's last mark
+# a sentence ends at . ! ? (and its closers) before whitespace; an ellipsis does not end one ("Hmm... let me")
+SENTENCE_END = re.compile(r"(?:(?<!\.)\.(?!\.)|[!?])" + CLOSERS + r"(?=\s)")
+# ... nor does the period of an abbreviation, or of a list number opening a line ("2. Substitute ...")
+ABBREVIATION = re.compile(r"\b(?:e\.g|i\.e|et al|cf|vs|etc|approx|eqs?|figs?|refs?|secs?|ch|resp)\." + CLOSERS + "$",
+                          re.IGNORECASE)
+LIST_NUMBER = re.compile(r"[ \t]*(?:[-*+][ \t]+)?\(?\d{1,3}\." + CLOSERS)
+# A segment that opens a verification passage: after markdown (a header, bold, a list marker) and up to two short
+# interjections ("Hmm,", "Okay, so", "Now,", "But"), an optional lead-in ("let me", "to", "as a quick") and then
+# check / verify / confirm / sanity / substitute back / plug back / however / wait, or a "**Verification**" header.
 TRIGGER = re.compile(
-    r"^\W*(?:(?:let me|let's|let us|to|as an?|now|i(?:'ll| will)|we can|quick(?:ly)?)\s+)?(?:(?:quick|final)\s+)?"
-    r"(?:(?:double[- ]?)?check(?:s|ing|ed)?|verif(?:y|ies|ying|ied|ication)|confirm(?:s|ing|ed)?|sanity"
-    r"|substitut\w*\s+back|plug\w*\s+back|however|but wait|wait)\b",
+    r"^[\s#>*_+-]*(?:\d{1,3}[.)]\s+)?[*_]*"
+    r"(?:(?:hmm+|okay|ok|now|but|so|wait|well|alright|actually|finally|then|and|also|right|yes)\b[^\w\s]*\s*){0,2}"
+    r"(?:(?:let me|let['\u2019]s|let us|to|as an?|i(?:['\u2019]ll| will| can| should)|we(?:['\u2019]ll| will| can| should))"
+    r"\s+)?"
+    r"(?:(?:one more|another|a|just|also|quick(?:ly)?|final|last|further|sanity)\s+){0,2}"
+    r"(?:(?:double|re|cross)[- ]?check(?:s|ing|ed)?|check(?:s|ing|ed)?|verif(?:y|ies|ying|ied|ication)"
+    r"|confirm(?:s|ing|ed|ation)?|sanity|(?<=me |.s |to )make sure|substitut\w*\s+back|plug\w*\s+back"
+    r"|however|wait)\b",
     re.IGNORECASE)
-SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
-def split_sentences(text):
-    return [s for s in SENTENCE_END.split(text.strip()) if s]
+def segments(text):
+    """(start, end) character spans of the segments of `text`, in order: cut at sentence ends and at line breaks,
+    never inside math, after an abbreviation or inside a number; each span without its surrounding whitespace."""
+    math = [m.span() for m in MATH.finditer(text)]
+    inside = lambda p: any(a < p < b for a, b in math)  # a few dozen math spans per CoT: a scan is fine
+    line = lambda e: text[text.rfind("\n", 0, e) + 1:e]  # the line up to position e
+    cuts = [m.end() for m in SENTENCE_END.finditer(text)
+            if not ABBREVIATION.search(line(m.end())[-16:]) and not LIST_NUMBER.fullmatch(line(m.end()))]
+    cuts += [m.start() for m in re.finditer("\n", text)]
+    bounds = [0] + sorted(p for p in set(cuts) if not inside(p)) + [len(text)]
+    spans = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        piece = text[a:b]
+        if piece.strip():
+            lead = len(piece) - len(piece.lstrip())
+            spans.append((a + lead, a + len(piece.rstrip())))
+    return spans
 
 
-def is_trigger(sentence):
-    """Does the sentence open a verification passage (check, verify, let me double-check, however, but wait...)?"""
-    return TRIGGER.match(sentence) is not None
+def is_trigger(segment):
+    """Does the segment open a verification passage ("Let me double-check", "Hmm, let me verify", "**Check:**")?"""
+    return TRIGGER.match(segment) is not None
+
+
+def examine_segment(text, spans):
+    """Index of the segment where <examine> starts, and how it was found: ("trigger", i) for the last trigger
+    segment starting past the first half of the text (in characters: the share of the reasoning, whatever its
+    line layout), else ("fallback", i) for the segment boundary nearest 70% of the characters. With two or more
+    segments examine is never empty; with one it is."""
+    n = len(spans)
+    late = [i for i, (a, b) in enumerate(spans) if i > 0 and 2 * a >= len(text) and is_trigger(text[a:b])]
+    if late:
+        return "trigger", late[-1]
+    if n < 2:
+        return "fallback", n
+    return "fallback", min(range(1, n), key=lambda i: abs(spans[i][0] - 0.7 * len(text)))
 
 
 def split_cot(cot):
-    """CoT -> (explore, examine): <examine> starts at the last trigger sentence past the first half, else 70/30."""
-    sents = split_sentences(cot)
-    n = len(sents)
-    late = [i for i in range(n) if 2 * i >= n and i > 0 and is_trigger(sents[i])]
-    cut = late[-1] if late else min(max(round(0.7 * n), 1), n)
-    return " ".join(sents[:cut]), " ".join(sents[cut:])
+    """CoT -> (explore, examine), two slices of cot.strip(): <examine> starts at the last trigger segment past the
+    first half, else at the 70/30 boundary; only the whitespace between the two slices is dropped."""
+    text = cot.strip()
+    spans = segments(text)
+    _, i = examine_segment(text, spans)
+    if i >= len(spans):
+        return text, ""
+    return text[:spans[i - 1][1]], text[spans[i][0]:]
 
 
 def token_roles(offsets, spans):
@@ -190,25 +242,31 @@ def topk_stats(head, h, targets, k, temperatures, chunk):
 
     head: the lm_head Linear; h (R, C) final hidden states; targets (R,) next-token ids (any id on rows
     without one). Logits are formed `chunk` rows at a time, so memory is chunk x vocab, never R x vocab.
+    Each chunk's matmul runs over whole 32-row tiles (the last one padded with zero rows): BLAS computes a
+    last partial group of rows with other code and other rounding, so without the padding a row's logits
+    would depend on --chunk and on where the row falls in its chunk; with it, any --chunk writes the same bytes.
     On CPU the statistics after the top-k run over blocks of 32 rows that stay in cache, instead of
     several passes over the whole chunk in main memory (1.5x a bare forward becomes about 1.1x).
     """
     out = {n: [] for n in ["ids", "logprobs", "lse", "target", "entropy"]}
-    W, buf = head.weight, None
+    W, buf, tile = head.weight, None, 32
     for s in range(0, h.shape[0], chunk):
         hc = h[s:s + chunk]
+        n = len(hc)  # real rows; the padding rows are computed and dropped
+        hc = torch.cat([hc, hc.new_zeros(-n % tile, hc.shape[1])])  # (c, C), c a multiple of the tile
         if W.dtype == torch.float32:  # reuse one logits buffer: no fresh chunk x vocab allocation per chunk
             buf = torch.empty(len(hc), W.shape[0], device=W.device) if buf is None else buf
-            z = torch.matmul(hc, W.t(), out=buf[:len(hc)])  # (c, V)
+            z = torch.matmul(hc, W.t(), out=buf[:len(hc)])[:n]  # (n, V)
         else:
-            z = head(hc).float()  # (c, V) fp32 statistics whatever the teacher dtype
-        top, ids = group_topk(z, k)  # (c, k) sorted descending
-        block = len(z) if z.is_cuda else 32
-        for b in range(0, len(z), block):
-            st = row_stats(z[b:b + block], top[b:b + block], targets[s + b:s + b + block].to(z.device), temperatures)
-            out["ids"].append(ids[b:b + block])
-            for n, v in st.items():
-                out[n].append(v)
+            z = head(hc).float()[:n]  # (n, V) fp32 statistics whatever the teacher dtype
+        top, ids = group_topk(z, k)  # (n, k) sorted descending
+        block = n if z.is_cuda else tile
+        for b in range(0, n, block):
+            e = min(b + block, n)  # a chunk's last block may be short: its targets stop at the chunk's end too
+            st = row_stats(z[b:e], top[b:e], targets[s + b:s + e].to(z.device), temperatures)
+            out["ids"].append(ids[b:e])
+            for name, v in st.items():
+                out[name].append(v)
     return {n: torch.cat(v) for n, v in out.items()}
 
 

@@ -8,7 +8,8 @@ checkpoint I/O, so it can be copied into another project alone.
   progress           Progress (rate and ETA lines), fmt_time
   torchrun           init_distributed
   names              is_hub_id (a Hub id or a mistyped local path?), DTYPES (the dtype names a flag accepts)
-  the DualMind text  the card's layout: USER, PROMPT, TAGS, ROLES, dualmind_prompt, dualmind_text, end tokens
+  the DualMind text  the card's layout: USER, PROMPT, TAGS, ROLES, dualmind_prompt, chat_template, dualmind_text,
+                     end tokens
   batches            pad_right (documents or windows into one right-padded (B, L) array)
 """
 
@@ -189,9 +190,27 @@ ROLES = {"prompt": 0, "explore": 1, "examine": 2, "response": 3}  # roles.npy co
 REASONING = (ROLES["explore"], ROLES["examine"])  # the rows the proof weight multiplies
 
 
+OPEN = f"<{BLOCKS[0]}>\n"  # how the model's answer opens: the end of every prompt
+
+
 def dualmind_prompt(question):
     """What the model sees before it answers: the user turn, then the opening <explore> tag."""
-    return PROMPT.format(question=question) + f"<{BLOCKS[0]}>\n"
+    return PROMPT.format(question=question) + OPEN
+
+
+def chat_template():
+    """dualmind_prompt as a Hugging Face chat template (Jinja, the "chat_template" of tokenizer_config.json), so any
+    chat client prompts the student the way it was trained: apply_chat_template([{"role": "user", "content": q}],
+    add_generation_prompt=True, tokenize=False) == dualmind_prompt(q). An assistant turn is what the model wrote after
+    that prompt, so it renders as OPEN + its content + the end token."""
+    head, tail = PROMPT.split("{question}")
+    lit = json.dumps  # a Jinja string literal takes the same escapes as JSON ("\n")
+    return ("{%- for message in messages -%}"
+            "{%- if message['role'] == 'user' -%}{{ " + lit(head) + " + message['content'] + " + lit(tail) + " }}"
+            "{%- elif message['role'] == 'assistant' -%}{{ " + lit(OPEN) + " + message['content'] + eos_token }}"
+            "{%- else -%}{{ raise_exception('the DualMind format has user and assistant turns only, not ' + "
+            "message['role']) }}{%- endif -%}{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{ " + lit(OPEN) + " }}{%- endif -%}")
 
 
 def dualmind_text(question, explore, examine, response):

@@ -19,7 +19,7 @@ cd "$(dirname "$0")"
 
 OUT=${OUT:-out/demo}
 PY=${PYTHON:-python}
-N_SYNTH=${N_SYNTH:-1500}            # generated records, on top of the 32 hand-written ones
+N_SYNTH=${N_SYNTH:-1500}            # generated records, on top of the 42 hand-written ones
 TEACHER_STEPS=${TEACHER_STEPS:-90}    # optimizer steps of 32 windows for the tiny teacher
 STUDENT_STEPS=${STUDENT_STEPS:-220} # ... and for the student
 MAX_NEW=${MAX_NEW:-400}              # tokens the student may generate at the end
@@ -31,7 +31,7 @@ SCRATCH="--lr 3e-3 --min_lr 3e-4 --warmup 10 --batch_size 4 --grad_accum 8 --dty
 start=$(date +%s)
 say() { printf '\n== [%ss] %s\n' "$(( $(date +%s) - start ))" "$*"; }
 
-say "1/9 records: the 32 bundled physics chains of thought + $N_SYNTH generated ones (data/synth.py)"
+say "1/9 records: the 42 bundled physics chains of thought + $N_SYNTH generated ones (data/synth.py)"
 if [ -f "$OUT/data/synth.jsonl" ]; then echo "already there"; else
   $PY data/synth.py --n "$N_SYNTH" --seed 0 --out "$OUT/data/synth.jsonl"; fi
 

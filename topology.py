@@ -18,17 +18,19 @@ The math (DESIGN.md section 3; every function below is pure and tested against a
   disc[i]  = (1/K) sum_{j=1..K} |f[i+j] - f[i]| / j, K = 8, the discrete D f(x) = lim (1/e) int |f(t)-f(x)|/|t-x| dt;
              near a document end only the j that stay inside it count (and the mean is over those)
   jump[i]  = delta[i] > mean + 3 std of delta over the stream; weight[i+1] = 1.25 (where f changed), else 1.0
-  per 64-token block b: TV_b = sum delta; J_b = sum of delta at jumps; A_b = n_b * min(median, mean) of the n_b
-             non-jump deltas (the variation an evenly spread change would give); drift G_b = TV_b - J_b - A_b >= 0;
-             gap-energy density G_b / 64; discrepancy energy E_b = 0.5 sum disc^2 and its density E_b / 64.
+  per 64-token block b (--block): TV_b = sum delta; J_b = sum of delta at jumps; A_b = n_b * min(median, mean) of
+             the n_b non-jump deltas (the variation an evenly spread change would give); drift G_b = TV_b - J_b - A_b
+             >= 0; gap-energy density G_b / 64; discrepancy energy E_b = 0.5 sum disc^2 and its density E_b / 64.
   A steady trend lands in A, a devil's staircase (few sub-threshold steps) in G, planted steps in J.
 
 Inputs   --cache (cache_teacher.py's folder)
 Outputs  in --out (default out/topology):
   f.npy, delta.npy, disc.npy float32 [N]; jump.npy bool [N]; weight.npy float32 [N] (loss multiplier per row)
-  block_tv.npy, block_jump.npy, block_smooth.npy, block_drift.npy, block_gap_density.npy, block_edisc.npy
-            float32 [ceil(N/64)], block b = stream rows [64b, 64b+64)
-  report.json (counts, the three signals' statistics, jump rate and energies per document, tail mass of top-k),
+  block_tv.npy, block_jump.npy, block_smooth.npy, block_drift.npy, block_gap_density.npy, block_edisc.npy,
+  block_edisc_density.npy
+            float32 [ceil(N/64)], block b = stream rows [64b, 64b+64) (64: --block)
+  report.json (counts, the three signals' statistics, tail mass of top-k, and per document its jumps, TV,
+            E_disc density and gap energy G (the drift channel over its own 64-token blocks) with its density),
   report.html (a stretch of tokens coloured by discrepancy, jumps, block channels; open it in a browser),
   manifest.json
 
@@ -50,9 +52,9 @@ from cache_teacher import TeacherCache, tail_mass
 from common import (FORMAT_VERSION, Progress, atomic_write, check_upstream, prepare_out, publish, read_manifest,
                     sha256_json, write_json)
 
-BLOCK = 64
+BLOCK = 64  # the card's gap-energy window, in tokens (--block)
 SIGNALS = ["entropy", "surprisal", "tv"]
-BLOCK_CHANNELS = ["tv", "jump", "smooth", "drift", "gap_density", "edisc"]
+BLOCK_CHANNELS = ["tv", "jump", "smooth", "drift", "gap_density", "edisc", "edisc_density"]
 OUTPUTS = ["f", "delta", "disc", "jump", "weight"] + [f"block_{c}" for c in BLOCK_CHANNELS]
 
 # -----------------------------------------------------------------------------
@@ -148,7 +150,23 @@ def block_channels(delta, jump, valid, disc, block=BLOCK):
     e = 0.5 * (disc.reshape(B, block).astype(np.float64) ** 2).sum(1)
     f32 = lambda x: x.astype(np.float32)
     return dict(tv=f32(tv), jump=f32(jp), smooth=f32(A), drift=f32(G), gap_density=f32(G / block),
-                edisc=f32(e))
+                edisc=f32(e), edisc_density=f32(e / block))
+
+
+def span_channels(delta, jump, valid, disc, starts, ends, block=BLOCK):
+    """The block channels of stream spans [starts[s], ends[s]) (documents, windows): each span laid out in blocks
+    of `block` rows from its own start (its last block padded with rows that count for nothing), block_channels per
+    block, summed over the span's blocks. Stream arrays (N,); starts, ends (S,) non-empty spans -> float64 (S,) each."""
+    starts, ends = np.asarray(starts, np.int64), np.asarray(ends, np.int64)
+    nblk = -(-(ends - starts) // block)  # (S,) blocks per span
+    first = np.concatenate([[0], np.cumsum(nblk)[:-1]])  # (S,) each span's first block
+    span = np.repeat(np.arange(len(starts)), nblk * block)  # (sum nblk * block,) the span of each padded row
+    idx = starts[span] + np.arange(len(span)) - np.repeat(first * block, nblk * block)  # its stream row
+    inside = idx < ends[span]
+    idx = np.where(inside, idx, 0)
+    ch = block_channels(np.where(inside, delta[idx], 0), jump[idx] & inside, valid[idx] & inside,
+                        np.where(inside, disc[idx], 0), block)
+    return {c: np.add.reduceat(v.astype(np.float64), first) for c, v in ch.items()}
 
 
 def tv_consecutive(ids, logprobs, last):
@@ -212,18 +230,18 @@ def doc_chunks(doc_offsets, chunk):
     return out
 
 
-def block_ranges(N, chunk):
-    """Stream ranges [a, b) with a a multiple of BLOCK, about `chunk` rows each."""
-    step = max(BLOCK, chunk // BLOCK * BLOCK)
+def block_ranges(N, chunk, block=BLOCK):
+    """Stream ranges [a, b) with a a multiple of `block`, about `chunk` rows each."""
+    step = max(block, chunk // block * block)
     return [(a, min(a + step, N)) for a in range(0, N, step)]
 
 
-def run_pass(cache, kind, chunk, K, sigma, amplify, out, prog=None, threads=1):
+def run_pass(cache, kind, chunk, K, sigma, amplify, out, prog=None, threads=1, block=BLOCK):
     """The whole pass, chunk by chunk into memory-mapped outputs: signal, delta and disc (whole documents at a
     time), the stream's jump threshold, then jumps, weights and block channels (whole blocks at a time).
     Returns (outputs dict of memmaps, threshold, valid-row count)."""
     N = len(cache)
-    nb = -(-N // BLOCK)
+    nb = -(-N // block)
     spec = dict(f=(N, np.float32), delta=(N, np.float32), disc=(N, np.float32), jump=(N, np.bool_),
                 weight=(N, np.float32), **{f"block_{c}": (nb, np.float32) for c in BLOCK_CHANNELS})
     arr = {n: np.lib.format.open_memmap(os.path.join(out, n + ".partial.npy"), mode="w+", dtype=dt, shape=(sh,))
@@ -258,16 +276,16 @@ def run_pass(cache, kind, chunk, K, sigma, amplify, out, prog=None, threads=1):
         jump, weight = jumps_and_weights(delta, valid, threshold, amplify)
         arr["jump"][a:b], arr["weight"][a:b] = jump[a - lo:], weight[a - lo:]
         # the range starts on a block boundary; pad its end to whole blocks with rows that count for nothing
-        pad = -(b - a) % BLOCK
+        pad = -(b - a) % block
         padded = lambda x, v: np.concatenate([x[a - lo:], np.full(pad, v, dtype=x.dtype)])
         ch = block_channels(padded(delta, 0), padded(jump, False), padded(valid, False),
-                            padded(np.asarray(arr["disc"][lo:b]), 0))
+                            padded(np.asarray(arr["disc"][lo:b]), 0), block)
         for c in BLOCK_CHANNELS:
-            arr[f"block_{c}"][a // BLOCK:a // BLOCK + len(ch[c])] = ch[c]
+            arr[f"block_{c}"][a // block:a // block + len(ch[c])] = ch[c]
 
-    # pass 2 over whole 64-row blocks: jumps and weights against the threshold, then the block channels
+    # pass 2 over whole blocks: jumps and weights against the threshold, then the block channels
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(jump_pass, block_ranges(N, chunk)))
+        list(pool.map(jump_pass, block_ranges(N, chunk, block)))
     for m in arr.values():
         m.flush()
     return arr, threshold, int(nvalid)
@@ -282,6 +300,7 @@ class Topology:
         self.manifest = read_manifest(folder, "topology", needed_by=needed_by)
         check_upstream(self.manifest, cache_folder, "cache", folder)  # built from this very cache
         self.fingerprint = self.manifest["fingerprint"]
+        self.block = self.manifest["settings"]["block"]  # rows per block of the block_* arrays (--block)
         self.arrays = {n: np.load(os.path.join(folder, n + ".npy"), mmap_mode="r") for n in OUTPUTS}
         with open(os.path.join(folder, "report.json")) as fh:
             self.report = json.load(fh)
@@ -301,13 +320,14 @@ def signal_summary(f, delta, valid, sigma=3.0):
 
 
 def main(args):
-    if args.K < 1 or args.sigma <= 0 or args.amplify <= 0 or args.chunk < 1:
+    if args.K < 1 or args.sigma <= 0 or args.amplify <= 0 or args.chunk < 1 or args.block < 1:
         raise ValueError(f"--K {args.K} must be >= 1 and --sigma {args.sigma}, --amplify {args.amplify}, --chunk "
-                         f"{args.chunk} positive")
+                         f"{args.chunk}, --block {args.block} positive")
     cache = TeacherCache(args.cache)
     if not cache.has_teacher:
         raise ValueError(f"{args.cache}: a cache made with --teacher none has no teacher distributions to analyse")
-    settings = dict(signal=args.signal, K=args.K, sigma=args.sigma, amplify=args.amplify, block=BLOCK)
+    settings = dict(signal=args.signal, K=args.K, sigma=args.sigma, amplify=args.amplify, block=args.block,
+                    outputs=OUTPUTS)  # the file list too: a folder from before block_edisc_density is rebuilt
     fingerprint = sha256_json(dict(upstream=cache.fingerprint, settings=settings, version=FORMAT_VERSION))
     if prepare_out(args.out, "topology", fingerprint, args.force) == "done":
         print(f"{args.out}: complete topology with the same inputs already there; nothing to do")
@@ -316,7 +336,7 @@ def main(args):
     N, out = len(cache), args.out
     prog = Progress("topology", N, unit="pos", every=args.log_every)
     arr, threshold, nvalid = run_pass(cache, args.signal, args.chunk, args.K, args.sigma, args.amplify, out, prog,
-                                      args.threads)
+                                      args.threads, args.block)
     elapsed = time.time() - t0
     n_jumps = int(np.count_nonzero(arr["jump"]))
     report = build_report(cache, args, arr, threshold, nvalid, elapsed)
@@ -327,7 +347,7 @@ def main(args):
         publish(os.path.join(out, n + ".partial.npy"), os.path.join(out, n + ".npy"))
     manifest = dict(phase="topology", version=FORMAT_VERSION, fingerprint=fingerprint, settings=settings,
                     upstream=dict(cache=cache.fingerprint), args=vars(args), threshold=threshold,
-                    counts=dict(positions=N, documents=cache.n_docs, jumps=n_jumps, blocks=-(-N // BLOCK)),
+                    counts=dict(positions=N, documents=cache.n_docs, jumps=n_jumps, blocks=-(-N // args.block)),
                     dtypes=dict(f="float32", delta="float32", disc="float32", jump="bool", weight="float32",
                                 blocks="float32"), complete=True)
     write_json(os.path.join(out, "manifest.json"), manifest)
@@ -355,13 +375,16 @@ def build_report(cache, args, arr, threshold, nvalid, elapsed):
             ds.append(deltas(fk, last))
             vs.append(~last)
     sigs = {kind: signal_summary(*map(np.concatenate, v), args.sigma) for kind, v in parts.items()}
-    per_doc = []
-    for d in range(cache.n_docs):
-        a, b = cache.doc_range(d)
-        disc = np.asarray(arr["disc"][a:b], dtype=np.float64)
-        per_doc.append(dict(doc=d, length=b - a, jumps=int(np.count_nonzero(arr["jump"][a:b])),
-                            edisc_density=float(0.5 * (disc ** 2).sum() / (b - a)),
-                            tv=float(np.asarray(arr["delta"][a:b], dtype=np.float64).sum())))
+    # per document: its jumps, and its channels over its own blocks (from its first row, as windows.py lays out a
+    # window): TV, E_disc density and the gap energy G (the drift channel) with its density
+    starts, ends = np.asarray(cache.doc_offsets[:-1]), np.asarray(cache.doc_offsets[1:])
+    valid = ~doc_last_rows(cache.doc_offsets, 0, N)
+    ch = span_channels(np.asarray(arr["delta"]), np.asarray(arr["jump"]), valid, np.asarray(arr["disc"]), starts, ends,
+                       args.block)
+    jumps = np.add.reduceat(np.asarray(arr["jump"], dtype=np.int64), starts)
+    per_doc = [dict(doc=d, length=int(n), jumps=int(jumps[d]), tv=float(ch["tv"][d]),
+                    edisc_density=float(ch["edisc"][d] / n), gap_energy=float(ch["drift"][d]),
+                    gap_density=float(ch["drift"][d] / n)) for d, n in enumerate(ends - starts)]
     # how much probability mass the top-k misses, at each cached temperature (a sample of rows)
     rows = np.sort(rng.choice(N, size=min(N, args.report_positions), replace=False))
     lp = np.asarray(cache.arrays["topk_logprobs"][rows], dtype=np.float32)
@@ -474,6 +497,8 @@ def get_parser():
     p.add_argument("--K", type=int, default=8, help="reach of the discrepancy operator, in tokens")
     p.add_argument("--sigma", type=float, default=3.0, help="jump threshold: mean + sigma x std of delta (card: 3)")
     p.add_argument("--amplify", type=float, default=1.25, help="loss multiplier after a jump (card: 1.25x)")
+    p.add_argument("--block", type=int, default=BLOCK, help="rows per block of the channels and energies, tokens "
+                   "(card: the 64-token gap-energy window)")
     p.add_argument("--chunk", type=int, default=1 << 16, help="rows per chunk (memory bound of the pass)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="worker threads for the pass")
     p.add_argument("--report_positions", type=int, default=32_768, help="positions sampled for the "

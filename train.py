@@ -12,7 +12,9 @@ The student's logits exist only `--loss_chunk` rows at a time, in fp32, with the
 
 Schedules over optimizer steps (pure functions below): alpha 0 until 15% of training, linear to 0.45 at 45%,
 constant after; w_proof linear 2.25 -> 1.1; lr linear warmup over 30 steps to 5e-6, cosine to 5e-7 at the end.
-Curriculum: four phases of equal steps drawing from the easiest 30%, 55%, 80%, 100% of windows (windows.py).
+Curriculum: four phases of equal steps; phase p draws uniformly from its whole nested pool, the easiest 30%, 55%,
+80%, 100% of the training windows by windows.py's difficulty (shuffled passes, no repeat within a pass), so easy
+windows are trained in every phase, also once alpha has reached its target.
 AdamW (weight decay 1e-3 on matrices only), clip 1.0, micro-batch 2 x 16 accumulation = 32 windows per step
 whatever the number of processes, FP32 master weights with BF16 autocast.
 
@@ -22,8 +24,10 @@ a 2048^3 matmul measured at start, as on a CPU; the first lines say which).
 
 Inputs   --init (Hub id, folder, or `scratch` with --config), --cache, --topology, --windows
 Outputs  in --out (default out/student): the student in Hugging Face layout (config.json, model.safetensors,
-         generation_config.json, tokenizer files; loads in transformers), train_log.jsonl (one JSON line per step
-         and per evaluation), ckpt/ (resumable: model.safetensors fp32, optimizer.pt, state.json)
+         generation_config.json, tokenizer files with the DualMind chat template; loads in transformers),
+         train_log.jsonl (one JSON line per step and per evaluation), draws.npy int32 [W] (times each window was
+         drawn; the manifest sums it up per difficulty band), ckpt/ (resumable: model.safetensors fp32,
+         optimizer.pt, state.json) while training
 
 Run
   python train.py --init scratch --config data/student_config.json --cache out/cache --topology out/topology \\
@@ -49,11 +53,11 @@ import numpy as np
 import torch
 
 from cache_teacher import TeacherCache, teacher_log_q
-from common import (FORMAT_VERSION, REASONING, ROLES, end_tokens, fmt_time, init_distributed, pad_right, prepare_out,
-                    publish, read_manifest, sha256_json, write_json)
+from common import (FORMAT_VERSION, REASONING, ROLES, chat_template, end_tokens, fmt_time, init_distributed, pad_right,
+                    prepare_out, publish, read_manifest, save_npy, sha256_json, write_json)
 from model import Qwen3, Qwen3Config
 from topology import load as load_topology
-from windows import fixed_windows, load as load_windows
+from windows import POOLS, fixed_windows, load as load_windows, parse_pools, pool_phases
 
 STEP_STATS = ("ce", "kl", "agree", "tail_gap", "rows", "tokens", "objective")  # what one optimizer step sums up
 
@@ -81,30 +85,39 @@ def learning_rate(step, total, peak=5e-6, floor=5e-7, warmup=30):
 
 
 def step_phase(step, total, n_phases=4):
-    """The curriculum phase of an optimizer step: four phases of equal length."""
+    """The curriculum phase of an optimizer step: n_phases (the card: four) phases of equal length."""
     return min(step * n_phases // max(total, 1), n_phases - 1)
 
 
 def draw_schedule(pools, total, batch, seed):
-    """The windows of every optimizer step, (total, batch): phase p draws only from pools[p], taking the windows
-    no earlier phase drew first (shuffled), then the others, then further shuffled passes. With nested pools of
-    30/55/80/100% and one epoch of steps, every window is drawn exactly once, easiest first. A pure function of
-    its arguments, so a resumed run or another process computes the same schedule."""
+    """The windows of every optimizer step, (total, batch) indices. The steps of phase p draw uniformly from its
+    whole pool, pools[p] (nested: the easiest 30, 55, 80, 100% of the training windows): shuffled passes through
+    the pool, no window twice within a pass, a fresh shuffle when a pass is used up. So the easiest windows are
+    trained in every phase, also once alpha has reached its target. A pure function of its arguments: a resumed run
+    and every torchrun process compute the same schedule."""
     phases = np.array([step_phase(s, total, len(pools)) for s in range(total)], dtype=np.int64)
-    seen, out = set(), []
+    out = []
     for p, pool in enumerate(pools):
-        n = int((phases == p).sum()) * batch
+        n = int((phases == p).sum()) * batch  # this phase's draws
+        assert len(pool) or not n, f"phase {p} has steps but an empty pool"
         rng = np.random.default_rng([seed, p])
-        fresh = np.array([w for w in pool if w not in seen], dtype=np.int64)
-        order = [rng.permutation(fresh), rng.permutation(np.setdiff1d(pool, fresh))]
-        while sum(map(len, order)) < n:
-            order.append(rng.permutation(pool))
-        take = np.concatenate(order)[:n]
-        seen.update(take.tolist())
-        out.append(take)
-    return np.concatenate(out).reshape(total, batch)
+        passes = [rng.permutation(pool) for _ in range(-(-n // max(len(pool), 1)))]
+        out.append(np.concatenate(passes)[:n] if n else np.zeros(0, np.int64))
+    return np.concatenate(out).astype(np.int64).reshape(total, batch)
 
 
+def draws_summary(schedule, bands, alphas):
+    """How often the schedule draws the windows of each difficulty band, and at what alpha: bands is a list of
+    window-index arrays (band p = pool p minus pool p-1), alphas (total,) the KD weight of each step."""
+    steps = np.repeat(np.arange(len(schedule)), schedule.shape[1])  # (total * batch,) the step of each draw
+    drawn = schedule.ravel()
+    counts = np.bincount(drawn, minlength=max([int(drawn.max())] + [int(b.max()) for b in bands if len(b)]) + 1)
+    out = []
+    for band in bands:
+        hit = np.isin(drawn, band)
+        out.append(dict(windows=len(band), draws=int(hit.sum()), never_drawn=int((counts[band] == 0).sum()),
+                        mean_alpha=float(alphas[steps[hit]].mean()) if hit.any() else None))
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -360,7 +373,8 @@ def evaluate(model, batches, val, *, temperature, t_index, kd_mode, chunk, devic
 
 def load_inputs(args):
     """Cache, topology jump weights and windows, checked to belong together.
-    Returns (cache, jump weight (N,) or None, windows (W, 4), phase (W,), upstream fingerprints)."""
+    Returns (cache, jump weight (N,) or None, windows (W, 4), difficulty (W,) or None when the windows have none
+    (fixed-stride windows: no curriculum), upstream fingerprints)."""
     cache = TeacherCache(args.cache)
     if not os.path.isfile(cache.tokenizer_path):
         raise ValueError(f"{args.cache}: no tokenizer.json (the student is saved with the cache's tokenizer)")
@@ -374,11 +388,11 @@ def load_inputs(args):
         raise ValueError("--topology is needed for the jump weights (or pass --no_jumps)")
     if args.windows:
         w = load_windows(args.windows, args.cache, args.topology if topo_fp else None, needed_by="train.py")
-        windows, phase, win_fp = w.windows, w.phase, w.fingerprint
+        windows, win_fp = w.windows, w.fingerprint
+        difficulty = w.difficulty if w.manifest.get("curriculum") else None
     else:  # plain fixed-stride windows, no curriculum
-        windows = fixed_windows(cache)
-        phase = np.zeros(len(windows), np.uint8)
-    return cache, weight, windows, phase, dict(cache=cache.fingerprint, topology=topo_fp, windows=win_fp)
+        windows, difficulty = fixed_windows(cache), None
+    return cache, weight, windows, difficulty, dict(cache=cache.fingerprint, topology=topo_fp, windows=win_fp)
 
 
 def split_docs(n_docs, fraction, seed):
@@ -536,14 +550,19 @@ class RunLog:
 
 
 def save_student(out, model, cache, save_dtype):
-    """The final student in Hugging Face layout, with the cache's tokenizer files and end tokens (the tokenizer
-    first: save_pretrained writes config.json last, so a folder with config.json is whole)."""
+    """The final student in Hugging Face layout, with the cache's tokenizer files and end tokens and the DualMind chat
+    template (the tokenizer first: save_pretrained writes config.json last, so a folder with config.json is whole)."""
     m = unwrap(model)
-    for name in ["tokenizer.json", "tokenizer_config.json"]:
-        src = os.path.join(cache.folder, name)
-        if os.path.isfile(src):
-            shutil.copyfile(src, os.path.join(out, name + ".tmp"))
-            publish(os.path.join(out, name + ".tmp"), os.path.join(out, name))
+    shutil.copyfile(cache.tokenizer_path, os.path.join(out, "tokenizer.json.tmp"))
+    publish(os.path.join(out, "tokenizer.json.tmp"), os.path.join(out, "tokenizer.json"))
+    # the cache's tokenizer_config.json (the teacher's), with the DualMind prompt as its chat template
+    src = os.path.join(cache.folder, "tokenizer_config.json")
+    if os.path.isfile(src):
+        with open(src, encoding="utf-8") as f:
+            cfg = json.load(f)
+    else:  # a cache written without one: the least AutoTokenizer needs
+        cfg = dict(tokenizer_class="PreTrainedTokenizerFast", eos_token=end_tokens(cache.tokenizer_path)[0][0])
+    write_json(os.path.join(out, "tokenizer_config.json"), dict(cfg, chat_template=chat_template()))
     if not m.generation_config:  # a student from scratch: stop at the cache's end tokens
         ends = dict(end_tokens(cache.tokenizer_path))
         m.generation_config = dict(eos_token_id=sorted(ends.values()),
@@ -608,18 +627,28 @@ def main(args):
     step_batch = args.batch_size * args.grad_accum  # windows per optimizer step, all processes together
 
     # --- 2. inputs, the held-out split and the curriculum schedule ---------------------------------------------
-    cache, weight, windows, phase, upstream = load_inputs(args)
+    pool_fractions = parse_pools(args.pools)
+    if not 0 <= args.alpha_start < args.alpha_full <= 1:
+        raise ValueError(f"--alpha_start {args.alpha_start} and --alpha_full {args.alpha_full}: need 0 <= start < full "
+                         "<= 1 (fractions of training)")
+    cache, weight, windows, difficulty, upstream = load_inputs(args)
     t_index = cache.temperature_index(args.temperature) if cache.has_teacher else 0
     batches = WindowBatches(cache, windows, None if weight is None else np.asarray(weight))
     is_train = split_docs(cache.n_docs, args.val_fraction, args.seed)[windows[:, 0]]  # (W,) by document
     train_w, val_w = np.flatnonzero(is_train), np.flatnonzero(~is_train)[:args.eval_windows]
     if len(train_w) == 0:
         raise ValueError(f"no training windows (all {len(windows)} held out: lower --val_fraction)")
-    # phase p draws from the windows whose curriculum phase is <= p (nested pools), or from all of them
-    pools = [train_w[phase[train_w] <= p] for p in range(4)] if not args.no_curriculum else [train_w] * 4
-    pools = [p if len(p) else train_w for p in pools]
+    # phase p draws from the easiest pool_fractions[p] of the training windows (nested pools, ranked over the
+    # training windows only: the held-out ones would shift the fractions), or from all of them
+    n_phases = len(pool_fractions)
+    if difficulty is None or args.no_curriculum:
+        pools = [train_w] * n_phases
+    else:
+        first = pool_phases(difficulty[train_w], pool_fractions)  # (len(train_w),) first pool of each window
+        pools = [train_w[first <= p] for p in range(n_phases)]
     total = args.max_steps or math.ceil(args.epochs * len(train_w) / step_batch)
     schedule = draw_schedule(pools, total, step_batch, args.seed)  # (total, step_batch) window indices
+    alphas = np.array([kd_alpha(s, total, args.kd_alpha, args.alpha_start, args.alpha_full) for s in range(total)])
 
     # --- 3. the student, its optimizer, the output folder, resume -----------------------------------------------
     model = build_student(args, cache, device)
@@ -671,7 +700,7 @@ def main(args):
     for step in range(start, total):
         t0 = time.time()
         # the schedules of this step
-        alpha = kd_alpha(step, total, args.kd_alpha)
+        alpha = float(alphas[step])
         w_proof = proof_weight(step, total, *args.proof_weight)
         lr = learning_rate(step, total, args.lr, args.min_lr, args.warmup)
         for g in opt.param_groups:
@@ -717,7 +746,7 @@ def main(args):
         tokens_done += int(sums["tokens"])
         rate = tokens_done / max(time.time() - t_start, 1e-9)
         dt = time.time() - t0
-        entry = dict(step=step + 1, total=total, phase=step_phase(step, total), ce=ce, kl=kl,
+        entry = dict(step=step + 1, total=total, phase=step_phase(step, total, n_phases), ce=ce, kl=kl,
                      loss=sums["objective"], alpha=alpha, proof_weight=w_proof, lr=lr, grad_norm=gnorm, tok_s=rate,
                      mfu=flops / dt / peak, rows=int(n), dt=dt)
         log.record(entry)
@@ -737,10 +766,16 @@ def main(args):
     if master:
         save_student(args.out, model, cache, args.save_dtype)
         log.close()
+        # the curriculum as drawn: draws.npy, how often each window was drawn, and per difficulty band a summary
+        save_npy(os.path.join(args.out, "draws.npy"),
+                 np.bincount(schedule.ravel(), minlength=len(windows)).astype(np.int32))
+        bands = [np.setdiff1d(pools[p], pools[p - 1] if p else []) for p in range(n_phases)]
+        curriculum = dict(pools=list(pool_fractions), pool_windows=[len(p) for p in pools], ranked_over="training "
+                          "windows", bands=draws_summary(schedule, bands, alphas))
         write_json(os.path.join(args.out, "manifest.json"), dict(
             phase="student", version=FORMAT_VERSION, fingerprint=fingerprint, args=vars(args),
             upstream=upstream, steps=total, tokens=tokens_done, first_eval=first_eval,
-            last_eval=last_eval, complete=True))
+            last_eval=last_eval, curriculum=curriculum, complete=True))
         for f in [ckpt_dir, ckpt_dir + ".tmp", ckpt_dir + ".old"]:  # the run is complete: the student supersedes it
             shutil.rmtree(f, ignore_errors=True)
         held = ""
@@ -762,7 +797,13 @@ def get_parser():
     p.add_argument("--windows", default=None, help="windows.py folder (default: fixed 512-token windows, no curriculum)")
     p.add_argument("--out", default="out/student", help="output folder")
     # the model card's numbers
-    p.add_argument("--kd_alpha", type=float, default=0.45, help="KD weight reached at 45%% of training (card: 0.45)")
+    p.add_argument("--kd_alpha", type=float, default=0.45, help="KD weight reached at --alpha_full (card: 0.45)")
+    p.add_argument("--alpha_start", type=float, default=0.15, help="fraction of training before which the KD weight "
+                   "is 0 (card: 15%%)")
+    p.add_argument("--alpha_full", type=float, default=0.45, help="fraction of training at which the KD weight reaches "
+                   "--kd_alpha, linearly from --alpha_start (card: 45%%)")
+    p.add_argument("--pools", default=",".join(f"{f:.2f}" for f in POOLS), help="curriculum: phase p of equal steps "
+                   "draws from the easiest pools[p] of the training windows (card: 4 phases, 30/55/80/100%%)")
     p.add_argument("--temperature", type=float, default=2.0, help="KD temperature (card: 2.0)")
     p.add_argument("--proof_weight", type=float, nargs=2, default=[2.25, 1.1], help="explore/examine loss "
                    "multiplier, first and last step (card: 2.25 -> 1.1)")
@@ -775,8 +816,8 @@ def get_parser():
     p.add_argument("--grad_accum", type=int, default=16, help="micro-batches per optimizer step, all processes "
                    "together (card: 16, so 32 windows per step)")
     # run length, ablations, mechanics
-    p.add_argument("--epochs", type=float, default=1.0, help="passes over the training windows; with the curriculum "
-                   "one epoch draws every window once, easiest first (sets the steps)")
+    p.add_argument("--epochs", type=float, default=1.0, help="sets the steps: epochs x training windows draws (the "
+                   "curriculum draws easy windows more often than hard ones; see draws.npy)")
     p.add_argument("--max_steps", type=int, default=0, help="optimizer steps (0: from --epochs)")
     p.add_argument("--kd_mode", choices=["tail", "renorm"], default="tail", help="KL over top-k + tail bucket, or "
                    "over the renormalised top-k (ablation)")

@@ -8,8 +8,9 @@ Each document is cut into windows of at most 512 tokens at calm places instead o
 Windows never cross a document boundary, and a document of at most 512 tokens is one window.
 Difficulty of a window = its discrepancy-energy density (0.5 sum disc^2 / length) plus its gap-energy density
 (the drift channel G = TV - J - A of topology.py summed over the window's 64-token blocks, / length); lower is
-easier. The curriculum
-has four phases of equal optimizer steps drawing from the easiest 30%, 55%, 80% and 100% of the windows.
+easier. The curriculum has four phases of equal optimizer steps drawing from the easiest 30%, 55%, 80% and 100% of
+the training windows (--pools); train.py ranks its training windows by this difficulty, phase.npy here ranks all
+windows (held-out ones included) for the report.
 
 A window (doc, start, loss_start, end) feeds tokens [start, end) to the student and trains rows
 [loss_start, end): row t predicts token t+1 (read from the stream, so a window's last row trains too),
@@ -19,7 +20,7 @@ Inputs   --cache, --topology (topology.py's folder; optional with --fixed_stride
 Outputs  in --out (default out/windows):
   windows.npy     int64   [W, 4]  (doc, start, loss_start, end) in stream rows
   difficulty.npy  float32 [W]
-  phase.npy       uint8   [W]     first curriculum phase whose pool holds the window (0..3; pools are nested)
+  phase.npy       uint8   [W]     first curriculum pool that holds the window, over all windows (0..3; nested)
   report.html (the topology picture with the window cuts), manifest.json
 
 Run
@@ -37,9 +38,9 @@ import numpy as np
 import topology
 from cache_teacher import TeacherCache
 from common import FORMAT_VERSION, check_upstream, prepare_out, read_manifest, save_npy, sha256_json, write_json
-from topology import block_channels, doc_last_rows, render_html
+from topology import BLOCK, doc_last_rows, render_html, span_channels
 
-POOLS = (0.30, 0.55, 0.80, 1.00)
+POOLS = (0.30, 0.55, 0.80, 1.00)  # the card's curriculum: phase p draws from the easiest POOLS[p] of the windows
 
 # -----------------------------------------------------------------------------
 # Pure functions
@@ -58,12 +59,14 @@ def cut_document(sm, jump, window=512, min_cut=384, overlap=(32, 128)):
     end) in document coordinates, plus the number of cuts that had to ignore the jump rule (no calm candidate).
 
     A cut at e (the window ends before row e) is barred when a jump touches the boundary: jump[e-2], jump[e-1]
-    (the change between rows e-1 and e) or jump[e].
+    (the change between rows e-1 and e) or jump[e]. Nor is e = n - 1 allowed: the next window would train only the
+    document's last row, which has no next token, so nothing.
     """
     n = len(sm)
     out, s, loss_start, forced = [], 0, 0, 0  # s: where the window's tokens start; loss_start: its first trained row
     while n - s > window:  # what is left does not fit one window: cut it
-        cand = np.arange(s + min_cut, s + window + 1)  # candidate ends e, e - s in [min_cut, window]
+        hi = min(s + window, n - 2)  # the last end that leaves the next window a row to train
+        cand = np.arange(min(s + min_cut, hi), hi + 1)  # candidate ends e, e - s in [min_cut, window]
         # a cut may not touch a jump: not at the jump's row, nor on either side of the change
         barred = jump[cand - 2] | jump[cand - 1] | jump[np.minimum(cand, n - 1)]
         ok = cand[~barred]
@@ -84,10 +87,12 @@ def fixed_document(n, window=512, stride=512):
     out, s, loss_start = [], 0, 0
     while True:
         e = min(s + window, n)
+        if e == n - 1:  # the next window would train only the last row, which has no next token: end one earlier
+            e -= 1
         out.append((s, loss_start, e))
         if e == n:
             return out
-        s, loss_start = s + stride, e
+        s, loss_start = min(s + stride, e), e
 
 
 def fixed_windows(cache, window=512, stride=512):
@@ -97,27 +102,32 @@ def fixed_windows(cache, window=512, stride=512):
     return np.array(rows, dtype=np.int64).reshape(-1, 4)
 
 
-def window_difficulty(delta, jump, valid, disc, windows, width=512, block=64):
+def window_difficulty(delta, jump, valid, disc, windows, block=BLOCK):
     """Discrepancy-energy density + gap-energy density of each window [start, end) of the stream.
 
-    windows (W, 4) stream rows; the stream arrays (N,). Each window is laid out as `width` padded rows and cut
-    into 64-token blocks (the card's gap-energy window); topology.block_channels gives each block's drift G and
-    energy; a window's densities are their sums over its blocks divided by its real length.
+    windows (W, 4) stream rows; the stream arrays (N,). Each window is cut into `block`-token blocks from its start
+    (the card's 64-token gap-energy window; the topology folder's --block); topology.span_channels gives the drift G
+    and the energy of its blocks, summed; a window's densities are these sums divided by its real length.
     """
-    W = len(windows)
-    width = -(-width // block) * block
-    idx = windows[:, 1, None] + np.arange(width)[None, :]  # (W, width) rows
-    inside = idx < windows[:, 3, None]
-    idx = np.where(inside, idx, 0)
-    ch = block_channels(np.where(inside, delta[idx], 0).ravel(), (jump[idx] & inside).ravel(),
-                        (valid[idx] & inside).ravel(), np.where(inside, disc[idx], 0).ravel(), block=block)
-    per_window = lambda c: ch[c].astype(np.float64).reshape(W, -1).sum(1)
+    ch = span_channels(delta, jump, valid, disc, windows[:, 1], windows[:, 3], block)
     length = (windows[:, 3] - windows[:, 1]).astype(np.float64)
-    return ((per_window("edisc") + per_window("drift")) / length).astype(np.float32)
+    return ((ch["edisc"] + ch["drift"]) / length).astype(np.float32)
+
+
+def parse_pools(text):
+    """--pools "0.30,0.55,0.80,1.0" -> (0.3, 0.55, 0.8, 1.0): increasing fractions in (0, 1], the last one 1."""
+    try:
+        pools = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--pools {text!r}: comma-separated fractions, e.g. 0.30,0.55,0.80,1.0") from None
+    if not all(a < b for a, b in zip((0.0,) + pools, pools)) or pools[-1] != 1.0:
+        raise ValueError(f"--pools {text!r}: the fractions must increase within (0, 1] and end at 1")
+    return pools
 
 
 def pool_phases(difficulty, pools=POOLS):
-    """phase[w] = index of the first pool (easiest fraction) that holds window w; pools are nested."""
+    """phase[w] = index of the first pool (easiest fraction) that holds window w; pools are nested: pool p holds
+    the ceil(pools[p] x W) easiest windows (ties by index)."""
     order = np.argsort(difficulty, kind="stable")
     rank = np.empty(len(order), dtype=np.int64)
     rank[order] = np.arange(len(order))
@@ -150,13 +160,14 @@ def main(args):
     if args.topology is None and not args.fixed_stride:
         raise ValueError("--topology is needed (or --fixed_stride for the plain-KD ablation)")
     topo = topology.load(args.topology, args.cache, needed_by="windows.py") if args.topology else None
+    pools = parse_pools(args.pools)
     if args.fixed_stride and not 0 < args.stride <= args.window:
         raise ValueError(f"--stride {args.stride}: must be in (0, --window {args.window}] (no row may be skipped)")
     if not (0 < args.min_cut <= args.window) or not (0 < args.overlap_min <= args.overlap_max < args.min_cut):
         raise ValueError(f"need 0 < overlap_min <= overlap_max < min_cut <= window, got {args.overlap_min}, "
                          f"{args.overlap_max}, {args.min_cut}, {args.window}")
     settings = dict(window=args.window, min_cut=args.min_cut, overlap=[args.overlap_min, args.overlap_max],
-                    fixed_stride=args.fixed_stride, stride=args.stride, pools=list(POOLS))
+                    fixed_stride=args.fixed_stride, stride=args.stride, pools=list(pools))
     upstream = dict(cache=cache.fingerprint, topology=topo.fingerprint if topo else None)
     fingerprint = sha256_json(dict(upstream=upstream, settings=settings, version=FORMAT_VERSION))
     if prepare_out(args.out, "windows", fingerprint, args.force) == "done":
@@ -177,8 +188,8 @@ def main(args):
     if topo is not None:
         valid = ~doc_last_rows(cache.doc_offsets, 0, len(cache))
         difficulty = window_difficulty(np.asarray(topo.arrays["delta"]), np.asarray(topo.arrays["jump"]), valid,
-                                       np.asarray(topo.arrays["disc"]), windows, args.window)
-        phase = pool_phases(difficulty)
+                                       np.asarray(topo.arrays["disc"]), windows, topo.block)
+        phase = pool_phases(difficulty, pools)
     else:  # no topology: no difficulty, every pool is every window
         difficulty, phase = np.zeros(len(windows), np.float32), np.zeros(len(windows), np.uint8)
     for name, arr in dict(windows=windows, difficulty=difficulty, phase=phase).items():
@@ -193,7 +204,7 @@ def main(args):
                   mean_length=float(lengths.mean()), max_length=int(lengths.max()),
                   overlap_min=int(overlaps[overlaps > 0].min()) if (overlaps > 0).any() else 0,
                   overlap_max=int(overlaps.max()), trainable_rows=int((windows[:, 3] - windows[:, 2]).sum()),
-                  per_phase=[int((phase <= p).sum()) for p in range(len(POOLS))])
+                  per_phase=[int((phase <= p).sum()) for p in range(len(pools))])
     write_json(os.path.join(args.out, "manifest.json"), dict(
         phase="windows", version=FORMAT_VERSION, fingerprint=fingerprint, settings=settings, upstream=upstream,
         args=vars(args), counts=counts, curriculum=topo is not None,
@@ -212,6 +223,8 @@ def get_parser():
     p.add_argument("--min_cut", type=int, default=384, help="shortest window before a topology cut, tokens")
     p.add_argument("--overlap_min", type=int, default=32, help="least context overlap with the previous window (card: 32)")
     p.add_argument("--overlap_max", type=int, default=128, help="most context overlap (card: 128)")
+    p.add_argument("--pools", default=",".join(f"{f:.2f}" for f in POOLS), help="curriculum pools for phase.npy: "
+                   "the easiest fraction of the windows each phase draws from (card: 30/55/80/100%%)")
     p.add_argument("--fixed_stride", action="store_true", help="plain-KD ablation: fixed-stride windows, no topology")
     p.add_argument("--stride", type=int, default=512, help="stride of --fixed_stride windows, tokens")
     p.add_argument("--force", action="store_true", help="delete --out and start over")

@@ -5,6 +5,8 @@ template (its name), params (the random inputs, as stated in the question), answ
 a float, in the unit named by unit). Every CoT derives the result with the actual intermediate numbers,
 then opens a verification step with a trigger sentence ("To check, ...", "Let me verify: ...") in its
 second half, then states the answer, so the <examine> split of the training script has something to find.
+About half of the CoTs are laid out like the real long-reasoning traces (paragraphs separated by blank lines, and a
+closing **Final Answer** header over a display equation with the boxed value), the others as one line of sentences.
 The texts are original and kept short (about 60-160 words) because a tiny model is trained on them on CPU.
 
     from data.synth import generate
@@ -502,11 +504,23 @@ TEMPLATES = {
 # Public API
 
 
+def trace_layout(p, rng):
+    """The CoT laid out the way long-reasoning models write it: the derivation in two paragraphs, the check in its
+    own paragraph, the answer sentence, and a **Final Answer** header over the boxed value as a display equation."""
+    steps, cut = p["steps"], rng.randint(1, len(p["steps"]) - 1)
+    value = fmt(p["answer"]) + (f"\\ \\text{{{p['unit']}}}" if p["unit"] else "")
+    open_, close = _pick(rng, ("\\[", "\\]"), ("$$", "$$"))
+    paragraphs = [" ".join(steps[:cut]), " ".join(steps[cut:]), " ".join(p["checks"]), p["final"],
+                  f"**Final Answer**\n{open_}\n\\boxed{{{value}}}\n{close}"]
+    return "\n\n".join(paragraphs)
+
+
 def make_record(name, rng):
-    """One record of template `name`: derivation steps, then the trigger-led check, then the answer."""
+    """One record of template `name`: derivation steps, then the trigger-led check, then the answer; in about half
+    of the records laid out as paragraphs with a display equation (trace_layout), else as one line of sentences."""
     domain, fn = TEMPLATES[name]
     p = fn(rng)
-    cot = " ".join(p["steps"] + p["checks"] + [p["final"]])
+    cot = trace_layout(p, rng) if rng.random() < 0.5 else " ".join(p["steps"] + p["checks"] + [p["final"]])
     return {"domain": domain, "question": p["question"], "CoT": cot, "response": p["response"],
             "template": name, "answer": float(p["answer"]), "unit": p["unit"], "params": p["params"]}
 

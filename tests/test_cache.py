@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from cache_teacher import (TeacherCache, is_trigger, pack_ids18, split_cot, split_sentences, tail_mass, token_roles,
-                           unpack_ids18)
+from cache_teacher import (TeacherCache, examine_segment, is_trigger, pack_ids18, record_to_blocks, segments, split_cot,
+                           tail_mass, token_roles, unpack_ids18)
 from common import ROLES, dualmind_text
 from conftest import DATA, ROOT, SHARED_TOKENIZER, make_teacher, run_main, run_script
 from model import Qwen3
@@ -32,6 +32,33 @@ def cache(tiny_cache):
 
 # --- DualMind ------------------------------------------------------------------------------------------
 
+def records(path=DATA):
+    return [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+
+
+def realistic_records():
+    """The bundled records written like long-reasoning traces (paragraphs, display math): those with line breaks."""
+    return [r for r in records() if "\n" in r["CoT"]]
+
+
+def seg_texts(text):
+    return [text[a:b] for a, b in segments(text)]
+
+
+def test_segments_at_sentence_ends_and_line_breaks_only():
+    """Cuts at sentence ends and line breaks; never inside math (inline, display across lines), after an
+    abbreviation, inside a number, after a list number or at an ellipsis. Expected segments written by hand."""
+    text = ("We use g = 9.81 m/s^2 and k = 3.0e-6 N/m, e.g. for Fig. 2 vs. Eq. (3), approx. 5 s. Inline \\( a. b \\) "
+            "and $x. y$ stay whole. Display math:\n\\[\nE = mc^2. \\quad p = 0.\n\\]\n$$ a.\n b $$ then text. "
+            "Next!\n1. First step.\n2) Second (i.e. the last) step?\nHmm... let me see. \"Quoted.\" Done\n\n"
+            "**Final Answer**\n\\boxed{4}")
+    assert seg_texts(text) == [
+        "We use g = 9.81 m/s^2 and k = 3.0e-6 N/m, e.g. for Fig. 2 vs. Eq. (3), approx. 5 s.",
+        "Inline \\( a. b \\) and $x. y$ stay whole.", "Display math:", "\\[\nE = mc^2. \\quad p = 0.\n\\]",
+        "$$ a.\n b $$ then text.", "Next!", "1. First step.", "2) Second (i.e. the last) step?", "Hmm... let me see.",
+        "\"Quoted.\"", "Done", "**Final Answer**", "\\boxed{4}"]
+
+
 def test_trigger_rule_takes_last_trigger_past_half():
     """An early 'But wait' is skipped; the last late trigger opens <examine>."""
     cot = ("We start. But wait, an early doubt. Then step two. Step three. Step four. "
@@ -41,26 +68,114 @@ def test_trigger_rule_takes_last_trigger_past_half():
     assert explore.endswith("It holds.") and "But wait" in explore
 
 
+def test_trigger_counts_only_past_the_first_half():
+    """A trigger starting one character before the middle of the CoT is not used (70/30 instead); one character
+    later it opens <examine>. Breaks if the 'past the first half' condition is dropped or moved."""
+    head, trig = "Step one is plain. Step two is plain too. Step three.", "Let me check the sign."
+    for before in [True, False]:
+        start = len(head) + 1  # where the trigger starts
+        n = 2 * start + (1 if before else 0)  # total length: the trigger starts just before / exactly at the middle
+        tail = "So " + "o" * (n - start - len(trig) - 5) + "."
+        cot = f"{head} {trig} {tail}"
+        assert len(cot) == n and cot.index(trig) == start
+        how, i = examine_segment(cot, segments(cot))
+        explore, examine = split_cot(cot)
+        if before:
+            assert how == "fallback" and not examine.startswith(trig)
+        else:
+            assert how == "trigger" and examine == f"{trig} {tail}" and explore == head
+
+
 def test_seventy_thirty_fallback():
+    """No trigger: the cut is the segment boundary nearest 70% of the characters, never an empty <examine>."""
     cot = " ".join(f"Step {i} is plain." for i in range(10))
     explore, examine = split_cot(cot)
-    assert len(split_sentences(explore)) == 7 and len(split_sentences(examine)) == 3
+    assert len(segments(explore)) == 7 and len(segments(examine)) == 3
     assert split_cot("Only one sentence.") == ("Only one sentence.", "")
+    assert split_cot("One. Two.") == ("One.", "Two.")
+    lines = "\n".join(f"x_{i:02d} = {i:02d} + y" for i in range(12))  # 12 equation lines of 14 characters, no punctuation
+    explore, examine = split_cot(lines)  # 179 characters: 70% is 125.3, line 8 starts at 120 and line 9 at 135
+    assert explore + "\n" + examine == lines and examine.startswith("x_08 =")
 
 
-@pytest.mark.parametrize("s, yes", [("Let me double-check the units.", True), ("However, the limit differs.", True),
-                                    ("But wait, that is wrong.", True), ("To verify, plug back in.", True),
-                                    ("As a sanity check, set k = 0.", True), ("Substitute back into the ODE.", True),
-                                    ("Checking is hard, so we move on.", True), ("The checkpoint is fine.", False),
-                                    ("We verify nothing here, so.", False), ("Waiting time is 3 s.", False)])
+@pytest.mark.parametrize("s, yes", [
+    ("Let me double-check the units.", True), ("However, the limit differs.", True), ("But wait, that is wrong.", True),
+    ("To verify, plug back in.", True), ("As a sanity check, set k = 0.", True), ("Substitute back into the ODE.", True),
+    ("Checking is hard, so we move on.", True), ("Now, let me check the sign.", True),
+    ("Hmm, let me double-check the algebra.", True), ("But let me verify this.", True), ("Let me re-check it.", True),
+    ("Okay, so to confirm the result:", True), ("Wait, let me recheck.", True), ("**Verification**", True),
+    ("**Check:**", True), ("### Verification", True), ("2. Verify the limits.", True), ("Let me make sure.", True),
+    ("As a quick final check, units.", True), ("The checkpoint is fine.", False), ("We verify nothing here, so.", False),
+    ("Waiting time is 3 s.", False), ("Now we have the answer.", False), ("But the field vanishes.", False),
+    ("Hmm, a double root.", False), ("**Final Answer**", False), ("Make sure the units match.", False),
+    ("Let me compute the sum.", False), ("So the check passes.", False)])
 def test_trigger_words(s, yes):
     assert is_trigger(s) == yes
 
 
-def test_dualmind_layout_and_spans():
-    text, spans = dualmind_text("Q?", "e1", "x1", "r1")
-    assert text == "##USER:\nQ?\n\n<explore>\ne1\n</explore>\n\n<examine>\nx1\n</examine>\n\n<response>\nr1\n</response>"
-    assert [text[a:b].split("\n")[0] for a, b, _ in spans] == ["##USER:", "<explore>", "<examine>", "<response>"]
+def test_every_bundled_record_survives_byte_for_byte():
+    """explore and examine are the two slices of each bundled CoT: joined with the whitespace at the split point they
+    give the CoT back exactly (newlines and LaTeX included); the question and the response stay as they are."""
+    fields = dict(question="question", cot="CoT", response="response", explore="explore", examine="examine")
+    recs = records()
+    for i, r in enumerate(recs):
+        cot = r["CoT"].strip()
+        q, explore, examine, resp = record_to_blocks(r, f"record {i}", fields)
+        sep = cot[len(explore):len(cot) - len(examine)]
+        assert cot.startswith(explore) and cot.endswith(examine) and explore + sep + examine == cot, i
+        assert sep.strip() == "" and (sep or not examine) and examine and explore, (i, sep)
+        assert q == r["question"].strip() and resp == r["response"].strip()
+        text, _ = dualmind_text(q, explore, examine, resp)
+        assert f"\n{explore}\n</explore>\n\n<examine>\n{examine}\n" in text and f"\n{resp}\n</response>" in text
+    n_lines = sum(r["CoT"].strip().count("\n") for r in recs)
+    kept = sum(sum(b.count("\n") for b in record_to_blocks(r, "", fields)[1:3]) for r in recs)
+    assert n_lines > 200 and n_lines - kept <= 2 * len(recs)  # only the newlines at the split points go
+
+
+# The opening of <examine> in each realistic record, read off by hand: the last verification opener past the middle,
+# whatever its form (after an equation line, a header, an interjection), or the 70/30 fallback where there is none.
+REALISTIC_EXAMINE = [
+    ("trigger", "Let me verify by substituting back into the equation."),
+    ("trigger", "### Verification\nI will substitute it back"),
+    ("trigger", "Check: \\( y'' = \\cos t \\)"),
+    ("trigger", "Now, let me check the stability claims"),
+    ("trigger", "Hmm, let me double-check with momentum conservation"),
+    ("trigger", "**Check:**\nThe limits should be right"),
+    ("fallback", "The signal speed is \\( v = 1/\\sqrt{L'C'} \\)."),
+    ("trigger", "But let me verify this against the Joule heating"),
+    ("trigger", "Let me re-check the ISCO radius"),
+    ("trigger", "**Verification**\nThe hovering observer"),
+]
+
+
+def test_realistic_records_examine_start():
+    recs = realistic_records()
+    assert len(recs) == len(REALISTIC_EXAMINE) and len({r["domain"] for r in recs}) == 4
+    for r, (how_want, opening) in zip(recs, REALISTIC_EXAMINE):
+        cot = r["CoT"].strip()
+        how, _ = examine_segment(cot, segments(cot))
+        explore, examine = split_cot(cot)
+        assert (how, examine[:len(opening)]) == (how_want, opening), r["question"][:50]
+        assert "**Final Answer**" in examine and "\\boxed{" in examine
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_TOKENIZER), reason="../shared/qwen3-tokenizer not present")
+def test_realistic_records_roles_with_real_qwen3_tokenizer():
+    """Every token of every realistic record, tokenised by Qwen3: its role is that of the block its first character
+    lies in, and the tokens of each role decode to exactly that block's text (no token straddles two blocks)."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(os.path.join(SHARED_TOKENIZER, "tokenizer.json"))
+    fields = dict(question="question", cot="CoT", response="response", explore="explore", examine="examine")
+    for r, (_, opening) in zip(realistic_records(), REALISTIC_EXAMINE):
+        text, spans = dualmind_text(*record_to_blocks(r, "", fields))
+        enc = tok.encode(text, add_special_tokens=False)
+        roles = token_roles(enc.offsets, spans)
+        for (a, _), role in zip(enc.offsets, roles):  # brute force: the span holding the token's first character
+            assert role == next(rr for s, e, rr in spans if s <= a < e)
+        for s, e, role in spans:
+            assert tok.decode([i for i, rr in zip(enc.ids, roles) if rr == role]) == text[s:e]
+        examine = next(text[s:e] for s, e, rr in spans if rr == ROLES["examine"])
+        assert examine.startswith("<examine>\n" + opening) and list(roles) == sorted(roles)
 
 
 def check_roles_on(tok):
@@ -136,7 +251,7 @@ def test_bytes_per_position_and_dtypes(cache):
     assert m["teacher_bytes_per_position"] <= 400
     assert cache.tokens.dtype == np.uint32 and cache.roles.dtype == np.uint8 and cache.doc_offsets.dtype == np.int64
     assert cache.arrays["topk_logprobs"].dtype == np.float16 and cache.arrays["lse"].shape[1] == 2
-    assert cache.doc_offsets[0] == 0 and cache.doc_offsets[-1] == len(cache) and m["counts"]["documents"] == 32
+    assert cache.doc_offsets[0] == 0 and cache.doc_offsets[-1] == len(cache) and m["counts"]["documents"] == len(records())
     ends = cache.tokens[cache.doc_offsets[1:] - 1]
     assert (ends == ends[0]).all()  # every document ends with the end token
 
@@ -148,6 +263,21 @@ def test_pack_ids18_round_trip():
     packed = pack_ids18(ids)
     assert packed.shape == (100, 144) and packed.dtype == np.uint8
     assert np.array_equal(unpack_ids18(packed), ids)
+
+
+def test_any_chunk_gives_the_same_bytes(tmp_path, tiny_teacher, demo_tokenizer):
+    """--chunk 100 and 7 (short last blocks of statistics, rows at every place of a BLAS row group) write the same
+    bytes as the default 1024. Breaks if a short block reads targets past its chunk, or if the logits of a row
+    depend on the chunk it falls in."""
+    import cache_teacher
+    outs = {}
+    for chunk in [1024, 100, 7]:
+        outs[chunk] = tmp_path / f"c{chunk}"
+        run_main(cache_teacher, "--data", DATA, "--teacher", tiny_teacher, "--tokenizer", demo_tokenizer, "--out",
+                 outs[chunk], "--dtype", "float32", "--device", "cpu", "--max_docs", "1", "--chunk", chunk)
+    assert TeacherCache(str(outs[7])).n_docs == 1 and len(TeacherCache(str(outs[7]))) > 200
+    for chunk in [100, 7]:
+        assert same_arrays(str(outs[chunk]), str(outs[1024])), chunk
 
 
 def test_moe_teacher(tmp_path, demo_tokenizer):

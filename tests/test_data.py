@@ -24,25 +24,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from cache_teacher import examine_segment, is_trigger, segments, split_cot  # noqa: E402  (the kit's own rule)
 from data.synth import generate  # noqa: E402
 
 BUNDLED = os.path.join(ROOT, "data", "physics_cot.jsonl")
 DOMAINS = {"differential_equations", "theoretical_mechanics", "electromagnetism", "general_relativity"}
 FIELDS = ("domain", "question", "CoT", "response")
 
-# The same sentence split and trigger notion as the <examine> split: a sentence that opens with a
-# verification word, optionally after a short lead-in such as "Let me" or "To".
-SPLIT = re.compile(r"(?<=[.!?])\s+")
-TRIGGER = re.compile(r"^\W*(?:(?:let me|let's|to|now|as a)\s+)?"
-                     r"(?:double-check|check|verify|confirm|however|but wait|sanity|substitute back|plug back)", re.I)
-
 
 def sentences(text):
-    return [s for s in SPLIT.split(text.strip()) if s]
+    """The segments of the <examine> split (cache_teacher.segments): sentences and lines."""
+    text = text.strip()
+    return [text[a:b] for a, b in segments(text)]
 
 
 def trigger_indices(text):
-    return [i for i, s in enumerate(sentences(text)) if TRIGGER.match(s)]
+    return [i for i, s in enumerate(sentences(text)) if is_trigger(s)]
 
 
 # -----------------------------------------------------------------------------
@@ -69,21 +66,34 @@ def test_bundled_schema_and_counts(bundled):
 
 
 def test_bundled_cot_shape(bundled):
-    """8-25 CoT sentences, short responses, and both branches of the <examine> split are exercised."""
+    """8-60 CoT segments, short responses, and both branches of the <examine> split are exercised."""
     late, none = 0, 0
     for r in bundled:
         sents = sentences(r["CoT"])
-        assert 8 <= len(sents) <= 25, (len(sents), r["question"][:60])
+        assert 8 <= len(sents) <= 60, (len(sents), r["question"][:60])
         assert 1 <= len(sentences(r["response"])) <= 4, r["response"][:80]
-        idx = trigger_indices(r["CoT"])
-        past_half = [i for i in idx if i >= len(sents) / 2]
-        if past_half:
+        how, i = examine_segment(r["CoT"].strip(), segments(r["CoT"].strip()))
+        if how == "trigger":
             late += 1
-            assert past_half[-1] < len(sents) - 1, "the check should be followed by a conclusion"
-        elif not idx:
+            assert i < len(sents) - 1, "the check should be followed by a conclusion"
+        elif not trigger_indices(r["CoT"]):
             none += 1
-    assert late >= 24, late          # most records carry a verification passage in the second half
+    assert late >= 30, late          # most records carry a verification passage in the second half
     assert none >= 3, none           # a few have no trigger at all, for the 70/30 fallback
+
+
+def test_bundled_realistic_records(bundled):
+    """At least 8 records, over the four domains, shaped like long-reasoning traces: paragraphs, display equations on
+    lines of their own, inline math, numbered steps, an early aside, a closing **Final Answer** with a boxed value."""
+    real = [r for r in bundled if "\n" in r["CoT"]]
+    assert len(real) >= 8 and {r["domain"] for r in real} == DOMAINS
+    for r in real:
+        cot = r["CoT"]
+        assert "\\(" in cot and "\n**Final Answer**\n" in cot and "\\boxed{" in cot, r["question"][:50]
+        assert re.search(r"^(\\\[|\$\$)$", cot, re.M), r["question"][:50]  # a display equation opens a line
+    count = lambda pattern: sum(bool(re.search(pattern, r["CoT"], re.M)) for r in real)
+    assert count("\n\n") >= 8 and count(r"^\d\. ") >= 3  # paragraphs, numbered steps
+    assert sum(bool(re.search(r"(?:Wait|Hmm)[,:]", r["CoT"][:len(r["CoT"]) // 2])) for r in real) >= 6  # early asides
 
 
 # -----------------------------------------------------------------------------
@@ -179,16 +189,32 @@ def test_answers_recomputed_from_params(sample):
         shown = fmt3(r["answer"])
         assert re.search(rf"(?<![\d.]){re.escape(shown)}(?!\d)", r["response"]), (shown, r["response"])
         assert shown in sentences(r["CoT"])[-1], ("the CoT should end on the answer", shown, r["CoT"][-120:])
+        if "**Final Answer**" in r["CoT"]:
+            assert f"\\boxed{{{shown}" in r["CoT"]
 
 
 def test_generated_cot_has_late_check(sample):
+    """Exactly one trigger, in the second half, followed by the answer: the <examine> split lands on it."""
     for r in sample:
         sents = sentences(r["CoT"])
         idx = trigger_indices(r["CoT"])
-        assert idx, r["CoT"]
         assert len(idx) == 1, ("exactly one trigger, so the split lands on the check", r["CoT"])
-        assert idx[0] >= len(sents) / 2, (idx, len(sents), r["template"])
+        assert examine_segment(r["CoT"].strip(), segments(r["CoT"].strip())) == ("trigger", idx[0]), r["template"]
         assert idx[0] < len(sents) - 1, "the answer sentence follows the check"
+
+
+def test_generated_layouts(sample):
+    """About half of the records are laid out like a long-reasoning trace (paragraphs, the boxed answer as a display
+    equation under a **Final Answer** header), the rest as one line; both survive the split byte for byte."""
+    traces = [r for r in sample if "\n" in r["CoT"]]
+    assert 0.3 * len(sample) <= len(traces) <= 0.7 * len(sample)
+    for r in traces:
+        cot = r["CoT"]
+        assert cot.count("\n\n") >= 4 and re.search(r"\*\*Final Answer\*\*\n(\\\[|\$\$)\n\\boxed\{.*\}\n(\\\]|\$\$)$", cot)
+    for r in sample:
+        explore, examine = split_cot(r["CoT"])
+        sep = r["CoT"][len(explore):len(r["CoT"]) - len(examine)]
+        assert explore + sep + examine == r["CoT"] and not sep.strip()
 
 
 def test_cli_writes_jsonl(tmp_path):

@@ -168,3 +168,22 @@ def test_cli_bad_inputs(tmp_path, model_dir):
     fails("--model", model_dir, "--prompt_file", tmp_path / "nope.txt", match="no such file")
     r = run_script("generate.py", "--model", model_dir, "--prompt", "   ", check=False)
     assert r.returncode != 0 and r.stderr.startswith("generate.py: error:") and "empty" in r.stderr
+
+
+def test_chat_template_renders_the_generate_prompt():
+    """common.chat_template, rendered by transformers, is exactly the prompt generate.py sends (dualmind_prompt, the
+    card's "##USER:\\n" + q + "\\n\\n<explore>\\n"), whatever the question holds; an assistant turn is what the model
+    wrote after it, closed by the end token; other roles are refused."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    from common import chat_template, dualmind_prompt
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE()), eos_token="<|im_end|>")
+    tok.chat_template = chat_template()
+    render = lambda msgs, gen=True: tok.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False)
+    for q in ["Find T.", "Two\nlines, a \\(\\frac{1}{2}\\) and {{ braces }} {% raw %}", ' "quoted" ', ""]:
+        assert render([{"role": "user", "content": q}]) == dualmind_prompt(q) == "##USER:\n" + q + "\n\n<explore>\n"
+    answer = "e\n</explore>\n\n<examine>\nx\n</examine>\n\n<response>\nr\n</response>"
+    assert render([{"role": "user", "content": "Q"}, {"role": "assistant", "content": answer}], gen=False) == \
+        "##USER:\nQ\n\n<explore>\n" + answer + "<|im_end|>"
+    with pytest.raises(Exception, match="user and assistant turns only"):
+        render([{"role": "system", "content": "be brief"}])

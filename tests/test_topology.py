@@ -12,7 +12,7 @@ from topology import (BLOCK, block_channels, deltas, discrepancy, doc_last_rows,
                       tv_consecutive)
 
 
-def analyse(f, doc_len=None, offsets=None):
+def analyse(f, doc_len=None, offsets=None, block=BLOCK):
     """The pass of topology.py on an in-memory signal, in one piece: delta, disc, jumps, weights, block channels."""
     n = len(f)
     offsets = np.append(np.arange(0, n, doc_len), n) if offsets is None else np.asarray(offsets)
@@ -22,9 +22,9 @@ def analyse(f, doc_len=None, offsets=None):
     valid = ~last
     thr = jump_threshold(d, valid)
     jump, weight = jumps_and_weights(d, valid, thr)
-    pad = -n % BLOCK
+    pad = -n % block
     P = lambda x, v: np.concatenate([x, np.full(pad, v, dtype=x.dtype)])
-    ch = block_channels(P(d, 0), P(jump, False), P(valid, False), P(disc, 0))
+    ch = block_channels(P(d, 0), P(jump, False), P(valid, False), P(disc, 0), block)
     return dict(delta=d, disc=disc, jump=jump, weight=weight, blocks=ch, thr=thr, last=last)
 
 
@@ -81,10 +81,18 @@ def cantor(x, depth=30):
 
 
 def test_devils_staircase_is_drift():
-    """A Cantor-function drift, each step below the jump threshold, lands in the drift channel (> 80%)."""
+    """A Cantor-function drift, each step below the jump threshold, lands in the drift channel block by block: each
+    block's G is the staircase's rise over that block, nothing in its flat middle third, half the rise in each
+    outer third. Sparse noise (isolated up-and-down spikes) would put G where it spikes, not along these values."""
+    x = np.linspace(0, 1, 4096, endpoint=False)  # 64 blocks of 64 rows: block b covers x in [b/64, (b+1)/64)
+    c = cantor(x)
+    # the Cantor function itself, at hand-derived points: 1/9 -> 1/4, 1/4 -> 1/3, [1/3, 2/3] -> 1/2, 3/4 -> 2/3
+    assert cantor(np.array([1 / 9, 0.25, 1 / 3, 0.5, 2 / 3 - 1e-9, 0.75])) == pytest.approx([0.25, 1 / 3, 0.5, 0.5, 0.5,
+                                                                                           2 / 3], abs=1e-6)
+    assert (np.diff(c) >= 0).all() and c[-1] > 0.99  # a monotone staircase from 0 to (nearly) 1
     rng = np.random.default_rng(2)
     noise = rng.normal(0, 0.3, 20_000).astype(np.float32)  # a noisy document sets the stream's threshold
-    stair = (20 * cantor(np.linspace(0, 1, 4096, endpoint=False))).astype(np.float32)
+    stair = (20 * c).astype(np.float32)
     f = np.concatenate([noise, stair])
     offsets = np.array([0, len(noise), len(f)])
     last = doc_last_rows(offsets, 0, len(f))
@@ -97,8 +105,14 @@ def test_devils_staircase_is_drift():
     assert not jump[len(noise):].any()
     disc = discrepancy(f, last)
     ch = block_channels(d[len(noise):], jump[len(noise):], valid[len(noise):], disc[len(noise):])
-    assert ch["drift"].sum() > 0.8 * ch["tv"].sum()
-    assert ch["jump"].sum() == 0
+    # block b's deltas sum to stair[64b + 64] - stair[64b] (the last block stops at the document's end)
+    edges = np.append(stair[::64], stair[-1]).astype(np.float64)
+    rise = np.diff(edges)
+    assert np.allclose(ch["drift"], rise, atol=1e-4) and ch["jump"].sum() == 0 and ch["smooth"].max() < 1e-6
+    # blocks 0-21 reach x = 22/64 > 1/3, blocks 22-41 lie inside [1/3, 2/3], blocks 42-63 start before 2/3
+    assert ch["drift"][:22].sum() == pytest.approx(10, abs=1e-4)  # the first third climbs 0 -> 1/2
+    assert ch["drift"][22:42].sum() == 0  # the flat middle third: no drift at all
+    assert ch["drift"][42:].sum() == pytest.approx(20 * c[-1] - 10, abs=1e-4)  # the last third: 1/2 -> c(1)
 
 
 # --- brute-force references --------------------------------------------------------------------------------
@@ -198,14 +212,29 @@ def test_pass_outputs_and_report(topo, tiny_cache):
     assert np.array_equal(jump, r["jump"]) and np.array_equal(weight, r["weight"]) and jump.sum() > 10
     m = json.load(open(os.path.join(topo, "manifest.json")))
     assert m["threshold"] == pytest.approx(r["thr"], rel=1e-6)
-    for c in ["tv", "jump", "smooth", "drift", "gap_density", "edisc"]:
+    for c in ["tv", "jump", "smooth", "drift", "gap_density", "edisc", "edisc_density"]:
         assert np.allclose(load("block_" + c), r["blocks"][c], rtol=1e-5, atol=1e-6), c
+    assert np.allclose(load("block_edisc_density"), load("block_edisc") / 64, rtol=1e-6)  # the promised density
     assert delta[r["last"]].max() == 0 and not jump[r["last"]].any()
     rep = json.load(open(os.path.join(topo, "report.json")))
     assert set(rep["signals"]) == {"entropy", "surprisal", "tv"}
     for s in rep["signals"].values():
         assert 0 <= s["firing_rate"] < 0.1 and s["delta_std"] > 0
     assert rep["jumps"] == int(jump.sum()) and 0 < rep["tail_mass"]["T=2"]["mean"] < 1
+    # per document, beside its jumps, E_disc density and TV: its gap energy, the drift of its own 64-token blocks
+    assert len(rep["per_document"]) == cache.n_docs
+    for doc in [0, 7, cache.n_docs - 1]:
+        a, b = cache.doc_range(doc)
+        pd = rep["per_document"][doc]
+        G = 0.0
+        for s in range(a, b, 64):  # brute force: one block at a time, padded with rows that count for nothing
+            e, pad = min(s + 64, b), 64 - (min(s + 64, b) - s)
+            P = lambda x, v: np.concatenate([x[s:e], np.full(pad, v, dtype=x.dtype)])
+            G += block_channels(P(delta, 0), P(jump, False), P(~r["last"], False), P(disc, 0))["drift"][0]
+        assert pd["length"] == b - a and pd["jumps"] == int(jump[a:b].sum()) and G > 0
+        assert pd["gap_energy"] == pytest.approx(G, rel=1e-5) and pd["gap_density"] == pytest.approx(G / (b - a), rel=1e-5)
+        assert pd["tv"] == pytest.approx(delta[a:b].astype(np.float64).sum(), rel=1e-5)
+        assert pd["edisc_density"] == pytest.approx(0.5 * (disc[a:b].astype(np.float64) ** 2).sum() / (b - a), rel=1e-5)
     html = open(os.path.join(topo, "report.html"), encoding="utf-8").read()
     assert html.count("<span") > 100 and "<svg" in html and "http" not in html  # self-contained
     assert m["complete"] and m["upstream"]["cache"] == cache.fingerprint
@@ -224,14 +253,39 @@ def test_bad_settings_are_refused(tmp_path, tiny_cache):
     assert r.returncode != 0 and "--K 0 must be >= 1" in r.stderr
 
 
-def test_signals_tv_and_surprisal_run(tmp_path, tiny_cache):
+def test_signals_tv_and_surprisal_run(tmp_path, tiny_cache, tiny_teacher):
+    """--signal surprisal is the teacher's log-loss on the real next token, recomputed here from the teacher's dense
+    logits (a document's last row, which has no next token, holds the value before it); --signal tv stays in [0, 1]."""
+    import torch
+    from model import Qwen3
     for sig in ["tv", "surprisal"]:
-        out = tmp_path / sig
-        run_script("topology.py", "--cache", tiny_cache, "--out", out, "--signal", sig)
-        f = np.load(out / "f.npy")
-        assert np.isfinite(f).all()
+        run_script("topology.py", "--cache", tiny_cache, "--out", tmp_path / sig, "--signal", sig)
+    f = np.load(tmp_path / "surprisal" / "f.npy")
+    cache = TeacherCache(tiny_cache)
+    teacher = Qwen3.from_pretrained(tiny_teacher, dtype=torch.float32).eval()
+    for d in [0, cache.n_docs - 1]:
+        a, b = cache.doc_range(d)
+        tokens = torch.from_numpy(np.asarray(cache.tokens[a:b]).astype(np.int64))
+        with torch.no_grad():
+            logp = torch.log_softmax(teacher(tokens[None])[0].double(), -1)  # (n, V) this document alone
+        ref = -logp[torch.arange(b - a - 1), tokens[1:]].numpy()
+        assert np.abs(f[a:b - 1] - ref).max() < 1e-4 and f[b - 1] == f[b - 2]
     tv_steps = np.load(tmp_path / "tv" / "delta.npy")
     assert tv_steps.max() <= 1.0 + 1e-6 and tv_steps.mean() > 0.3  # consecutive distributions differ a lot
+
+
+def test_block_flag(tmp_path, tiny_cache):
+    """--block 32: the block arrays are the one-piece channels over 32-row blocks, and the manifest says 32."""
+    import topology
+    from conftest import run_main
+    out = tmp_path / "b32"
+    run_main(topology, "--cache", tiny_cache, "--out", out, "--block", "32", "--report_positions", "2048")
+    t = topology.load(str(out), tiny_cache)
+    cache = TeacherCache(tiny_cache)
+    r = analyse(np.asarray(t.arrays["f"]), offsets=cache.doc_offsets, block=32)
+    assert t.block == 32 and len(t.arrays["block_drift"]) == -(-len(cache) // 32)
+    for c in ["drift", "edisc", "edisc_density", "gap_density"]:
+        assert np.allclose(t.arrays["block_" + c], r["blocks"][c], rtol=1e-5, atol=1e-6), c
 
 
 def test_refuses_cache_without_teacher_and_changed_cache(tmp_path, tiny_cache, topo):

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from cache_teacher import TeacherCache, topk_stats
+from common import ROLES
 from conftest import ROOT, run_main, run_script
-from train import (ChunkedKDLoss, WindowBatches, step_phase, draw_schedule, find_checkpoint, kd_alpha, learning_rate,
-                   micro_step, proof_weight, teacher_q)
+from train import (ChunkedKDLoss, WindowBatches, step_phase, draw_schedule, draws_summary, find_checkpoint, kd_alpha,
+                   learning_rate, micro_step, proof_weight, teacher_q)
 from model import Qwen3, Qwen3Config
 
 # --- the loss against a dense reference built from full distributions -----------------------------------------
@@ -104,6 +105,8 @@ def test_schedules_at_breakpoints():
     assert kd_alpha(0, total) == 0 and kd_alpha(14, total) == 0 and kd_alpha(15, total) == 0
     assert kd_alpha(30, total) == pytest.approx(0.225) and kd_alpha(45, total) == pytest.approx(0.45)
     assert kd_alpha(100, total) == pytest.approx(0.45) and kd_alpha(70, total) == pytest.approx(0.45)
+    assert kd_alpha(9, total, 0.3, 0.1, 0.2) == 0 and kd_alpha(15, total, 0.3, 0.1, 0.2) == pytest.approx(0.15)
+    assert kd_alpha(20, total, 0.3, 0.1, 0.2) == pytest.approx(0.3)  # --alpha_start 0.1 --alpha_full 0.2
     assert proof_weight(0, total) == 2.25 and proof_weight(100, total) == pytest.approx(1.1)
     assert proof_weight(50, total) == pytest.approx((2.25 + 1.1) / 2)
     assert learning_rate(0, total) == pytest.approx(5e-6 / 30) and learning_rate(29, total) == pytest.approx(5e-6)
@@ -112,21 +115,39 @@ def test_schedules_at_breakpoints():
     assert [step_phase(s, 8) for s in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
-def test_curriculum_schedule_one_epoch_draws_each_window_once():
-    """Each phase draws only from its pool; over one epoch every window is drawn exactly once, easiest first."""
-    W, batch = 320, 8
-    pools = [np.arange(int(f * W)) for f in (0.30, 0.55, 0.80, 1.00)]  # window ids ordered by difficulty
-    total = W // batch
+def test_curriculum_draws_each_phase_uniformly_from_its_nested_pool():
+    """Phase p draws from its whole pool in shuffled passes (a full pass holds each window once, a partial one none
+    twice), so the easiest pool is drawn in every phase, at its share of the pool, also while alpha is at its target.
+    On 8,480 windows and one epoch, the old sampler drew the easiest 30% at a mean alpha of 0.08 (half of them only
+    while alpha was 0), every window above the 55% line at 0.45."""
+    W, batch = 8480, 32
+    pools = [np.arange(int(np.ceil(f * W - 1e-9))) for f in (0.30, 0.55, 0.80, 1.00)]  # window ids by difficulty
+    total = W // batch  # one epoch: 265 steps
     sched = draw_schedule(pools, total, batch, seed=0)
     assert sched.shape == (total, batch)
-    for s in range(total):
-        assert set(sched[s]) <= set(pools[step_phase(s, total)])
-    assert sorted(sched.ravel()) == list(range(W))  # one epoch: all windows, once
+    phase = np.array([step_phase(s, total) for s in range(total)])
+    alpha = np.repeat([kd_alpha(s, total) for s in range(total)], batch)  # (total * batch,) alpha of each draw
+    for p, pool in enumerate(pools):
+        drawn = sched[phase == p].ravel()
+        assert len(drawn) and np.isin(drawn, pool).all()
+        for i in range(0, len(drawn), len(pool)):
+            part = drawn[i:i + len(pool)]
+            assert len(np.unique(part)) == len(part) and (len(part) < len(pool) or set(part) == set(pool))
+        share = np.isin(drawn, pools[0]).mean()
+        assert abs(share - len(pools[0]) / len(pool)) < 0.05, (p, share)  # uniform over the whole pool
+    easy, hard = sched.ravel() < len(pools[0]), sched.ravel() >= len(pools[1])
+    at_target = alpha == 0.45
+    assert at_target.sum() > 0.5 * len(alpha) and easy[at_target].mean() > 0.25  # easy windows distilled at 0.45
+    assert alpha[easy].mean() > 0.2 and alpha[hard].mean() == pytest.approx(0.45)
     assert np.array_equal(draw_schedule(pools, total, batch, seed=0), sched)  # a pure function (resume, ranks)
     assert not np.array_equal(draw_schedule(pools, total, batch, seed=1), sched)
-    two = draw_schedule(pools, 2 * total, batch, seed=0)  # two epochs: every window at least once, easy ones
-    counts = np.bincount(two.ravel(), minlength=W)  # more often (the phases are equal in steps, not in pools)
-    assert counts.min() >= 1 and counts[:96].mean() > counts[-64:].mean()
+
+
+def test_draws_summary_by_hand():
+    """Per band: its windows, its draws, those never drawn (window 4, the band's last, among them) and their alpha."""
+    got = draws_summary(np.array([[0, 1], [1, 3]]), [np.array([0, 1]), np.array([2, 3, 4])], np.array([0.0, 0.5]))
+    assert got == [dict(windows=2, draws=3, never_drawn=0, mean_alpha=pytest.approx(0.5 / 3)),
+                   dict(windows=3, draws=1, never_drawn=2, mean_alpha=0.5)]
 
 
 # --- micro-batches on the real pipeline --------------------------------------------------------------------------
@@ -152,27 +173,38 @@ def test_rows_exclude_prompt_and_document_end(stream):
 
 
 def test_micro_step_matches_dense_reference(stream, student_config):
-    """micro_step composes proof weight x jump weight, alpha, T^2 and the row count exactly as DESIGN.md says:
-    its loss and gradients equal a dense full-vocabulary reference on the same micro-batch."""
+    """micro_step composes proof weight x jump weight, alpha, T^2 and the row count exactly as DESIGN.md says: its
+    loss and gradients equal a dense full-vocabulary reference built here from the cache arrays alone (each window's
+    tokens, its trained rows, their targets, roles and jump weights), not from WindowBatches.batch, so an
+    off-by-one there (roles[rows], weight[rows + 1]) shows."""
+    cache = stream.cache
+    weight = np.where(np.random.default_rng(0).random(len(cache)) < 0.2, 1.25, 1.0).astype(np.float32)
+    batches = WindowBatches(cache, stream.windows, weight)  # a jump weight on a fifth of the rows
+    ws = [0, 5]
     model = Qwen3(Qwen3Config.from_json(student_config)).init_weights(0)
-    batch = stream.batch([0, 5], torch.device("cpu"))
-    batch["jump_w"] = torch.where(torch.rand(len(batch["sel"]), generator=torch.Generator().manual_seed(0)) < 0.2,
-                                  1.25, 1.0)
-    assert batch["reasoning"].any() and not batch["reasoning"].all() and (batch["jump_w"] > 1).any()
     alpha, w_proof, T, n = 0.3, 1.7, 2.0, 500.0
-    loss, _ = micro_step(model, batch, alpha=alpha, w_proof=w_proof, temperature=T, t_index=1, kd_mode="tail",
-                         n_norm=n, chunk=64)
+    loss, _ = micro_step(model, batches.batch(ws, torch.device("cpu")), alpha=alpha, w_proof=w_proof, temperature=T,
+                         t_index=1, kd_mode="tail", n_norm=n, chunk=64)
     g = torch.autograd.grad(loss, list(model.parameters()))
-    logits = model(batch["idx"]).flatten(0, 1)[batch["sel"]].double()
-    m = torch.where(batch["reasoning"], w_proof, 1.0) * batch["jump_w"]
-    lq, Q = teacher_q(batch["topk_logprobs"], batch["lse"], 1, T)
-    lpT = torch.log_softmax(logits / T, -1)
-    pK = lpT.gather(1, batch["topk_ids"]).exp()
-    qb = torch.cat([lq.exp(), Q[:, None]], 1).double()
-    pb = torch.cat([pK, 1 - pK.sum(-1, keepdim=True)], 1)
-    kl = (torch.xlogy(qb, qb) - qb * pb.log()).sum(-1)
-    ce = torch.nn.functional.cross_entropy(logits, batch["targets"], reduction="none")
-    ref = (m * ((1 - alpha) * ce + alpha * T * T * kl)).sum() / n
+    tokens, roles = np.asarray(cache.tokens).astype(np.int64), np.asarray(cache.roles)
+    ref, n_reasoning = 0.0, 0
+    for d, s, l, e in stream.windows[ws]:
+        # rows l..e-1 predict tokens l+1..e; not the document's last row (no next token), not a prompt token
+        t = np.array([r for r in range(l, e) if r + 1 < cache.doc_range(d)[1] and roles[r + 1] != ROLES["prompt"]])
+        logits = model(torch.from_numpy(tokens[s:e])[None])[0, t - s].double()  # this window alone
+        reasoning = torch.from_numpy(np.isin(roles[t + 1], [ROLES["explore"], ROLES["examine"]]))
+        m = torch.where(reasoning, w_proof, 1.0) * torch.from_numpy(weight[t]).double()
+        teacher = cache.rows_at(t)
+        lq, Q = teacher_q(torch.from_numpy(teacher["topk_logprobs"]), torch.from_numpy(teacher["lse"]), 1, T)
+        lpT = torch.log_softmax(logits / T, -1)
+        pK = lpT.gather(1, torch.from_numpy(teacher["topk_ids"])).exp()
+        qb = torch.cat([lq.exp(), Q[:, None]], 1).double()
+        pb = torch.cat([pK, 1 - pK.sum(-1, keepdim=True)], 1)
+        kl = (torch.xlogy(qb, qb) - qb * pb.log()).sum(-1)
+        ce = torch.nn.functional.cross_entropy(logits, torch.from_numpy(tokens[t + 1]), reduction="none")
+        ref = ref + (m * ((1 - alpha) * ce + alpha * T * T * kl)).sum() / n
+        n_reasoning += int(reasoning.sum())
+    assert 0 < n_reasoning < len(batches.rows_of(0)) + len(batches.rows_of(5))  # both kinds of rows are there
     g_ref = torch.autograd.grad(ref, list(model.parameters()))
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
     for a, b in zip(g, g_ref):
@@ -228,24 +260,42 @@ def synthetic_teacher_cache(src, out, V=1088, k=64, p_next=0.7, tail=1e-4):
     write_cache(str(out), tokens, c.roles, c.doc_offsets, dict(topk_ids=ids, topk_logprobs=lp,
                 lse=np.stack([np.zeros(N), np.full(N, lse2)], 1), target_logprob=tgt, entropy=np.full(N, ent)),
                 tokenizer=c.tokenizer_path, source="synthetic teacher that knows the data")
+    cfg = json.load(open(os.path.join(src, "tokenizer_config.json")))  # a teacher's config, with its own chat template
+    (out / "tokenizer_config.json").write_text(json.dumps(dict(cfg, chat_template="<|im_start|>{{ messages }}")))
     return str(out)
 
 
 def test_short_run_learns_and_loads_in_transformers(tmp_path, tiny_cache, student_config):
     """A short run against a teacher consistent with the data lowers both CE and KL; the student loads in
-    transformers with the same logits."""
+    transformers with the same logits, and its tokenizer's chat template renders the DualMind prompt. The alpha
+    flags set the schedule; the curriculum pools rank the training windows only; draws.npy counts every draw."""
     cache = synthetic_teacher_cache(tiny_cache, tmp_path / "cache")
     run_script("topology.py", "--cache", cache, "--out", tmp_path / "topology", "--signal", "surprisal")
     run_script("windows.py", "--cache", cache, "--topology", tmp_path / "topology", "--out", tmp_path / "windows")
     out = tmp_path / "student"
     r = run_script("train.py", *train_args(out, cache, tmp_path / "topology", tmp_path / "windows", student_config,
-                                           "--max_steps", 40, "--eval_windows", 8))
+                                           "--max_steps", 40, "--eval_windows", 8, "--alpha_start", 0.05,
+                                           "--alpha_full", 0.3, "--val_fraction", 0.2))
     evals = [json.loads(l) for l in open(out / "train_log.jsonl") if "eval_step" in l]
     assert evals[0]["eval_step"] == 0 and evals[-1]["eval_step"] == 40
     assert evals[-1]["ce"] < evals[0]["ce"] - 0.5 and evals[-1]["kl"] < 0.7 * evals[0]["kl"]
     steps = [json.loads(l) for l in open(out / "train_log.jsonl") if '"step"' in l]
     assert len(steps) == 40 and {"ce", "kl", "loss", "alpha", "proof_weight", "lr", "grad_norm", "tok_s"} <= set(steps[0])
+    assert [e["alpha"] for e in steps] == pytest.approx([0.45 * min(1, max(0, s / 39 - 0.05) / 0.25) for s in range(40)])
     assert "held-out KL" in r.stdout
+    # the curriculum: pools over the training windows (a fifth of the documents held out), every draw counted
+    import train
+    import windows
+    w = windows.load(str(tmp_path / "windows"), cache)
+    is_train = train.split_docs(TeacherCache(cache).n_docs, 0.2, 1337)[w.windows[:, 0]]
+    n_train = int(is_train.sum())
+    m = json.load(open(out / "manifest.json"))["curriculum"]
+    assert m["pool_windows"] == [int(np.ceil(f * n_train - 1e-9)) for f in (0.30, 0.55, 0.80, 1.0)]
+    assert n_train < len(w.windows) and m["pool_windows"][0] < int(np.ceil(0.3 * len(w.windows) - 1e-9))
+    draws = np.load(out / "draws.npy")
+    assert draws.sum() == 40 * 8 and (draws[~is_train] == 0).all() and sum(b["draws"] for b in m["bands"]) == 320
+    easiest = np.argsort(w.difficulty[is_train], kind="stable")[:m["pool_windows"][0]]
+    assert draws[np.flatnonzero(is_train)[easiest]].sum() == m["bands"][0]["draws"]
     from transformers import AutoModelForCausalLM
     ours = Qwen3.from_pretrained(str(out), dtype=torch.float32).eval()
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -253,6 +303,11 @@ def test_short_run_learns_and_loads_in_transformers(tmp_path, tiny_cache, studen
     with torch.no_grad():
         assert torch.allclose(ours(idx), hf(idx).logits, atol=1e-4)
     assert (out / "tokenizer.json").exists() and json.load(open(out / "generation_config.json"))["eos_token_id"]
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(out)  # the teacher's chat template replaced by the DualMind prompt
+    for q in ["A pendulum is 2 m long. What is its period?", "Two lines:\nfind {x} in $x^2 = 4$."]:
+        text = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+        assert text == "##USER:\n" + q + "\n\n<explore>\n"
 
 
 def final_weights(folder):
@@ -366,6 +421,8 @@ def test_bad_inputs(tmp_path, tiny_cache, tiny_topology, tiny_windows, student_c
     np.save(empty / "windows.npy", np.zeros((0, 4), np.int64))
     fails(*good(windows=empty), match="no windows")
     fails(*good(), "--grad_accum", "0", match="must be positive")
+    fails(*good(), "--pools", "0.5,0.3,1", match="--pools '0.5,0.3,1': the fractions must increase")
+    fails(*good(), "--alpha_start", "0.5", "--alpha_full", "0.4", match="--alpha_start 0.5 and --alpha_full 0.4")
     # a cache without its tokenizer
     notok = tmp_path / "notok"
     shutil.copytree(tiny_cache, notok)

@@ -9,7 +9,7 @@ import pytest
 from cache_teacher import TeacherCache
 from conftest import DATA, run_script
 from topology import block_channels
-from windows import pool_phases, cut_document, fixed_document, smooth3, window_difficulty
+from windows import cut_document, fixed_document, parse_pools, pool_phases, smooth3, window_difficulty
 
 
 def check_windows(windows, cache, jump=None, window=512):
@@ -18,7 +18,8 @@ def check_windows(windows, cache, jump=None, window=512):
     covered = np.zeros(len(cache), dtype=np.int64)
     for d, s, l, e in windows:
         a, b = offsets[d], offsets[d + 1]
-        assert a <= s <= l < e <= b, (d, s, l, e)  # inside its document, trainable part non-empty
+        assert a <= s <= l < e <= b, (d, s, l, e)  # inside its document
+        assert l < b - 1, (d, s, l, e)  # a row to train: not only the document's last row, which has no target
         assert e - s <= window
         covered[l:e] += 1
         if jump is not None and e < b:  # a cut inside the document: not at or beside a jump
@@ -35,11 +36,18 @@ def built(tiny_windows):
 
 
 def test_windows_on_real_cache(built, tiny_cache):
+    """The invariants, and each overlap starts at the calmest place allowed: the lowest 3-token mean of disc among
+    the starts 32-128 tokens before the cut (first one on a tie)."""
     cache = TeacherCache(tiny_cache)
     w = np.load(built / "windows" / "windows.npy")
     jump = np.load(built / "topology" / "jump.npy")
+    disc = np.load(built / "topology" / "disc.npy")
     check_windows(w, cache, jump)
     assert (w[:, 2] > w[:, 1]).sum() > 5  # long documents were cut and overlapped
+    for d, s, l, e in w[w[:, 2] > w[:, 1]]:
+        a, b = cache.doc_range(d)
+        sm = smooth3(disc[a:b])
+        assert s - a == (l - a - 128) + int(np.argmin(sm[l - a - 128:l - a - 32 + 1]))
     html = open(built / "windows" / "report.html", encoding="utf-8").read()
     assert 'class="cut"' in html
 
@@ -91,7 +99,8 @@ def test_other_window_sizes(tmp_path, tiny_cache, built):
 
 
 def test_cut_document_synthetic():
-    """Cuts fall at the calmest allowed place; jumps bar a cut at or beside them; overlaps in [32, 128]."""
+    """Cuts fall at the calmest allowed place; jumps bar a cut at or beside them; the next window's context starts
+    at the calmest place 32-128 tokens before the cut; overlaps in [32, 128]."""
     rng = np.random.default_rng(0)
     n = 3000
     disc = rng.random(n) + 1.0
@@ -99,10 +108,12 @@ def test_cut_document_synthetic():
     disc[450] = 0.0  # the calmest candidate of the first window...
     jump[449] = True  # ...but a jump sits right at it: barred
     disc[430] = 0.2  # the next calmest wins
+    disc[352:355] = 0.0  # the calmest start of the next window's context: 353, 76-78 tokens before the cut
     wins, forced = cut_document(smooth3(disc), jump)
     assert forced == 0
     s, l, e = wins[0]
     assert (s, l) == (0, 0) and e != 450 and abs(e - 430) <= 1
+    assert wins[1][:2] == (353, e)
     covered = np.zeros(n, int)
     for s, l, e in wins:
         covered[l:e] += 1
@@ -118,6 +129,29 @@ def test_short_documents_and_fixed_stride():
     assert cut_document(smooth3(np.ones(300)), np.zeros(300, bool)) == ([(0, 0, 300)], 0)
     assert fixed_document(1200) == [(0, 0, 512), (512, 512, 1024), (1024, 1024, 1200)]
     assert fixed_document(700, 512, 400) == [(0, 0, 512), (400, 512, 700)]
+    # 513 rows: a cut at 512 would leave a window whose only row, the last, has no target: end one row earlier
+    assert fixed_document(513) == [(0, 0, 511), (511, 511, 513)]
+    sm = smooth3(np.linspace(2, 1, 513))  # calmest at the very end: the cut wants e = 512 = n - 1
+    wins, _ = cut_document(sm, np.zeros(513, bool))
+    assert wins[0][2] == 511 and wins[1][1:] == (511, 513)
+
+
+class Stub:
+    """A cache of one document of 300 rows, for check_windows."""
+    doc_offsets = np.array([0, 300])
+
+    def __len__(self):
+        return 300
+
+
+def test_check_windows_catches_bad_windows():
+    """check_windows accepts a good tiling and rejects a window that trains only the document's last row, a row
+    trained twice and a row never trained."""
+    check_windows(np.array([[0, 0, 0, 298], [0, 200, 298, 300]]), Stub())
+    for bad in [[[0, 0, 0, 299], [0, 200, 299, 300]], [[0, 0, 0, 298], [0, 200, 297, 300]],
+                [[0, 0, 0, 297], [0, 200, 298, 300]]]:
+        with pytest.raises(AssertionError):
+            check_windows(np.array(bad), Stub())
 
 
 def test_fixed_stride_cli(tmp_path, tiny_cache):
@@ -129,6 +163,27 @@ def test_fixed_stride_cli(tmp_path, tiny_cache):
 
 def test_pool_phases_small():
     assert list(pool_phases(np.array([5.0, 1, 4, 2, 3, 0, 9, 8, 7, 6]))) == [1, 0, 1, 0, 1, 0, 3, 3, 2, 2]  # pools of 3, 6, 8, 10
+    assert list(pool_phases(np.array([3.0, 1, 2, 0]), parse_pools("0.5,1"))) == [1, 0, 1, 0]
+    for bad in ["0.5,0.3,1", "0.3,0.8", "0,1", "a,1", "0.5,1.5"]:
+        with pytest.raises(ValueError, match="--pools"):
+            parse_pools(bad)
+
+
+def test_difficulty_uses_the_topology_block(tmp_path, tiny_cache, built):
+    """windows.py lays the difficulty's blocks out with the --block its topology folder was built with."""
+    import topology
+    import windows
+    from conftest import run_main
+    run_main(topology, "--cache", tiny_cache, "--out", tmp_path / "t32", "--block", "32", "--report_positions", "2048")
+    run_main(windows, "--cache", tiny_cache, "--topology", tmp_path / "t32", "--out", tmp_path / "w32")
+    w = windows.load(str(tmp_path / "w32"), tiny_cache)
+    cache = TeacherCache(tiny_cache)
+    topo = {n: np.load(tmp_path / "t32" / f"{n}.npy") for n in ["delta", "jump", "disc"]}
+    valid = np.ones(len(cache), bool)
+    valid[np.asarray(cache.doc_offsets[1:]) - 1] = False
+    for block in [32, 64]:
+        got = window_difficulty(topo["delta"], topo["jump"], valid, topo["disc"], w.windows, block)
+        assert np.allclose(got, w.difficulty) == (block == 32)
 
 
 def test_topology_from_older_cache_is_refused(tmp_path, tiny_teacher, demo_tokenizer, built):
