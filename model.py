@@ -409,30 +409,14 @@ class Qwen3(nn.Module):
         folder = resolve_folder(name_or_path)
         config = Qwen3Config.from_json(os.path.join(folder, "config.json"))
         dtype = dtype or DTYPES.get(config.torch_dtype, torch.float32)
-        files = weight_files(folder)
         with torch.device("meta"):
             model = cls(config)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         optional = {"lm_head.weight"} if config.tie_word_embeddings else set()  # tied: a stored copy is ignored
-        from safetensors import safe_open
-        found = {}
-        for path in files:
-            with open_safetensors(path, safe_open, device) as f:
-                for k in f.keys():
-                    found[k] = (path, tuple(f.get_slice(k).get_shape()))
-        missing = sorted(set(expected) - set(found) - optional)
-        unexpected = sorted(set(found) - set(expected))
-        if missing or unexpected:
-            raise ValueError(f"{folder}: checkpoint does not match the config: missing tensors {_few(missing)}, "
-                             f"unexpected tensors {_few(unexpected)}")
-        for k, (path, shape) in found.items():
-            if shape != expected[k]:
-                raise ValueError(f"{path}: tensor {k} has shape {list(shape)}, config expects {list(expected[k])}")
-        for path in files:
-            with open_safetensors(path, safe_open, device) as f:
-                sd = {k: f.get_tensor(k).to(dtype) for k in f.keys() if k not in optional}
-                model.load_state_dict(sd, strict=False, assign=True)
-                del sd
+        index = checkpoint_index(folder, expected, optional)
+        sd = load_tensors(index, [k for k in index if k not in optional], dtype, device)
+        model.load_state_dict(sd, strict=False, assign=True)
+        del sd
         model.tie_weights()  # assign=True replaced the Parameter objects
         meta = [n for n, p in model.named_parameters() if p.is_meta]
         assert not meta, f"parameters left unloaded: {meta[:5]}"
@@ -520,34 +504,61 @@ def weight_files(folder):
                      "(only safetensors weights are read; .bin pickles are never unpickled)")
 
 
-class open_safetensors:
-    """safe_open with a ValueError naming the file when it is truncated or corrupt."""
-
-    def __init__(self, path, safe_open, device):
-        self.path, self.safe_open, self.device = path, safe_open, str(device)
-
-    def __enter__(self):
-        size = os.path.getsize(self.path)
-        with open(self.path, "rb") as fh:  # check the header against the file size first
-            head = fh.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            try:
-                header = json.loads(fh.read(n)) if 0 < n <= size - 8 else None
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                header = None
-        if header is None:
-            raise ValueError(f"{self.path}: not a safetensors file or its header is corrupt")
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        if 8 + n + end > size:
-            raise ValueError(f"{self.path}: truncated safetensors file ({size} bytes, header needs {8 + n + end})")
+def read_header(path):
+    """The header of a safetensors file, {name: {"dtype", "shape", "data_offsets"}}, checked against the file size:
+    a ValueError names the file when it is truncated or corrupt. Reads the header only, never the tensors."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
         try:
-            self.f = self.safe_open(self.path, framework="pt", device=self.device)
-        except Exception as e:
-            raise ValueError(f"{self.path}: cannot read safetensors ({e})") from None
-        return self.f.__enter__()
+            header = json.loads(fh.read(n)) if 0 < n <= size - 8 else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file or its header is corrupt")
+    header.pop("__metadata__", None)
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if 8 + n + end > size:
+        raise ValueError(f"{path}: truncated safetensors file ({size} bytes, header needs {8 + n + end})")
+    return header
 
-    def __exit__(self, *exc):
-        return self.f.__exit__(*exc)
+
+def checkpoint_index(folder, expected, optional=()):
+    """{name: (file, shape, bytes in the file)} of every tensor of a checkpoint, from the safetensors headers alone,
+    checked against the model's {name: shape}: a ValueError names the missing, unexpected and misshapen tensors.
+    Names in `optional` may be absent (a tied lm_head)."""
+    found = {}
+    for path in weight_files(folder):
+        for k, v in read_header(path).items():
+            found[k] = (path, tuple(v["shape"]), v["data_offsets"][1] - v["data_offsets"][0])
+    missing = sorted(set(expected) - set(found) - set(optional))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{folder}: checkpoint does not match the config: missing tensors {_few(missing)}, "
+                         f"unexpected tensors {_few(unexpected)}")
+    for k, (path, shape, _) in found.items():
+        if shape != expected[k]:
+            raise ValueError(f"{path}: tensor {k} has shape {list(shape)}, config expects {list(expected[k])}")
+    return found
+
+
+def load_tensors(index, names, dtype, device):
+    """{name: tensor} for `names` of a checkpoint_index, read from the memory-mapped safetensors straight onto
+    `device` and cast to `dtype`, one file open at a time (a subset reads only its own bytes)."""
+    from safetensors import SafetensorError, safe_open
+    by_file = {}
+    for k in names:
+        by_file.setdefault(index[k][0], []).append(k)
+    out = {}
+    for path, keys in by_file.items():
+        try:
+            with safe_open(path, framework="pt", device=str(device)) as f:
+                for k in keys:
+                    out[k] = f.get_tensor(k).to(dtype)
+        except (OSError, SafetensorError) as e:
+            raise ValueError(f"{path}: cannot read safetensors ({e})") from None
+    return out
 
 
 def write_json(path, obj):
