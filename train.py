@@ -23,7 +23,9 @@ a 2048^3 matmul measured at start, as on a CPU; the first lines say which).
 Inputs   --init (Hub id, folder, or `scratch` with --config), --cache, --topology, --windows
 Outputs  in --out (default out/student): the student in Hugging Face layout (config.json, model.safetensors,
          generation_config.json, tokenizer files; loads in transformers), train_log.jsonl (one JSON line per step
-         and per evaluation), ckpt/ (resumable: model.safetensors fp32, optimizer.pt, state.json)
+         and per evaluation, also after a resume), ckpt/ (resumable: model.safetensors fp32, optimizer.pt, state.json)
+NaN guard: a step whose loss parts or gradient norm are not finite is not applied, an update that makes the weights
+non-finite is not saved, and a non-finite evaluation is never marked complete; the run stops naming the step.
 
 Run
   python train.py --init scratch --config data/student_config.json --cache out/cache --topology out/topology \\
@@ -752,6 +754,9 @@ def main(args):
         opt.zero_grad(set_to_none=True)
         if non_finite(dict(model.named_parameters())):
             last = find_checkpoint(ckpt_dir) if master else None
+            if last:
+                with open(os.path.join(last, "state.json")) as f:
+                    last = f"{last} (step {json.load(f)['step']})"
             raise ValueError(f"NaN guard {guard}: the update made the weights non-finite; they are not saved"
                              + (f"; the last finite checkpoint is {last}" if last else "; no checkpoint was written"))
         # one log line per step; a printed line every --log_every steps

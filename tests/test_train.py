@@ -350,7 +350,7 @@ def test_non_finite_loss_stops_with_checkpoint(tmp_path, tiny_cache, tiny_topolo
 
 
 def non_finite_in_files(folder):
-    """(tensor files read, names of the tensors holding nan or inf) over every .safetensors and .pt file under folder."""
+    """(tensor files read, names of the tensors holding nan or inf), over every .safetensors and .pt file in folder."""
     from safetensors.torch import load_file
     files, bad = sorted(folder.rglob("*.safetensors")) + sorted(folder.rglob("*.pt")), []
 
@@ -378,11 +378,12 @@ def test_nan_guard_never_writes_non_finite(tmp_path, monkeypatch, tiny_cache, ti
     import train
     schedule, evaluate = train.learning_rate, train.evaluate
     first_inf = [1]
-    monkeypatch.setattr(train, "learning_rate", lambda step, *a: math.inf if step >= first_inf[0] else schedule(step, *a))
-    args = lambda out, *extra: train_args(out, tiny_cache, tiny_topology, tiny_windows, student_config, "--eval_windows",
-                                          2, *extra)
-    with pytest.raises(ValueError, match=r"NaN guard at step 2/3: ce [\d.]+, kl [\d.]+, loss [\d.]+, grad norm "
-                                         r"[\d.]+ \(alpha [\d.]+, lr inf\): the update made the weights non-finite"):
+    monkeypatch.setattr(train, "learning_rate", lambda s, *a: math.inf if s >= first_inf[0] else schedule(s, *a))
+    args = lambda out, *extra: train_args(out, tiny_cache, tiny_topology, tiny_windows, student_config,
+                                          "--eval_windows", 2, *extra)
+    with pytest.raises(ValueError, match=r"NaN guard at step 2/3: ce [\d.]+, kl [\d.]+, loss [\d.]+, grad norm [\d.]+ "
+                                         r"\(alpha [\d.]+, lr inf\): the update made the weights non-finite; they are "
+                                         r"not saved; the last finite checkpoint is .*ckpt \(step 1\)$"):
         run_main(train, *args(tmp_path / "a", "--max_steps", 3, "--ckpt_every", 1))
     assert json.load(open(tmp_path / "a" / "ckpt" / "state.json"))["step"] == 1
     first_inf[0] = 0
