@@ -76,7 +76,7 @@ def input_files(spec):
         folder = snapshot_download(spec, repo_type="dataset", allow_patterns=["*.parquet", "*.jsonl"])
     except Exception as e:  # offline with no cached copy, unknown repo, no network, ...
         why = " ".join(str(e).split())  # one line
-        raise ValueError(f"{spec}: no such file, and not found as a Hub dataset on the Hub or in its local cache "
+        raise ValueError(f"{spec}: no such file, and no Hub dataset of that name on the Hub or in its local cache "
                          f"({type(e).__name__}: {why})") from None
     files = sorted(glob.glob(os.path.join(folder, "**", "*.parquet"), recursive=True) +
                    glob.glob(os.path.join(folder, "**", "*.jsonl"), recursive=True))
