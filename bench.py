@@ -255,8 +255,8 @@ def bench_model(args):
 def demo_stream(work):
     """Tokens and document offsets of the bundled records, with the demo's kind of tokenizer."""
     import types
-    from cache_teacher import load_tokenizer, tokenize_documents
-    from common import end_tokens
+    from cache_teacher import tokenize_documents
+    from common import end_tokens, load_tokenizer
     from data.tokenizer import record_texts, save, train_bpe
     tok_dir = os.path.join(work, "tokenizer")
     data = [os.path.join("data", "physics_cot.jsonl")]
@@ -956,10 +956,16 @@ WORKERS = {"model": model_worker, "train": train_worker, "stream": stream_worker
 
 
 def main(args):
-    os.makedirs(args.work, exist_ok=True)
+    from common import check_device, check_ranges
+    check_ranges(args, reps="[1, inf)")
+    check_device(args.device)
     if args.real or args.tiny:
         return real_main(args)
     names = args.only.split(",") if args.only else list(SECTIONS)
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        raise ValueError(f"--only {args.only}: unknown section(s) {unknown} (sections: {', '.join(SECTIONS)})")
+    os.makedirs(args.work, exist_ok=True)
     print(f"bench on {args.device}: torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'metric':<42} {'ours':>10} {'reference':>10} {'ratio':>8}  target")
     for name in names:

@@ -65,9 +65,9 @@ import time
 
 import numpy as np
 
-from common import (FORMAT_VERSION, DTYPES, ROLES, Progress, dualmind_text, end_tokens, fmt_time, init_distributed,
-                    is_hub_id, pad_right, prepare_out, publish, read_manifest, save_npy, sha256_file, sha256_json,
-                    write_json)
+from common import (FORMAT_VERSION, DTYPES, ROLES, Progress, check_device, check_ranges, dualmind_text, end_tokens, fmt_time,
+                    init_distributed, is_hub_id, load_tokenizer, pad_right, prepare_out, publish, read_jsonl,
+                    read_manifest, save_npy, sha256_file, sha256_json, write_json)
 
 try:  # the teacher pass needs torch; the cache reader (TeacherCache) does not: topology.py and windows.py run without
     import torch
@@ -93,8 +93,10 @@ def input_files(spec):
     from huggingface_hub import snapshot_download
     try:
         folder = snapshot_download(spec, repo_type="dataset", allow_patterns=["*.parquet", "*.jsonl"])
-    except Exception as e:
-        raise ValueError(f"{spec}: could not fetch the dataset ({type(e).__name__}: {e})") from None
+    except Exception as e:  # offline with no cached copy, unknown repo, no network, ...
+        why = " ".join(str(e).split())  # one line
+        raise ValueError(f"{spec}: no such file, and no Hub dataset of that name on the Hub or in its local cache "
+                         f"({type(e).__name__}: {why})") from None
     files = sorted(glob.glob(os.path.join(folder, "**", "*.parquet"), recursive=True) +
                    glob.glob(os.path.join(folder, "**", "*.jsonl"), recursive=True))
     if not files:
@@ -114,17 +116,10 @@ def read_records(path):
         return
     if not path.endswith((".jsonl", ".json")):
         raise ValueError(f"{path}: unsupported file type (use .jsonl or .parquet)")
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{i}: a record must be a JSON object, got {type(rec).__name__}")
-            yield f"{path}:{i}", rec
+    for i, rec in read_jsonl(path):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{i}: a record must be a JSON object, got {type(rec).__name__}")
+        yield f"{path}:{i}", rec
 
 
 # -----------------------------------------------------------------------------
@@ -474,14 +469,6 @@ def plan_batches(lengths, batch_tokens):
     return batches
 
 
-def load_tokenizer(path):
-    from tokenizers import Tokenizer
-    f = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-    if not os.path.isfile(f):
-        raise ValueError(f"{path}: no tokenizer.json")
-    return Tokenizer.from_file(f), f
-
-
 def teacher_identity(folder):
     """Fingerprint of a teacher folder without reading 61 GB: config.json, and per safetensors file either its
     Hub blob name (the sha256 of its content, when the folder is a huggingface_hub snapshot) or its header
@@ -505,15 +492,21 @@ def teacher_identity(folder):
 def main(args):
     if torch is None:
         raise ValueError("the teacher pass needs PyTorch: pip install -r requirements.txt")
+    check_ranges(args, k="[4, inf)", max_len="[0, inf)", max_docs="[0, inf)", batch_tokens="[1, inf)",
+                 chunk="[1, inf)", log_every="[0, inf]")
+    if args.k % 4:
+        raise ValueError(f"--k {args.k}: must be a positive multiple of 4 (ids are packed 4 per 9 bytes)")
+    try:
+        temps = [float(t) for t in args.temperatures.split(",")]
+    except ValueError:
+        raise ValueError(f"--temperatures {args.temperatures}: not a comma-separated list of numbers") from None
+    if temps[0] != 1.0 or not all(0 < t < float("inf") for t in temps):
+        raise ValueError(f"--temperatures {args.temperatures}: must start with 1 and be positive and finite")
+    check_device(args.device)  # before any folder: cuda on a machine without it is one line, not a traceback
     rank, world, args.device = init_distributed(args.device)
     distributed = world > 1
     if distributed:
         import torch.distributed as dist
-    if args.k % 4 or not 1 <= args.k:
-        raise ValueError(f"--k {args.k}: must be a positive multiple of 4 (ids are packed 4 per 9 bytes)")
-    temps = [float(t) for t in args.temperatures.split(",")]
-    if temps[0] != 1.0 or any(t <= 0 for t in temps):
-        raise ValueError(f"--temperatures {args.temperatures}: must start with 1 and be positive")
     fields = dict(question=args.question_field, cot=args.cot_field, response=args.response_field,
                   explore=args.explore_field, examine=args.examine_field)
 
@@ -525,8 +518,8 @@ def main(args):
     end_name, end_id = end_tokens(tok_file)[0]
     vocab_in_tok = tok.get_vocab_size(with_added_tokens=True)
     teacher_cfg = None
-    if teacher_folder:
-        teacher_cfg = Qwen3Config.from_json(os.path.join(teacher_folder, "config.json"))
+    if teacher_folder:  # the teacher is checked whole before any work: a truncated or mismatched one fails here
+        teacher_cfg, _, _ = Qwen3.check_pretrained(teacher_folder)  # config.json and every tensor's header
         if vocab_in_tok > teacher_cfg.vocab_size:
             raise ValueError(f"{tok_file}: tokenizer ids go up to {vocab_in_tok - 1}, beyond the teacher's "
                              f"vocabulary of {teacher_cfg.vocab_size} ({teacher_folder})")
@@ -537,6 +530,11 @@ def main(args):
                 raise ValueError(f"--stream_save_every {args.stream_save_every}: must be at least 1")
             check_budget(stream_pieces(teacher_folder, teacher_cfg, getattr(torch, args.dtype))[1],
                          stream_budget(args.stream_budget_gb, args.device))
+        if args.k > teacher_cfg.vocab_size:
+            raise ValueError(f"--k {args.k}: more than the teacher's vocabulary of {teacher_cfg.vocab_size}")
+        if args.max_len > teacher_cfg.max_position_embeddings:
+            raise ValueError(f"--max_len {args.max_len}: beyond the teacher's context of "
+                             f"{teacher_cfg.max_position_embeddings} tokens")
     max_len = args.max_len or (teacher_cfg.max_position_embeddings if teacher_cfg else 40960)
 
     # --- fingerprint: everything that changes the bytes written ---------------------------------------
@@ -548,6 +546,7 @@ def main(args):
                      max_docs=args.max_docs, dtype=args.dtype, batch_tokens=args.batch_tokens, chunk=args.chunk)
     fingerprint = sha256_json(dict(inputs=inputs, args=affecting, version=FORMAT_VERSION))
     out = args.out
+    created = args.force or not os.path.isdir(out)
     state = prepare_out(out, "cache", fingerprint, args.force, rank, world)
     if state == "done":
         if rank == 0:
@@ -555,7 +554,12 @@ def main(args):
         return
 
     # --- tokens and roles (cheap: recomputed on resume, and must come out identical) ------------------
-    tokens, roles, doc_offsets, counts = tokenize_documents(args, tok, fields, end_id, max_len)
+    try:
+        tokens, roles, doc_offsets, counts = tokenize_documents(args, tok, fields, end_id, max_len)
+    except ValueError:  # a bad record: leave no empty folder behind
+        if rank == 0 and created and state == "fresh" and not os.listdir(out):
+            os.rmdir(out)
+        raise
     N, D = len(tokens), len(doc_offsets) - 1
     manifest = dict(phase="cache", version=FORMAT_VERSION, fingerprint=fingerprint, inputs=inputs,
                     args=dict(affecting, data=args.data, teacher=args.teacher),

@@ -1,13 +1,15 @@
 """
 What every phase shares, in one small file (numpy, json and hashlib only: topology.py and windows.py run without
-torch). nanochat keeps the same things in its common.py; model.py stays standalone and keeps its own few lines of
-checkpoint I/O, so it can be copied into another project alone.
+torch; check_device and load_tokenizer import torch and tokenizers when called). nanochat keeps the same things in
+its common.py; model.py stays standalone and keeps its own few lines of checkpoint I/O, so it can be copied into
+another project alone.
 
   atomic writes      atomic_write (a file object), write_json, publish (rename a finished file into place)
   phase folders      sha256_file / sha256_json fingerprints, read_manifest, check_upstream, prepare_out
   progress           Progress (rate and ETA lines), fmt_time
   torchrun           init_distributed
   names              is_hub_id (a Hub id or a mistyped local path?), DTYPES (the dtype names a flag accepts)
+  user input         check_ranges (flags), check_device, read_jsonl (file:line errors), load_tokenizer
   the DualMind text  the card's layout: USER, PROMPT, TAGS, ROLES, dualmind_prompt, chat_template, dualmind_text,
                      end tokens
   batches            pad_right (documents or windows into one right-padded (B, L) array)
@@ -172,11 +174,86 @@ def init_distributed(device):
     return rank, world, device
 
 
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".safetensors", ".bin", ".npy", ".gz")
+
+
 def is_hub_id(spec):
-    """Could `spec` be a Hub repo id (org/name)? A path that exists, starts with . or /, or whose first part is a
-    local folder is a (mistyped) local path, never sent to the Hub."""
+    """Could `spec` be a Hub repo id (org/name)? A path that exists, starts with . or /, whose first part is a
+    local folder, or that ends like a file name (dta/physics_cot.jsonl) is a (mistyped) local path, never sent to
+    the Hub."""
     return (not os.path.exists(spec) and spec.count("/") == 1 and not spec.startswith((".", "/"))
-            and not os.path.isdir(spec.split("/")[0]))
+            and not os.path.isdir(spec.split("/")[0]) and not spec.lower().endswith(FILE_SUFFIXES))
+
+
+# -----------------------------------------------------------------------------
+# User input: flag ranges, the device, JSONL files, tokenizer files (one clear line each, no traceback)
+
+
+def check_ranges(args, **intervals):
+    """A ValueError naming the first flag outside its interval, written as in maths:
+    check_ranges(args, k="[4, inf)", lr="(0, 1]"). nan is outside every interval; inf is inside only `, inf]`."""
+    for name, interval in intervals.items():
+        v = getattr(args, name)
+        lo, hi = (float(x) for x in interval[1:-1].split(","))
+        ok = (v > lo if interval[0] == "(" else v >= lo) and (v < hi if interval[-1] == ")" else v <= hi)
+        if not ok:  # nan fails both comparisons
+            low = interval[1:].split(",")[0]
+            want = f"{'>' if interval[0] == '(' else '>='} {low}" if interval.endswith("inf)") else f"in {interval}"
+            raise ValueError(f"--{name} {v}: must be {want}")
+
+
+def check_device(device):
+    """`device` if this machine has it, else a ValueError saying why (cuda on a machine without CUDA, cuda:3 with one
+    GPU, a misspelt name), before any work or folder. Imports torch only when called."""
+    import torch
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device}: not a device name (cpu, cuda, cuda:1, mps)") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this PyTorch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"--device {device}: {why} (torch {torch.__version__}); use --device cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif d.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    elif d.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {device}: not supported here (cpu, cuda, cuda:1, mps)")
+    return device
+
+
+def read_jsonl(path):
+    """Yield (line number, value) for each non-blank line of a JSONL file. A ValueError names the file, the line and
+    where in it for a line that is not UTF-8 or not JSON (a missing closing brace: at the end of the line)."""
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if i == 1 else "utf-8").rstrip("\r\n")  # a BOM may open the file
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{i}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of "
+                                 "the line): convert the file to UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                where = "at the end of the line" if e.pos >= len(line.rstrip()) else f"at column {e.pos + 1}"
+                raise ValueError(f"{path}:{i}: invalid JSON ({e.msg} {where})") from None
+            yield i, value
+
+
+def load_tokenizer(path):
+    """(tokenizers.Tokenizer, path of its tokenizer.json) from the file or a folder holding it. A ValueError names a
+    missing or unreadable file (the tokenizers library's own error names neither the file nor the cause)."""
+    f = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    if not os.path.isfile(f):
+        raise ValueError(f"{path}: no tokenizer.json")
+    from tokenizers import Tokenizer
+    try:
+        return Tokenizer.from_file(f), f
+    except Exception as e:  # tokenizers raises a plain Exception: truncated JSON, an unknown model type, ...
+        raise ValueError(f"{f}: not a readable tokenizer.json ({e}): is the file truncated?") from None
 
 
 # -----------------------------------------------------------------------------

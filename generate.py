@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from common import BLOCKS, dualmind_prompt
+from common import BLOCKS, check_device, check_ranges, dualmind_prompt, load_tokenizer, read_jsonl
 from model import Qwen3, resolve_folder
 
 # -----------------------------------------------------------------------------
@@ -129,14 +129,11 @@ def dualmind_check(text):
 
 def load(model_name, device, dtype):
     folder = resolve_folder(model_name)
-    from tokenizers import Tokenizer
-    tok_path = os.path.join(folder, "tokenizer.json")
-    if not os.path.isfile(tok_path):
-        raise ValueError(f"{folder}: no tokenizer.json")
+    tok, _ = load_tokenizer(folder)  # first: a missing or truncated tokenizer.json fails before the weights load
     model = Qwen3.from_pretrained(folder, dtype=dtype, device=device).eval()
     eos = model.generation_config.get("eos_token_id", model.config.eos_token_id)
     eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    return model, Tokenizer.from_file(tok_path), eos
+    return model, tok, eos
 
 
 def read_prompts(args):
@@ -147,19 +144,19 @@ def read_prompts(args):
     elif args.prompt_file:
         if not os.path.isfile(args.prompt_file):
             raise ValueError(f"--prompt_file {args.prompt_file}: no such file")
-        with open(args.prompt_file, encoding="utf-8") as f:
-            prompts = [f.read()]
+        with open(args.prompt_file, "rb") as f:
+            try:
+                prompts = [f.read().decode("utf-8")]
+            except UnicodeDecodeError as e:
+                raise ValueError(f"--prompt_file {args.prompt_file}: not UTF-8 text (byte {e.start + 1})") from None
     else:
         if not os.path.isfile(args.prompts_jsonl):
             raise ValueError(f"--prompts_jsonl {args.prompts_jsonl}: no such file")
         prompts = []
-        with open(args.prompts_jsonl, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        prompts.append(json.loads(line)["prompt"])
-                    except (json.JSONDecodeError, KeyError, TypeError) as e:
-                        raise ValueError(f"{args.prompts_jsonl}:{i}: expected {{\"prompt\": ...}} ({e!r})") from None
+        for i, rec in read_jsonl(args.prompts_jsonl):
+            if not isinstance(rec, dict) or "prompt" not in rec:
+                raise ValueError(f"{args.prompts_jsonl}:{i}: expected {{\"prompt\": ...}}, got {str(rec)[:60]}")
+            prompts.append(rec["prompt"])
     for i, p in enumerate(prompts):
         if not isinstance(p, str) or not p.strip():
             raise ValueError(f"prompt {i + 1} is empty")
@@ -167,9 +164,10 @@ def read_prompts(args):
 
 
 def main(args):
+    check_ranges(args, max_new_tokens="[1, inf)", temperature="[0, inf)", top_p="(0, 1]", top_k="[0, inf)",
+                 repetition_penalty="(0, inf)", seed="[0, inf)")
     prompts = read_prompts(args)
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max_new_tokens {args.max_new_tokens}: must be at least 1")
+    check_device(args.device)
     model, tok, eos = load(args.model, args.device, getattr(torch, args.dtype))
     ctx = model.config.max_position_embeddings
     step_fn = torch.compile(decode_step) if args.compile else None

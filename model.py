@@ -512,7 +512,7 @@ class Qwen3(nn.Module):
         straight onto `device`, so host memory peaks near one copy of the weights.
         """
         folder = resolve_folder(name_or_path)
-        config = Qwen3Config.from_json(os.path.join(folder, "config.json"))
+        config, index, optional = cls.check_pretrained(folder)
         dtype = dtype or DTYPES.get(config.torch_dtype, torch.float32)
         with torch.device("meta"):
             model = cls(config)
@@ -541,6 +541,17 @@ class Qwen3(nn.Module):
             with open(gen_path) as fh:
                 model.generation_config = json.load(fh)
         return model
+
+    @classmethod
+    def check_pretrained(cls, folder):
+        """(config, checkpoint_index, optional names) of a model folder, from config.json and the safetensors headers
+        alone (no tensor is read): a ValueError names a missing, unexpected, misshapen or truncated tensor, before
+        a caller spends time or memory on anything else."""
+        config = Qwen3Config.from_json(os.path.join(folder, "config.json"))
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
+        optional = {"lm_head.weight"} if config.tie_word_embeddings else set()  # tied: a stored copy is ignored
+        return config, checkpoint_index(folder, expected, optional), optional
 
     def save_pretrained(self, out_dir, max_shard_bytes=5 * 2**30, dtype=None):
         """config.json, generation_config.json and model.safetensors (or shards plus index), written atomically.
@@ -590,14 +601,16 @@ def resolve_folder(name_or_path):
     if os.path.isdir(name_or_path):
         return name_or_path
     if (os.path.exists(name_or_path) or name_or_path.count("/") != 1 or name_or_path.startswith((".", "/"))
-            or os.path.isdir(name_or_path.split("/")[0])):  # out/studnet: a typo in a local path, not a Hub id
+            or os.path.isdir(name_or_path.split("/")[0])  # out/studnet: a typo in a local path, not a Hub id
+            or name_or_path.lower().endswith((".json", ".jsonl", ".safetensors", ".bin", ".parquet"))):  # a file
         raise ValueError(f"{name_or_path}: not a model folder and not a Hub repo id of the form org/name")
     from huggingface_hub import snapshot_download
     try:
         return snapshot_download(name_or_path, allow_patterns=HUB_PATTERNS)
     except Exception as e:  # offline with no cached copy, unknown repo, no network, ...
-        raise ValueError(f"{name_or_path}: could not fetch from the Hugging Face Hub or its local cache "
-                         f"({type(e).__name__}: {e})") from None
+        why = " ".join(str(e).split())  # one line
+        raise ValueError(f"{name_or_path}: no such local folder, and not found on the Hugging Face Hub or in its "
+                         f"local cache ({type(e).__name__}: {why})") from None
 
 
 def weight_files(folder):

@@ -49,8 +49,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from cache_teacher import TeacherCache, tail_mass
-from common import (FORMAT_VERSION, Progress, atomic_write, check_upstream, prepare_out, publish, read_manifest,
-                    sha256_json, write_json)
+from common import (FORMAT_VERSION, Progress, atomic_write, check_ranges, check_upstream, prepare_out, publish,
+                    read_manifest, sha256_json, write_json)
 
 BLOCK = 64  # the card's gap-energy window, in tokens (--block)
 SIGNALS = ["entropy", "surprisal", "tv"]
@@ -320,9 +320,8 @@ def signal_summary(f, delta, valid, sigma=3.0):
 
 
 def main(args):
-    if args.K < 1 or args.sigma <= 0 or args.amplify <= 0 or args.chunk < 1 or args.block < 1:
-        raise ValueError(f"--K {args.K} must be >= 1 and --sigma {args.sigma}, --amplify {args.amplify}, --chunk "
-                         f"{args.chunk}, --block {args.block} positive")
+    check_ranges(args, K="[1, inf)", sigma="(0, inf)", amplify="(0, inf)", chunk="[1, inf)", threads="[1, inf)",
+                 report_positions="[1, inf)", log_every="[0, inf]", block="[1, inf)")
     cache = TeacherCache(args.cache)
     if not cache.has_teacher:
         raise ValueError(f"{args.cache}: a cache made with --teacher none has no teacher distributions to analyse")

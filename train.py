@@ -28,6 +28,8 @@ Outputs  in --out (default out/student): the student in Hugging Face layout (con
          train_log.jsonl (one JSON line per step and per evaluation), draws.npy int32 [W] (times each window was
          drawn; the manifest sums it up per difficulty band), ckpt/ (resumable: model.safetensors fp32,
          optimizer.pt, state.json) while training
+NaN guard: a step whose loss parts or gradient norm are not finite is not applied, an update that makes the weights
+non-finite is not saved, and a non-finite evaluation is never marked complete; the run stops naming the step.
 
 Run
   python train.py --init scratch --config data/student_config.json --cache out/cache --topology out/topology \\
@@ -53,8 +55,8 @@ import numpy as np
 import torch
 
 from cache_teacher import TeacherCache, teacher_log_q
-from common import (FORMAT_VERSION, REASONING, ROLES, chat_template, end_tokens, fmt_time, init_distributed, pad_right,
-                    prepare_out, publish, read_manifest, save_npy, sha256_json, write_json)
+from common import (FORMAT_VERSION, REASONING, ROLES, chat_template, check_device, check_ranges, end_tokens, fmt_time,
+                    init_distributed, pad_right, prepare_out, publish, read_manifest, save_npy, sha256_json, write_json)
 from model import Qwen3, Qwen3Config
 from topology import load as load_topology
 from windows import POOLS, fixed_windows, load as load_windows, parse_pools, pool_phases
@@ -467,16 +469,33 @@ def configure_optimizer(model, lr, weight_decay):
 # Checkpoints, the log and the student folder
 
 
+def non_finite(tensors):
+    """The names in {name: tensor} of the tensors holding a nan or an inf (one host sync for all of them)."""
+    if not tensors:
+        return []
+    dev = next(iter(tensors.values())).device
+    ok = torch.stack([torch.isfinite(t).all().to(dev) for t in tensors.values()]).tolist()
+    return [n for n, good in zip(tensors, ok) if not good]
+
+
 def save_checkpoint(folder, model, opt, state):
     """Atomic: written into folder.tmp (state.json last), the previous checkpoint moved to folder.old, the new one
-    renamed into place, then folder.old removed: at any kill, one complete checkpoint exists (find_checkpoint)."""
+    renamed into place, then folder.old removed: at any kill, one complete checkpoint exists (find_checkpoint).
+    A weight or optimizer tensor holding nan or inf is a ValueError and nothing is written: the checkpoint in
+    place stays the last finite one."""
     from safetensors.torch import save_file
+    sd = {k: v.detach() for k, v in unwrap(model).state_dict().items()
+          if not (k == "lm_head.weight" and unwrap(model).config.tie_word_embeddings)}
+    moments = {f"optimizer {k} of {n}": v for n, p in unwrap(model).named_parameters() if p in opt.state
+               for k, v in opt.state[p].items() if torch.is_tensor(v)}
+    bad = non_finite({**sd, **moments})
+    if bad:
+        raise ValueError(f"{folder}: not saved at step {state['step']}: {bad[:3]}{' ...' if len(bad) > 3 else ''} "
+                         "hold nan or inf")
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    save_file({k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()
-               if not (k == "lm_head.weight" and unwrap(model).config.tie_word_embeddings)},
-              os.path.join(tmp, "model.safetensors"))
+    save_file({k: v.cpu().contiguous() for k, v in sd.items()}, os.path.join(tmp, "model.safetensors"))
     torch.save(opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
     torch.save(dict(torch=torch.get_rng_state()), os.path.join(tmp, "rng.pt"))
     write_json(os.path.join(tmp, "state.json"), state)
@@ -553,6 +572,9 @@ def save_student(out, model, cache, save_dtype):
     """The final student in Hugging Face layout, with the cache's tokenizer files and end tokens and the DualMind chat
     template (the tokenizer first: save_pretrained writes config.json last, so a folder with config.json is whole)."""
     m = unwrap(model)
+    bad = non_finite(dict(m.named_parameters()))
+    if bad:  # the NaN guard stops a run before this; the student folder never holds a nan or an inf
+        raise ValueError(f"{out}: the student is not saved: {bad[:3]} hold nan or inf")
     shutil.copyfile(cache.tokenizer_path, os.path.join(out, "tokenizer.json.tmp"))
     publish(os.path.join(out, "tokenizer.json.tmp"), os.path.join(out, "tokenizer.json"))
     # the cache's tokenizer_config.json (the teacher's), with the DualMind prompt as its chat template
@@ -600,6 +622,9 @@ def run_eval(run, model, step):
     if not has_teacher:
         ev = dict(ce=ev["ce"])
     run.log.record(dict(eval_step=step, **ev))
+    if not all(map(math.isfinite, ev.values())):  # never a student marked complete with a nan evaluation
+        raise ValueError(f"NaN guard at the evaluation of step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in
+                         ev.items()) + " on the held-out windows; the run stops here and is not marked complete")
     kd = (f" | kl {ev['kl']:.4f} | top-1 agreement {ev['top1']:.3f} | tail gap {ev['tail_gap']:+.4f}"
           if has_teacher else "")
     print(f"eval step {step}: ce {ev['ce']:.4f}{kd} ({len(run.val)} held-out windows)", flush=True)
@@ -611,16 +636,23 @@ def run_eval(run, model, step):
 
 
 def main(args):
-    # --- 1. processes, device and the run's size -------------------------------------------------------------
+    # --- 1. the flags, processes, device and the run's size ---------------------------------------------------
+    check_ranges(args, kd_alpha="[0, 1]", temperature="(0, inf)", lr="(0, 1]", min_lr="[0, 1]", warmup="[0, inf)",
+                 weight_decay="[0, inf)", grad_clip="(0, inf]", batch_size="[1, inf)", grad_accum="[1, inf)",
+                 epochs="(0, inf)", max_steps="[0, inf)", val_fraction="[0, 1)", eval_windows="[0, inf)",
+                 eval_every="[-1, inf)", ckpt_every="[0, inf)", log_every="[1, inf)", loss_chunk="[1, inf)",
+                 seed="[0, inf)", peak_flops="[0, inf)")
+    if args.min_lr > args.lr:
+        raise ValueError(f"--min_lr {args.min_lr}: above --lr {args.lr} (the cosine goes down to it)")
+    if not all(0 < w < math.inf for w in args.proof_weight):
+        raise ValueError(f"--proof_weight {args.proof_weight}: both must be positive and finite")
+    check_device(args.device)  # before any folder: cuda on a machine without it is one line, not a traceback
     rank, world, args.device = init_distributed(args.device)
     ddp, master = world > 1, rank == 0
     if ddp:
         import torch.distributed as dist
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    if args.batch_size < 1 or args.grad_accum < 1 or args.loss_chunk < 1:
-        raise ValueError(f"--batch_size {args.batch_size}, --grad_accum {args.grad_accum} and --loss_chunk "
-                         f"{args.loss_chunk} must be positive")
     if args.grad_accum % world:
         raise ValueError(f"--grad_accum {args.grad_accum} must be divisible by the {world} processes")
     accum = args.grad_accum // world  # micro-batches per process: the global batch stays batch x grad_accum
@@ -732,16 +764,30 @@ def main(args):
             sums = dict(zip(STEP_STATS, vec.tolist()))
         n = max(sums["rows"], 1)
         ce, kl = sums["ce"] / n, sums["kl"] / n  # per trainable row
-        # clip, then refuse a non-finite step before it reaches the weights
+        # the NaN guard: a non-finite loss part or gradient never reaches the weights, and weights that the update
+        # made non-finite are never saved (a checkpoint refuses nan and inf too: the last one stays the last finite)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
-        if not math.isfinite(gnorm) or not math.isfinite(ce) or not math.isfinite(kl):
+        guard = (f"at step {step + 1}/{total}: ce {ce:.6g}, kl {kl:.6g}, loss {sums['objective']:.6g}, grad norm "
+                 f"{gnorm:.6g} (alpha {alpha:.3f}, lr {lr:.3g})")
+        if not all(map(math.isfinite, (ce, kl, sums["objective"], gnorm))):
             opt.zero_grad(set_to_none=True)
-            if master:
-                checkpoint(step)
-            raise ValueError(f"non-finite loss at step {step}: ce sum {sums['ce']}, kl sum {sums['kl']}, grad norm "
-                             f"{gnorm} (alpha {alpha:.3f}, lr {lr:.3g}); weights before this step saved in {ckpt_dir}")
+            kept = ""
+            if master:  # the weights before this step: finite, as checked after every update
+                try:
+                    checkpoint(step)
+                    kept = f"; the weights before it are in {ckpt_dir} (step {step})"
+                except ValueError as e:  # an optimizer moment is not finite: the checkpoint in place stays
+                    kept = f"; {e}"
+            raise ValueError(f"NaN guard {guard}: a non-finite loss or gradient; the step was not applied{kept}")
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if non_finite(dict(model.named_parameters())):
+            last = find_checkpoint(ckpt_dir) if master else None
+            if last:
+                with open(os.path.join(last, "state.json")) as f:
+                    last = f"{last} (step {json.load(f)['step']})"
+            raise ValueError(f"NaN guard {guard}: the update made the weights non-finite; they are not saved"
+                             + (f"; the last finite checkpoint is {last}" if last else "; no checkpoint was written"))
         # one log line per step; a printed line every --log_every steps
         tokens_done += int(sums["tokens"])
         rate = tokens_done / max(time.time() - t_start, 1e-9)
@@ -826,7 +872,8 @@ def get_parser():
     p.add_argument("--no_curriculum", action="store_true", help="ablation: every phase draws from all windows")
     p.add_argument("--val_fraction", type=float, default=0.05, help="documents held out for evaluation (seeded)")
     p.add_argument("--eval_windows", type=int, default=64, help="at most this many held-out windows per evaluation")
-    p.add_argument("--eval_every", type=int, default=50, help="evaluate every N steps (0: start and end only)")
+    p.add_argument("--eval_every", type=int, default=50, help="evaluate every N steps (0: start and end only, "
+                   "-1: never)")
     p.add_argument("--ckpt_every", type=int, default=50, help="resumable checkpoint every N steps (0: never)")
     p.add_argument("--resume", action="store_true", help="continue from --out/ckpt")
     p.add_argument("--force", action="store_true", help="delete --out and start over")

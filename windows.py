@@ -37,7 +37,8 @@ import numpy as np
 
 import topology
 from cache_teacher import TeacherCache
-from common import FORMAT_VERSION, check_upstream, prepare_out, read_manifest, save_npy, sha256_json, write_json
+from common import (FORMAT_VERSION, check_ranges, check_upstream, prepare_out, read_manifest, save_npy, sha256_json,
+                    write_json)
 from topology import BLOCK, doc_last_rows, render_html, span_channels
 
 POOLS = (0.30, 0.55, 0.80, 1.00)  # the card's curriculum: phase p draws from the easiest POOLS[p] of the windows
@@ -156,6 +157,8 @@ def load(folder, cache_folder, topology_folder=None, needed_by=""):
 
 
 def main(args):
+    check_ranges(args, window="[1, inf)", min_cut="[1, inf)", overlap_min="[1, inf)", overlap_max="[1, inf)",
+                 stride="[1, inf)")
     cache = TeacherCache(args.cache)
     if args.topology is None and not args.fixed_stride:
         raise ValueError("--topology is needed (or --fixed_stride for the plain-KD ablation)")

@@ -11,12 +11,11 @@ Writes tokenizer.json and tokenizer_config.json (eos <|im_end|>, pad <|endoftext
 """
 
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the kit's root, for common.py
-from common import TAGS, USER, atomic_write, write_json  # noqa: E402
+from common import TAGS, USER, atomic_write, check_ranges, read_jsonl, write_json  # noqa: E402
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
@@ -24,12 +23,10 @@ SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 def record_texts(paths):
     """Every string field of every JSONL record, in order, plus the DualMind prompt prefix once per record."""
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    rec = json.loads(line)
-                    yield USER
-                    yield from (v for v in rec.values() if isinstance(v, str))
+        for _, rec in read_jsonl(path):  # a ValueError names the file and line of a bad one
+            if isinstance(rec, dict):
+                yield USER
+                yield from (v for v in rec.values() if isinstance(v, str))
 
 
 def train_bpe(texts, vocab_size):
@@ -56,6 +53,7 @@ def save(tok, out):
 
 
 def main(args):
+    check_ranges(args, vocab_size=f"[{256 + len(SPECIAL)}, inf)")  # at least the 256 bytes and the special tokens
     for p in args.data:
         if not os.path.isfile(p):
             raise ValueError(f"{p}: no such file")

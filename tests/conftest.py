@@ -103,6 +103,28 @@ def run_script(script, *args, env=None, check=True, timeout=300):
     return r
 
 
+def run_scripts(runs, env=None, timeout=300):
+    """run_script for several (script, *args) at once (bad-input runs are mostly interpreter start-up), in order."""
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, args)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT, env=dict(os.environ, **(env or {})))
+             for script, *args in runs]
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=timeout)
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return out
+
+
+def assert_one_line_error(r, script, *needles):
+    """What a user sees for a bad input: a non-zero exit and one line `script: error: ...` that names each needle
+    (the file, line or value), and no traceback."""
+    err = r.stderr.strip()
+    assert r.returncode != 0, (r.args, r.stdout[-2000:])
+    assert "Traceback" not in err and "\n" not in err and err.startswith(f"{script}: error: "), err[-3000:]
+    for n in needles:
+        assert n in err, (n, err)
+
+
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory, tiny_teacher, demo_tokenizer):
     """cache_teacher.py run on the bundled records with the tiny teacher (batches of <= 3000 tokens)."""

@@ -19,6 +19,11 @@ def test_scaled_down_demo(tmp_path):
         assert m["complete"] is True and m["phase"] == phase, folder
     for f in ["config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "train_log.jsonl"]:
         assert (out / "student" / f).exists()
+    # one pad token: generation_config.json pads with the token that tokenizer_config.json names
+    read = lambda name: json.load(open(out / "student" / name))
+    pad = read("tokenizer_config.json")["pad_token"]
+    ids = {t["content"]: t["id"] for t in read("tokenizer.json")["added_tokens"]}
+    assert pad == "<|endoftext|>" and read("generation_config.json")["pad_token_id"] == ids[pad]
     assert "student held-out KL to the teacher" in r.stdout and "DualMind layout" in r.stdout
     assert "DualMind check:" in r.stdout  # the generation step ran and reported
     for who in ["student", "teacher"]:

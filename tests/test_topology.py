@@ -250,7 +250,7 @@ def test_chunked_pass_equals_one_piece_with_small_chunks(tmp_path, tiny_cache, t
 
 def test_bad_settings_are_refused(tmp_path, tiny_cache):
     r = run_script("topology.py", "--cache", tiny_cache, "--out", tmp_path / "o", "--K", "0", check=False)
-    assert r.returncode != 0 and "--K 0 must be >= 1" in r.stderr
+    assert r.returncode != 0 and "--K 0: must be >= 1" in r.stderr and not (tmp_path / "o").exists()
 
 
 def test_signals_tv_and_surprisal_run(tmp_path, tiny_cache, tiny_teacher):

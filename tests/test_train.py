@@ -315,21 +315,33 @@ def final_weights(folder):
     return load_file(os.path.join(folder, "model.safetensors"))
 
 
+def logged(out):
+    """(steps, evaluation steps) of train_log.jsonl, in the order of its lines."""
+    lines = [json.loads(line) for line in open(out / "train_log.jsonl")]
+    return [e["step"] for e in lines if "step" in e], [e["eval_step"] for e in lines if "eval_step" in e]
+
+
 def test_kill_and_resume_gives_identical_weights(tmp_path, tiny_cache, tiny_topology, tiny_windows, student_config):
-    """2N steps straight == N steps, kill -9, --resume for the rest (CPU, fp32)."""
+    """2N steps straight == N steps, kill -9 after step 8's log line (past the checkpoint of step 6), --resume for the
+    rest (CPU, fp32): the same weights, and a log with one line per step and one per evaluation."""
     base = lambda out: train_args(out, tiny_cache, tiny_topology, tiny_windows, student_config, "--max_steps", 12,
-                                  "--ckpt_every", 6)
+                                  "--ckpt_every", 6, "--eval_every", 4, "--eval_windows", 2)
     run_script("train.py", *base(tmp_path / "straight"))
     out = tmp_path / "killed"
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *map(str, base(out))], cwd=ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0 = time.time()
-    while not (out / "ckpt" / "state.json").exists() and time.time() - t0 < 120:
-        time.sleep(0.01)
+    while time.time() - t0 < 300:
+        if (out / "ckpt" / "state.json").exists() and (out / "train_log.jsonl").exists():
+            if max(logged(out)[0], default=0) >= 8:
+                break
+        time.sleep(0.005)
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert not (out / "model.safetensors").exists()  # killed before the end
     assert json.load(open(out / "ckpt" / "state.json"))["step"] == 6
+    steps, evals = logged(out)
+    assert max(steps) >= 8  # lines past the checkpoint of step 6, which the resumed run writes again
     r = run_script("train.py", *base(out), check=False)
     assert r.returncode != 0 and "--resume" in r.stderr  # an existing checkpoint is never silently overwritten
     r = run_script("train.py", *base(out), "--resume")
@@ -338,6 +350,7 @@ def test_kill_and_resume_gives_identical_weights(tmp_path, tiny_cache, tiny_topo
     m1, m2 = (json.load(open(f / "manifest.json")) for f in [tmp_path / "straight", out])
     assert m2["first_eval"] == m1["first_eval"] and "held-out KL" in r.stdout  # the step-0 evaluation survives
     assert not (out / "ckpt").exists()
+    assert logged(out) == logged(tmp_path / "straight") == (list(range(1, 13)), [0, 4, 8, 12])
 
 
 def test_checkpoint_survives_a_kill_during_the_swap(tmp_path):
@@ -380,10 +393,70 @@ def test_non_finite_loss_stops_with_checkpoint(tmp_path, tiny_cache, tiny_topolo
     out = tmp_path / "nan"
     r = run_script("train.py", *train_args(out, tiny_cache, topo, tiny_windows, student_config, "--max_steps", 3),
                    check=False)
-    assert r.returncode != 0 and "non-finite loss at step 0" in r.stderr
+    assert r.returncode != 0 and "NaN guard at step 1/3: ce 7." in r.stderr  # the step as the progress line counts it
+    assert "loss nan" in r.stderr and "grad norm nan" in r.stderr and "the step was not applied" in r.stderr
     from safetensors.torch import load_file
     sd = load_file(out / "ckpt" / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in sd.values()) and not (out / "model.safetensors").exists()
+
+
+def non_finite_in_files(folder):
+    """(tensor files read, names of the tensors holding nan or inf), over every .safetensors and .pt file in folder."""
+    from safetensors.torch import load_file
+    files, bad = sorted(folder.rglob("*.safetensors")) + sorted(folder.rglob("*.pt")), []
+
+    def walk(name, x):
+        if torch.is_tensor(x):
+            bad.extend([name] if x.is_floating_point() and not torch.isfinite(x).all() else [])
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                walk(f"{name}.{k}", v)
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                walk(f"{name}.{i}", v)
+    for f in files:
+        walk(f.name, load_file(f) if f.suffix == ".safetensors" else torch.load(f, weights_only=True))
+    return files, bad
+
+
+def test_nan_guard_never_writes_non_finite(tmp_path, monkeypatch, tiny_cache, tiny_topology, tiny_windows,
+                                           student_config):
+    """An infinite learning rate (what --lr inf gave before it was refused up front; here the schedule is patched)
+    turns finite gradients into NaN weights. From step 2 on: the run stops naming step 2, its loss parts and gradient
+    norm, and the checkpoint of step 1 stays, finite. From step 1 with one step: no checkpoint and no student. A
+    non-finite evaluation at the end: no student. No file ever holds a nan or an inf; nothing is marked complete."""
+    import math
+    import train
+    schedule, evaluate = train.learning_rate, train.evaluate
+    first_inf = [1]
+    monkeypatch.setattr(train, "learning_rate", lambda s, *a: math.inf if s >= first_inf[0] else schedule(s, *a))
+    args = lambda out, *extra: train_args(out, tiny_cache, tiny_topology, tiny_windows, student_config,
+                                          "--eval_windows", 2, *extra)
+    with pytest.raises(ValueError, match=r"NaN guard at step 2/3: ce [\d.]+, kl [\d.]+, loss [\d.]+, grad norm [\d.]+ "
+                                         r"\(alpha [\d.]+, lr inf\): the update made the weights non-finite; they are "
+                                         r"not saved; the last finite checkpoint is .*ckpt \(step 1\)$"):
+        run_main(train, *args(tmp_path / "a", "--max_steps", 3, "--ckpt_every", 1))
+    assert json.load(open(tmp_path / "a" / "ckpt" / "state.json"))["step"] == 1
+    first_inf[0] = 0
+    with pytest.raises(ValueError, match=r"NaN guard at step 1/1: .* no checkpoint was written"):
+        run_main(train, *args(tmp_path / "b", "--max_steps", 1))
+    first_inf[0] = 10**9  # a finite schedule, and an evaluation that comes out nan at the end
+    calls = []
+
+    def nan_at_end(*a, **k):  # the second evaluation of a 2-step run (at steps 0 and 2) is nan
+        calls.append(1)
+        ev = evaluate(*a, **k)
+        return dict(ev, kl=math.nan) if len(calls) == 2 else ev
+    monkeypatch.setattr(train, "evaluate", nan_at_end)
+    with pytest.raises(ValueError, match=r"NaN guard at the evaluation of step 2: ce [\d.]+, kl nan"):
+        run_main(train, *args(tmp_path / "c", "--max_steps", 2))
+    for run in ["a", "b", "c"]:
+        out = tmp_path / run
+        files, bad = non_finite_in_files(out)
+        assert not bad, (run, bad)
+        assert not (out / "model.safetensors").exists() and json.load(open(out / "manifest.json"))["complete"] is False
+    assert len(non_finite_in_files(tmp_path / "a")[0]) == 3  # the checkpoint's weights, optimizer state and rng
+    assert not (tmp_path / "b" / "ckpt").exists()
 
 
 def test_bad_inputs(tmp_path, tiny_cache, tiny_topology, tiny_windows, student_config, tiny_teacher, demo_tokenizer):
@@ -420,7 +493,7 @@ def test_bad_inputs(tmp_path, tiny_cache, tiny_topology, tiny_windows, student_c
     shutil.copytree(tiny_windows, empty)
     np.save(empty / "windows.npy", np.zeros((0, 4), np.int64))
     fails(*good(windows=empty), match="no windows")
-    fails(*good(), "--grad_accum", "0", match="must be positive")
+    fails(*good(), "--grad_accum", "0", match="--grad_accum 0: must be >= 1")
     fails(*good(), "--pools", "0.5,0.3,1", match="--pools '0.5,0.3,1': the fractions must increase")
     fails(*good(), "--alpha_start", "0.5", "--alpha_full", "0.4", match="--alpha_start 0.5 and --alpha_full 0.4")
     # a cache without its tokenizer
