@@ -609,8 +609,9 @@ def render_report(steps, evals, total, title, facts, max_points=1500):
     steps / evals: train_log.jsonl's lines; facts: (name, value) pairs shown at the top. Returns HTML."""
     thin = steps[::max(1, -(-len(steps) // max_points))] + steps[-1:]  # at most ~max_points per line
     bounds = [s for s in range(1, total) if step_phase(s, total) != step_phase(s - 1, total)]
-    vlines = [(b, "#d97706", f"curriculum phase {step_phase(b, total)} starts after step {b}") for b in bounds]
-    vlines += [(e["eval_step"], "#94a3b8", f"evaluation at step {e['eval_step']}") for e in evals]
+    vlines = [(e["eval_step"], "#94a3b8", f"evaluation at step {e['eval_step']}", "2 3") for e in evals]
+    vlines += [(b, "#ea580c", f"curriculum phase {step_phase(b, total)} starts after step {b}", "6 3")
+               for b in bounds]  # drawn over the evaluations' lines where both fall on one step
     figs = []
     for key, name, log in REPORT_CHARTS:
         series = []
@@ -634,7 +635,7 @@ def render_report(steps, evals, total, title, facts, max_points=1500):
     done = steps[-1]["step"] if steps else 0
     head = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in facts)
     body = (f'<p class="note">{done} of {total} optimizer steps. Orange dashed lines: curriculum phase '
-            f'boundaries; grey dashed lines: held-out evaluations (red dots). Hover a dot for its value.</p>'
+            f'boundaries; grey dotted lines: held-out evaluations (red dots). Hover a dot or a line for its value.</p>'
             f'<table class="facts">{head}</table>'
             f'<div class="grid">{"".join(figs)}</div>'
             f'<h2>Held-out evaluations</h2><table class="evals"><tr><th>step</th>'
