@@ -259,11 +259,14 @@ def render_html(result):
             f'<td{" class=sig" if summary[v][k]["sig"] else ""}>{cell(summary[v][k], 3 if k == "layout" else 4)}'
             f"</td>" for k in METRICS) + "</tr>" for v in variants)
     m = result["machine"]
-    body = (f'<p class="note">{len(runs)} runs: {len(variants)} variants x {len(seeds)} seeds ({", ".join(map(str, seeds))}),'
+    body = (f'<p class="note">{len(runs)} runs: {len(variants)} variants x {len(seeds)} seeds '
+            f'({", ".join(map(str, seeds))}),'
             f' {cfg["steps"]} optimizer steps of {2 * cfg["grad_accum"]} windows each, the same held-out documents '
             f'(split seed {cfg["split_seed"]}: {result["held_out"]["windows"]} windows, '
             f'{result["held_out"]["rows"]:,} rows, {result["held_out"]["prompts"]} prompts). '
-            f'Wall time {fmt_time(result["wall_s"])} on {m["cpu"]} ({m["cores"]} cores, torch {m["torch"]}).</p>'
+            f'The runs took {fmt_time(result["runs_wall_s"])} ({fmt_time(result["runs_cpu_s"])} of CPU time; load '
+            f'average {result["load_average"]["start"][1]:.1f} at the start) on {m["cpu"]} ({m["cores"]} cores, '
+            f'{m["threads"]} torch threads, torch {m["torch"]}).</p>'
             f'<h2>Mean ± std over seeds (difference to full TKD; * and red: more than two standard errors)</h2>'
             f'<table><tr><th>variant</th>' + "".join(f"<th>{METRICS[k][0]}</th>" for k in METRICS) +
             f'</tr>{rows}</table><h2>Every run</h2><div class="grid">{"".join(figs)}</div>')
@@ -289,7 +292,7 @@ def main(args):
     if args.force:
         shutil.rmtree(args.out, ignore_errors=True)
     os.makedirs(args.out, exist_ok=True)
-    t_start = time.time()
+    t_start, c_start, load_start = time.time(), time.process_time(), os.getloadavg()
     cache_dir, topo_dir, win_dir = ensure_demo(args.demo)
     fixed_dir = os.path.join(args.out, "windows_fixed")
     if any(VARIANTS[v][1] for v in args.variants):  # the fixed-stride windows, built once for every run using them
@@ -325,12 +328,12 @@ def main(args):
             runs.append(run)
             continue
         print(f"[{i + 1}/{len(plan)}] {variant} seed {seed}: python train.py {shlex.join(cmd)}", flush=True)
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()  # wall and CPU seconds (CPU: what a busy machine does not change)
         run_script(train, cmd, os.path.join(folder, "train.log"))
-        t1 = time.time()
+        t1, c1 = time.time(), time.process_time()
         metrics = measure(folder, batches, val, questions, args.max_new_tokens, t_index)
         run = dict(variant=variant, seed=seed, folder=folder, command=cmd, metrics=metrics, train_s=t1 - t0,
-                   measure_s=time.time() - t1)
+                   measure_s=time.time() - t1, train_cpu_s=c1 - c0, measure_cpu_s=time.process_time() - c1)
         write_json(mpath, run)  # written last: a run folder with metrics.json is complete
         runs.append(run)
         done = [x for x in runs if "train_s" in x]
@@ -338,19 +341,27 @@ def main(args):
         kl_jump = "n/a" if metrics["kl_jump"] is None else f"{metrics['kl_jump']:.4f}"
         print(f"    kl {metrics['kl']:.4f} | kl after jumps {kl_jump} | "
               f"ce {metrics['ce']:.4f} | top-1 {metrics['top1']:.3f} | layout {metrics['layout']:.2f} | "
-              f"train {run['train_s']:.0f}s + measure {run['measure_s']:.0f}s | ETA "
+              f"train {run['train_s']:.0f}s + measure {run['measure_s']:.0f}s (CPU {run['train_cpu_s']:.0f}s + "
+              f"{run['measure_cpu_s']:.0f}s) | ETA "
               f"{fmt_time(per_run * (len(plan) - i - 1))}", flush=True)
 
     summary = summarize(runs)
+    # this call's wall and CPU time, and the runs' own (which also counts runs finished by an earlier call)
     result = dict(config=dict(vars(args)), machine=machine(), wall_s=time.time() - t_start,
-                  load_average=os.getloadavg(), held_out=dict(documents=int((~is_train).sum()), windows=len(val),
-                  rows=batches.count(val), prompts=len(questions)), runs=runs, summary=summary)
+                  cpu_s=time.process_time() - c_start, load_average=dict(start=load_start, end=os.getloadavg()),
+                  runs_wall_s=sum(r["train_s"] + r["measure_s"] for r in runs),
+                  runs_cpu_s=sum(r["train_cpu_s"] + r["measure_cpu_s"] for r in runs),
+                  held_out=dict(documents=int((~is_train).sum()), windows=len(val), rows=batches.count(val),
+                                prompts=len(questions)), runs=runs, summary=summary)
     write_json(os.path.join(args.out, "ablation.json"), result)
     with atomic_write(os.path.join(args.out, "ablation.html")) as f:
         f.write(render_html(result))
     print(table(summary))
     print(f"ablate: {len(runs)} runs ({len(args.variants)} variants x {len(args.seeds)} seeds, {args.steps} steps "
-          f"each) in {fmt_time(result['wall_s'])}; * = difference to full TKD beyond two standard errors "
+          f"each) in {fmt_time(result['runs_wall_s'])} ({fmt_time(result['runs_cpu_s'])} CPU, "
+          f"{torch.get_num_threads()} threads, "
+          f"load average {load_start[1]:.1f} -> {os.getloadavg()[1]:.1f}); * = difference to full TKD beyond two "
+          f"standard errors "
           f"-> {args.out}/ablation.json, {args.out}/ablation.html")
 
 
@@ -364,8 +375,8 @@ def get_parser():
     p.add_argument("--variants", nargs="+", default=None, help=f"of {', '.join(VARIANTS)} (default: all)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds: init and curriculum shuffles "
                    f"(default {' '.join(map(str, DEFAULTS['seeds']))})")
-    p.add_argument("--steps", type=int, default=None, help=f"optimizer steps of every run (default {DEFAULTS['steps']}: "
-                   "7 variants x 3 seeds in <= 30 min on 2 CPU cores)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps of every run (default "
+                   f"{DEFAULTS['steps']}: 7 variants x 3 seeds in <= 30 min on 2 CPU cores)")
     p.add_argument("--grad_accum", type=int, default=None, help="micro-batches of 2 windows per step (default 16)")
     p.add_argument("--split_seed", type=int, default=1337, help="the held-out split, the same for every run")
     p.add_argument("--val_fraction", type=float, default=0.05, help="documents held out (train.py's split)")

@@ -79,7 +79,8 @@ def titles(node):
 def test_summary_statistics_by_hand():
     """mean, sample std, the difference to full TKD, its standard error sqrt(s1^2/n1 + s2^2/n2) and the 2-SE flag."""
     runs = [dict(variant=v, seed=s, metrics=dict(kl=x, ce=c))
-            for v, xs, cs in [("full", [1.0, 2.0, 3.0], [5.0, 5.0, 5.0]), ("standard_kd", [4.0, 5.0, 6.0], [5.0, 5.0, 5.0]),
+            for v, xs, cs in [("full", [1.0, 2.0, 3.0], [5.0, 5.0, 5.0]),
+                              ("standard_kd", [4.0, 5.0, 6.0], [5.0, 5.0, 5.0]),
                               ("renorm", [1.5, 2.5, 3.5], [4.0, 4.0, None])]
             for s, x, c in zip([1, 2, 3], xs, cs)]
     s = ablate.summarize(runs, metrics=("kl", "ce"))
