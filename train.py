@@ -23,7 +23,8 @@ a 2048^3 matmul measured at start, as on a CPU; the first lines say which).
 Inputs   --init (Hub id, folder, or `scratch` with --config), --cache, --topology, --windows
 Outputs  in --out (default out/student): the student in Hugging Face layout (config.json, model.safetensors,
          generation_config.json, tokenizer files; loads in transformers), train_log.jsonl (one JSON line per step
-         and per evaluation), ckpt/ (resumable: model.safetensors fp32, optimizer.pt, state.json)
+         and per evaluation), report.html (the run's curves, redrawn at each evaluation: open it in a browser),
+         ckpt/ (resumable: model.safetensors fp32, optimizer.pt, state.json)
 
 Run
   python train.py --init scratch --config data/student_config.json --cache out/cache --topology out/topology \\
