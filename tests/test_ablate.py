@@ -104,6 +104,25 @@ def test_summary_statistics_by_hand():
     assert md[0] == "| variant | KL to teacher (T=2) | CE (nats) |" and md[3].startswith("| standard KD | 5.0000 ± 1.0000")
 
 
+def test_every_variant_command_line():
+    """Each variant's train.py command line, parsed by train.py's own parser, has exactly the ablation it claims,
+    and the same steps, seed and held-out split as full TKD."""
+    import train
+    a = ablate.get_parser().parse_args([])
+    for k, v in ablate.DEFAULTS.items():
+        setattr(a, k, v)
+    claims = dict(full=(), standard_kd=("no_jumps", "no_proof_weight", "no_curriculum", "fixed"),
+                  no_jumps=("no_jumps",), no_proof_weight=("no_proof_weight",), no_curriculum=("no_curriculum",),
+                  fixed_windows=("fixed",), renorm=("renorm",))
+    assert set(claims) == set(ablate.VARIANTS)
+    for variant, claim in claims.items():
+        t = train.get_parser().parse_args(ablate.train_command(a, variant, 7, "C", "T", "W", "F", "O"))
+        got = tuple(f for f in ("no_jumps", "no_proof_weight", "no_curriculum") if getattr(t, f))
+        got += ("fixed",) * (t.windows == "F") + ("renorm",) * (t.kd_mode == "renorm")
+        assert got == claim, variant
+        assert (t.max_steps, t.seed, t.split_seed, t.topology, t.cache) == (a.steps, 7, a.split_seed, "T", "C")
+
+
 # --- the evaluation groups against a brute force ----------------------------------------------------------------
 
 def test_evaluate_groups_match_brute_force(tiny_cache, tiny_topology, tiny_windows, student_config):
