@@ -82,7 +82,8 @@ METRICS = {
     "kl_reasoning": ("KL explore/examine", False), "kl_response": ("KL response", False),
     "ce": ("CE (nats)", False), "top1": ("top-1 agreement", True), "layout": ("DualMind layout rate", True),
 }
-# the demo's student recipe (demo.sh's $SCRATCH): a student from scratch, so the card's 5e-6 would not move it
+# the demo's student recipe (demo.sh's learning rates: a student from scratch, which the card's 5e-6 would not move),
+# in float32 rather than the demo's bf16 autocast, so that the differences between variants are not bf16 rounding
 SCRATCH = ["--lr", "3e-3", "--min_lr", "3e-4", "--warmup", "10", "--dtype", "float32", "--save_dtype", "float32",
            "--device", "cpu", "--log_every", "25", "--eval_every", "0", "--ckpt_every", "50"]
 # the defaults, and what --quick puts in place of every one that is not given
