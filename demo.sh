@@ -6,6 +6,7 @@
 #                                     # the smoke run of tests/test_demo.py: 3-step models, 12 new tokens per answer
 #                                     # (without MAX_NEW=12 most of its time goes to 9 answers of 400 tokens);
 #                                     # about 3 minutes of CPU time on 2 cores
+#   STOP_AFTER=windows bash demo.sh   # only up to Phase 3: what ablate.py reuses (it runs this when they are missing)
 #
 # No network: a byte-level BPE tokenizer and a tiny teacher are trained here from the bundled and generated
 # physics records, then the four phases distil the teacher into a smaller student, which then generates.
@@ -57,6 +58,7 @@ $PY topology.py --cache "$OUT/cache" --out "$OUT/topology"
 
 say "7/9 Phase 3: topology-guided windows and the curriculum (windows.py)"
 $PY windows.py --cache "$OUT/cache" --topology "$OUT/topology" --out "$OUT/windows"
+if [ "${STOP_AFTER:-}" = windows ]; then say "STOP_AFTER=windows: data, teacher, cache, topology, windows ready"; exit 0; fi
 
 say "8/9 Phase 4: distil into the student, 2 layers, hidden 128 (train.py)"
 $PY train.py --init scratch --config data/student_config.json --cache "$OUT/cache" --topology "$OUT/topology" \

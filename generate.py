@@ -105,6 +105,24 @@ def generate(model, prompt, max_new_tokens, eos_ids=(), temperature=0.0, top_k=0
             model.clear_cache()
 
 
+def complete(model, tok, ids, max_new_tokens, eos_ids=(), stops=(), temperature=0.0, top_k=0, top_p=1.0,
+             penalty=1.0, seed=0, step_fn=None, on_text=None):
+    """The model's answer to the token ids `ids` (a list): (text, tokens generated). It ends at an end token,
+    after max_new_tokens, or with the first stop string (kept); on_text(piece) is called as the text grows."""
+    device = next(model.parameters()).device
+    out, shown, text = [], "", ""
+    for t in generate(model, torch.tensor([ids], device=device), max_new_tokens, eos_ids, temperature, top_k, top_p,
+                      penalty, seed, step_fn=step_fn):
+        out.append(t)
+        text, stopped = cut_at_stop(tok.decode(out), stops)
+        if on_text and not text.endswith("\ufffd"):  # hold back half a UTF-8 character
+            on_text(text[len(shown):])
+            shown = text
+        if stopped:
+            break
+    return text, len(out)
+
+
 def cut_at_stop(text, stops):
     """(text up to and including the earliest stop string, whether one was found)."""
     ends = [text.find(s) + len(s) for s in stops if s and s in text]
@@ -183,25 +201,17 @@ def main(args):
                              f"context of {ctx}; lower --max_new_tokens to {ctx - len(ids)} or less")
         if stream:
             print(text, end="", flush=True)
-        out, shown, t0 = [], "", time.time()
-        for t in generate(model, torch.tensor([ids], device=args.device), args.max_new_tokens, eos,
-                          args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed,
-                          step_fn=step_fn):
-            out.append(t)
-            piece, stopped = cut_at_stop(tok.decode(out), args.stop)
-            if stream and not piece.endswith("\ufffd"):  # hold back half a UTF-8 character
-                print(piece[len(shown):], end="", flush=True)
-                shown = piece
-            if stopped:
-                break
+        t0 = time.time()
+        answer, n = complete(model, tok, ids, args.max_new_tokens, eos, args.stop, args.temperature, args.top_k,
+                             args.top_p, args.repetition_penalty, args.seed, step_fn=step_fn,
+                             on_text=(lambda piece: print(piece, end="", flush=True)) if stream else None)
         dt = time.time() - t0
-        answer = piece if out else ""
         check = dualmind_check(text + answer)
         if stream:
             print()
-        print(f"[{len(out)} tokens in {dt:.2f}s, {len(out) / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)
+        print(f"[{n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)
         if args.prompts_jsonl:
-            print(json.dumps(dict(prompt=prompt, output=answer, tokens=len(out), check=check), ensure_ascii=False))
+            print(json.dumps(dict(prompt=prompt, output=answer, tokens=n, check=check), ensure_ascii=False))
         if args.check:
             marks = " ".join(f"<{b}>{'✓' if v else '✗'}" for b, v in check["present"].items())
             print(f"DualMind check: {marks} | order {'ok' if check['ok'] else 'WRONG'} -> "

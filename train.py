@@ -25,7 +25,8 @@ a 2048^3 matmul measured at start, as on a CPU; the first lines say which).
 Inputs   --init (Hub id, folder, or `scratch` with --config), --cache, --topology, --windows
 Outputs  in --out (default out/student): the student in Hugging Face layout (config.json, model.safetensors,
          generation_config.json, tokenizer files with the DualMind chat template; loads in transformers),
-         train_log.jsonl (one JSON line per step and per evaluation), draws.npy int32 [W] (times each window was
+         train_log.jsonl (one JSON line per step and per evaluation), report.html (the run's curves, redrawn
+         at each evaluation: open it in a browser), draws.npy int32 [W] (times each window was
          drawn; the manifest sums it up per difficulty band), ckpt/ (resumable: model.safetensors fp32,
          optimizer.pt, state.json) while training
 NaN guard: a step whose loss parts or gradient norm are not finite is not applied, an update that makes the weights
@@ -43,6 +44,7 @@ Run
 
 import argparse
 import contextlib
+import html
 import json
 import math
 import os
@@ -55,8 +57,9 @@ import numpy as np
 import torch
 
 from cache_teacher import TeacherCache, teacher_log_q
-from common import (FORMAT_VERSION, REASONING, ROLES, chat_template, check_device, check_ranges, end_tokens, fmt_time,
-                    init_distributed, pad_right, prepare_out, publish, read_manifest, save_npy, sha256_json, write_json)
+from common import (FORMAT_VERSION, REASONING, ROLES, atomic_write, chat_template, check_device, check_ranges,
+                    end_tokens, fmt_num, fmt_time, html_page, init_distributed, pad_right, prepare_out, publish,
+                    read_manifest, save_npy, sha256_json, svg_chart, write_json)
 from model import Qwen3, Qwen3Config
 from topology import load as load_topology
 from windows import POOLS, fixed_windows, load as load_windows, parse_pools, pool_phases
@@ -346,27 +349,48 @@ def unwrap(model):
     return getattr(m, "_orig_mod", m)  # torch.compile
 
 
+EVAL_GROUPS = ("jump", "reasoning", "response")  # the rows where TKD claims its gain, each with its own mean KL
+
+
+def row_groups(batch):
+    """Masks (R,) of a batch's rows: right after a topology jump (jump weight > 1), explore/examine targets
+    (the rows the proof weight multiplies), response targets (prompt targets are never trained on)."""
+    return dict(jump=batch["jump_w"] > 1, reasoning=batch["reasoning"], response=~batch["reasoning"])
+
+
 @torch.no_grad()
 def evaluate(model, batches, val, *, temperature, t_index, kd_mode, chunk, device, autocast, batch_size=2):
-    """Held-out windows: mean CE, KL to the teacher at T, top-1 agreement with the teacher, tail-mass gap."""
+    """Held-out windows: mean CE, KL to the teacher at T, top-1 agreement with the teacher, tail-mass gap, and the
+    mean KL over each of the EVAL_GROUPS rows (kl_jump, kl_reasoning, kl_response; None where a group is empty,
+    as kl_jump is when `batches` has no jump weights) with their row counts (rows_jump, ...)."""
     model.eval()
     sums = dict.fromkeys(ROW_STATS + ("rows",), 0.0)
+    group_kl, group_rows = dict.fromkeys(EVAL_GROUPS, 0.0), dict.fromkeys(EVAL_GROUPS, 0)
     W = unwrap(model).lm_head.weight
     for i in range(0, len(val), batch_size):
         b = batches.batch(val[i:i + batch_size], device)
+        groups = row_groups(b)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             h = model(b["idx"], hidden_only=True).flatten(0, 1)[b["sel"]]  # (R, C)
             teacher = None
             if "topk_ids" in b:
                 teacher = (b["topk_ids"], *teacher_q(b["topk_logprobs"].float(), b["lse"].float(), t_index,
                                                      temperature))
-            for _, st, _ in kd_chunks(h, W, b["targets"], teacher, temperature, kd_mode, chunk):
+            for sl, st, _ in kd_chunks(h, W, b["targets"], teacher, temperature, kd_mode, chunk):
                 for n in ROW_STATS:
                     sums[n] += st[n].double().sum().item()
+                for g, mask in groups.items():
+                    group_kl[g] += st["kl"].double()[mask[sl]].sum().item()
         sums["rows"] += len(h)
+        for g, mask in groups.items():
+            group_rows[g] += int(mask.sum())
     model.train()
     n = max(sums["rows"], 1)
-    return dict(ce=sums["ce"] / n, kl=sums["kl"] / n, top1=sums["agree"] / n, tail_gap=sums["tail_gap"] / n)
+    ev = dict(ce=sums["ce"] / n, kl=sums["kl"] / n, top1=sums["agree"] / n, tail_gap=sums["tail_gap"] / n)
+    for g in EVAL_GROUPS:
+        ev[f"kl_{g}"] = group_kl[g] / group_rows[g] if group_rows[g] else None
+        ev[f"rows_{g}"] = group_rows[g]
+    return ev
 
 
 # -----------------------------------------------------------------------------
@@ -540,7 +564,7 @@ class RunLog:
     written after that checkpoint and are about to be written again), so the log never repeats a step."""
 
     def __init__(self, path, start, enabled=True):
-        self.f = None
+        self.f, self.path = None, path
         if not enabled:
             return
         kept = []
@@ -598,6 +622,83 @@ def read_student(folder):
     return read_manifest(folder, "student")
 
 
+# -----------------------------------------------------------------------------
+# The run's picture: report.html beside train_log.jsonl, redrawn at every evaluation
+
+REPORT_CHARTS = (  # (log key, title, log-scale y): one chart each, against the optimizer step
+    ("ce", "CE (nats, T=1)", True), ("kl", "KL to the teacher (T=2, top-k + tail)", True),
+    ("loss", "training objective", True), ("top1", "top-1 agreement with the teacher", False),
+    ("lr", "learning rate", False), ("alpha", "KD weight alpha", False), ("proof_weight", "proof weight", False))
+EVAL_COLUMNS = ("ce", "kl", "top1", "tail_gap", "kl_jump", "kl_reasoning", "kl_response")
+
+
+def read_log(path):
+    """train_log.jsonl -> (step lines, evaluation lines), lists of dicts; a line cut short by a kill is skipped."""
+    steps, evals = [], []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                e = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            (evals if "eval_step" in e else steps).append(e)
+    return steps, evals
+
+
+def render_report(steps, evals, total, title, facts, max_points=1500):
+    """The page of one training run: each of REPORT_CHARTS against the step (the per-step line, the held-out
+    evaluations as dots), curriculum phase boundaries and evaluations marked, and the evaluations as a table.
+    steps / evals: train_log.jsonl's lines; facts: (name, value) pairs shown at the top. Returns HTML."""
+    thin = steps[::max(1, -(-len(steps) // max_points))] + steps[-1:]  # at most ~max_points per line
+    bounds = [s for s in range(1, total) if step_phase(s, total) != step_phase(s - 1, total)]
+    vlines = [(e["eval_step"], "#94a3b8", f"evaluation at step {e['eval_step']}", "2 3") for e in evals]
+    vlines += [(b, "#ea580c", f"curriculum phase {step_phase(b, total)} starts after step {b}", "6 3")
+               for b in bounds]  # drawn over the evaluations' lines where both fall on one step
+    figs = []
+    for key, name, log in REPORT_CHARTS:
+        series = []
+        pts = [(e["step"], e.get(key)) for e in thin if e.get(key) is not None]
+        if pts:
+            series.append(dict(x=[p[0] for p in pts], y=[p[1] for p in pts], kind="line", color="#2563eb",
+                               label="training step"))
+        ev = [(e["eval_step"], e.get(key)) for e in evals if e.get(key) is not None]
+        if ev:
+            series.append(dict(x=[p[0] for p in ev], y=[p[1] for p in ev], kind="dots", color="#dc2626",
+                               label="held-out", tips=[f"step {x}: {fmt_num(y)}" for x, y in ev]))
+        if not series:  # e.g. no teacher: no KL, no agreement
+            continue
+        last = f"{fmt_num(pts[-1][1])} at step {pts[-1][0]}" if pts else ""
+        figs.append(f'<figure data-metric="{key}"><figcaption>{html.escape(name)}'
+                    f'<span class="note"> {last}</span></figcaption>'
+                    f'{svg_chart(series, log=log, vlines=vlines, xlabel="optimizer step", width=530)}</figure>')
+    cols = [c for c in EVAL_COLUMNS if any(e.get(c) is not None for e in evals)]
+    rows = "".join(f"<tr><td>{e['eval_step']}</td>" + "".join(
+        f"<td>{'' if e.get(c) is None else f'{e[c]:.4f}'}</td>" for c in cols) + "</tr>" for e in evals)
+    done = steps[-1]["step"] if steps else 0
+    head = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in facts)
+    body = (f'<p class="note">{done} of {total} optimizer steps. Orange dashed lines: curriculum phase '
+            f'boundaries; grey dotted lines: held-out evaluations (red dots). Hover a dot or a line for its value.</p>'
+            f'<table class="facts">{head}</table>'
+            f'<div class="grid">{"".join(figs)}</div>'
+            f'<h2>Held-out evaluations</h2><table class="evals"><tr><th>step</th>'
+            + "".join(f"<th>{c}</th>" for c in cols) + f"</tr>{rows}</table>")
+    return html_page(title, body)
+
+
+def write_report(run):
+    """report.html beside train_log.jsonl, from the log as it stands (atomic: a browser never sees half a page)."""
+    a = run.args
+    steps, evals = read_log(run.log.path)
+    flags = [f for f in ("no_jumps", "no_proof_weight", "no_curriculum") if getattr(a, f)]
+    facts = [("student", a.init if a.init != "scratch" else f"scratch, {a.config}"), ("cache", a.cache),
+             ("windows", a.windows or "fixed 512-token windows"), ("KL", f"{a.kd_mode}, T = {a.temperature}"),
+             ("ablations", ", ".join("--" + f for f in flags) or "none (full TKD)"),
+             ("seed", f"{a.seed} (held-out split {a.seed if a.split_seed is None else a.split_seed})")]
+    page = render_report(steps, evals, run.total, f"Training run {a.out}", facts)
+    with atomic_write(os.path.join(a.out, "report.html")) as f:
+        f.write(page)
+
+
 @dataclass
 class Run:
     """What the evaluation needs to know about the run (built once in main)."""
@@ -609,12 +710,16 @@ class Run:
     autocast: bool
     log: RunLog
     master: bool
+    total: int  # optimizer steps of the run
 
 
 def run_eval(run, model, step):
-    """Evaluate on the held-out windows (rank 0), log the line and print it; None when there is nothing to do."""
+    """Evaluate on the held-out windows (rank 0), log the line, print it and redraw report.html; None when there is
+    nothing to evaluate."""
     a = run.args
     if not (run.master and len(run.val) and a.eval_every >= 0):
+        if run.master:
+            write_report(run)
         return None
     ev = evaluate(model, run.batches, run.val, temperature=a.temperature, t_index=run.t_index, kd_mode=a.kd_mode,
                   chunk=a.loss_chunk, device=run.device, autocast=run.autocast, batch_size=a.batch_size)
@@ -628,6 +733,7 @@ def run_eval(run, model, step):
     kd = (f" | kl {ev['kl']:.4f} | top-1 agreement {ev['top1']:.3f} | tail gap {ev['tail_gap']:+.4f}"
           if has_teacher else "")
     print(f"eval step {step}: ce {ev['ce']:.4f}{kd} ({len(run.val)} held-out windows)", flush=True)
+    write_report(run)
     return ev
 
 
@@ -666,7 +772,8 @@ def main(args):
     cache, weight, windows, difficulty, upstream = load_inputs(args)
     t_index = cache.temperature_index(args.temperature) if cache.has_teacher else 0
     batches = WindowBatches(cache, windows, None if weight is None else np.asarray(weight))
-    is_train = split_docs(cache.n_docs, args.val_fraction, args.seed)[windows[:, 0]]  # (W,) by document
+    split_seed = args.seed if args.split_seed is None else args.split_seed
+    is_train = split_docs(cache.n_docs, args.val_fraction, split_seed)[windows[:, 0]]  # (W,) by document
     train_w, val_w = np.flatnonzero(is_train), np.flatnonzero(~is_train)[:args.eval_windows]
     if len(train_w) == 0:
         raise ValueError(f"no training windows (all {len(windows)} held out: lower --val_fraction)")
@@ -688,6 +795,8 @@ def main(args):
     opt = configure_optimizer(model, args.lr, args.weight_decay)
     settings = {k: v for k, v in vars(args).items() if k not in ("resume", "log_every", "eval_every", "ckpt_every",
                                                                   "device", "compile", "out", "force", "peak_flops")}
+    if args.split_seed is None:  # the split follows --seed, as before --split_seed existed: older runs still resume
+        del settings["split_seed"]
     fingerprint = sha256_json(dict(settings=settings, upstream=upstream, world_batch=step_batch))
     state = prepare_out(args.out, "student", fingerprint, args.force, rank, world)
     if state == "done":
@@ -720,7 +829,7 @@ def main(args):
         print(f"MFU against a peak of {peak / 1e12:.3g} TFLOP/s ({peak_source}); the model takes "
               f"{model.config.flops_per_token(mean_len) / 1e6:,.1f} MFLOP per trained token at the mean window "
               f"length {mean_len} (Qwen3Config.flops_per_token)", flush=True)
-    run = Run(batches, val_w, args, t_index, device, autocast, log, master)
+    run = Run(batches, val_w, args, t_index, device, autocast, log, master, total)
     checkpoint = lambda step: save_checkpoint(ckpt_dir, model, opt, dict(step=step, fingerprint=fingerprint,
                                                                          total=total, first_eval=first_eval))
 
@@ -793,8 +902,9 @@ def main(args):
         rate = tokens_done / max(time.time() - t_start, 1e-9)
         dt = time.time() - t0
         entry = dict(step=step + 1, total=total, phase=step_phase(step, total, n_phases), ce=ce, kl=kl,
-                     loss=sums["objective"], alpha=alpha, proof_weight=w_proof, lr=lr, grad_norm=gnorm, tok_s=rate,
-                     mfu=flops / dt / peak, rows=int(n), dt=dt)
+                     top1=sums["agree"] / n if cache.has_teacher else None, loss=sums["objective"], alpha=alpha,
+                     proof_weight=w_proof, lr=lr, grad_norm=gnorm, tok_s=rate, mfu=flops / dt / peak, rows=int(n),
+                     dt=dt)
         log.record(entry)
         if master and ((step + 1) % args.log_every == 0 or step + 1 == total or step == start):
             eta = (total - step - 1) * (time.time() - t_start) / (step + 1 - start)
@@ -889,6 +999,8 @@ def get_parser():
                    "(0: the datasheet's dense bf16 figure of a known GPU, else a matmul measured at start)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1")
     p.add_argument("--seed", type=int, default=1337, help="split, curriculum shuffles and scratch init")
+    p.add_argument("--split_seed", type=int, default=None, help="seed of the held-out split alone (default: --seed; "
+                   "ablate.py fixes it, so every seed is measured on the same held-out documents)")
     return p
 
 
