@@ -727,8 +727,9 @@ def run_eval(run, model, step):
     if not has_teacher:
         ev = dict(ce=ev["ce"])
     run.log.record(dict(eval_step=step, **ev))
-    if not all(map(math.isfinite, ev.values())):  # never a student marked complete with a nan evaluation
-        raise ValueError(f"NaN guard at the evaluation of step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in
+    # never a student marked complete with a nan evaluation (a row group with no rows is None, not nan)
+    if not all(math.isfinite(v) for v in ev.values() if v is not None):
+        raise ValueError(f"NaN guard at the evaluation of step {step}: " + ", ".join(f"{k} {v}" for k, v in
                          ev.items()) + " on the held-out windows; the run stops here and is not marked complete")
     kd = (f" | kl {ev['kl']:.4f} | top-1 agreement {ev['top1']:.3f} | tail gap {ev['tail_gap']:+.4f}"
           if has_teacher else "")
