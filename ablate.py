@@ -185,7 +185,7 @@ def run_script(module, argv, log):
 
 
 def held_out_questions(cache, docs, n):
-    """The questions of the first n held-out documents, decoded from their prompt tokens (##USER:\\n{question})."""
+    """The questions of the first n held-out documents, decoded from their prompt tokens (common.PROMPT)."""
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(cache.tokenizer_path)
     out = []
