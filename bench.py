@@ -324,16 +324,15 @@ def teacher_pass(streamed, folder, tokens, offsets, work, device, batch_tokens=4
     (from_pretrained + cache_batches) or streamed layer by layer (stream_batches). Returns the stream's summary."""
     import numpy as np
     from cache_teacher import cache_batches, plan_batches, stream_batches, stream_budget
-    from model import Qwen3, Qwen3Config
+    from model import Qwen3
     batches = list(enumerate(plan_batches(np.diff(offsets), batch_tokens)))
     arrays = cache_arrays(work, len(tokens))
     if not streamed:
         model = Qwen3.from_pretrained(folder, dtype=torch.float32, device=device).eval()
         return cache_batches(model, tokens, offsets, batches, arrays, 64, [1.0, 2.0], chunk, device)
-    cfg = Qwen3Config.from_json(os.path.join(folder, "config.json"))
     scratch = os.path.join(work, "stream_scratch")
     shutil.rmtree(scratch, ignore_errors=True)  # no resuming from an earlier pass
-    return stream_batches(folder, cfg, batches, tokens, offsets, arrays, 64, [1.0, 2.0], chunk, torch.float32, device,
+    return stream_batches(folder, batches, tokens, offsets, arrays, 64, [1.0, 2.0], chunk, torch.float32, device,
                           budget or stream_budget(0, device), scratch, log_every=1e9)
 
 

@@ -72,7 +72,7 @@ from common import (FORMAT_VERSION, DTYPES, ROLES, Progress, check_device, check
 try:  # the teacher pass needs torch; the cache reader (TeacherCache) does not: topology.py and windows.py run without
     import torch
 
-    from model import Qwen3, Qwen3Config, checkpoint_index, load_tensors, resolve_folder, rope_cos_sin
+    from model import Qwen3, resolve_folder, rope_cos_sin
 except ModuleNotFoundError as e:
     if e.name != "torch":
         raise
@@ -528,7 +528,7 @@ def main(args):
         if args.stream_layers:  # a missing tensor or too small a budget fails here, before any work
             if args.stream_save_every < 1:
                 raise ValueError(f"--stream_save_every {args.stream_save_every}: must be at least 1")
-            check_budget(stream_pieces(teacher_folder, teacher_cfg, getattr(torch, args.dtype))[1],
+            check_budget(stream_pieces(teacher_folder, getattr(torch, args.dtype))[2],
                          stream_budget(args.stream_budget_gb, args.device))
         if args.k > teacher_cfg.vocab_size:
             raise ValueError(f"--k {args.k}: more than the teacher's vocabulary of {teacher_cfg.vocab_size}")
@@ -640,8 +640,7 @@ def run_teacher(args, folder, tokens, doc_offsets, temps, rank, world):
 
     work = [(b, batches[b]) for b in mine]
     if args.stream_layers:  # one decoder layer at a time: the same bytes, a teacher of any size
-        cfg = Qwen3Config.from_json(os.path.join(folder, "config.json"))
-        stream_batches(folder, cfg, work, tokens, doc_offsets, arrays, k, temps, args.chunk,
+        stream_batches(folder, work, tokens, doc_offsets, arrays, k, temps, args.chunk,
                        getattr(torch, args.dtype), args.device, stream_budget(args.stream_budget_gb, args.device),
                        os.path.join(out, "stream_scratch"), rank, on_done, args.log_every, args.stream_save_every)
     else:
@@ -697,21 +696,18 @@ def write_stats(head, h, idx, docs, doc_offsets, arrays, k, temps, chunk):
 # names the last complete stage, so a kill -9 loses at most the stage in flight.
 
 
-def stream_pieces(folder, cfg, dtype):
+def stream_pieces(folder, dtype):
     """Check a checkpoint from its safetensors headers alone (a ValueError names any missing tensor before any work)
-    and list what the streamed pass holds at once: (index, [(what, tensor names, bytes in dtype)]) for the
+    and list what the streamed pass holds at once: (config, index, [(what, tensor names, bytes in dtype)]) for the
     embedding, each decoder layer (for MoE all its experts) and the final norm with the lm_head."""
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in Qwen3(cfg).state_dict().items()}
-    tied = cfg.tie_word_embeddings
-    index = checkpoint_index(folder, expected, {"lm_head.weight"} if tied else set())
+    cfg, index, _ = Qwen3.check_pretrained(folder)
+    head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
     groups = ([("embedding", ["model.embed_tokens.weight"])] +
-              [(f"decoder layer model.layers.{i}", [k for k in expected if k.startswith(f"model.layers.{i}.")])
+              [(f"decoder layer model.layers.{i}", [k for k in index if k.startswith(f"model.layers.{i}.")])
                for i in range(cfg.num_hidden_layers)] +
-              [("final norm and lm_head", ["model.norm.weight",
-                                           "model.embed_tokens.weight" if tied else "lm_head.weight"])])
+              [("final norm and lm_head", ["model.norm.weight", head])])
     size = torch.empty((), dtype=dtype).element_size()
-    return index, [(what, names, sum(math.prod(expected[k]) for k in names) * size) for what, names in groups]
+    return cfg, index, [(what, names, sum(math.prod(index[k][1]) for k in names) * size) for what, names in groups]
 
 
 def check_budget(pieces, budget):
@@ -792,7 +788,7 @@ class ScratchStates:
             os.remove(p)
 
 
-def stream_batches(folder, cfg, batches, tokens, doc_offsets, arrays, k, temps, chunk, dtype, device, budget,
+def stream_batches(folder, batches, tokens, doc_offsets, arrays, k, temps, chunk, dtype, device, budget,
                    scratch, rank=0, on_done=None, log_every=10.0, save_every=1):
     """The teacher pass one stage at a time over `batches` [(b, docs)]: the same rows into `arrays` as cache_batches,
     with at most one decoder layer of weights on the device. The hidden states are saved to scratch after every
@@ -800,7 +796,7 @@ def stream_batches(folder, cfg, batches, tokens, doc_offsets, arrays, k, temps, 
     Returns dict(read=checkpoint bytes read, written=scratch bytes written, resident=states kept on the device)."""
     if not batches:
         return dict(read=0, written=0, resident=True)
-    index, pieces = stream_pieces(folder, cfg, dtype)
+    cfg, index, pieces = stream_pieces(folder, dtype)
     check_budget(pieces, budget)
     L, C, tag = cfg.num_hidden_layers, cfg.hidden_size, f"stream rank {rank}" if rank else "stream"
     os.makedirs(scratch, exist_ok=True)
@@ -831,7 +827,7 @@ def stream_batches(folder, cfg, batches, tokens, doc_offsets, arrays, k, temps, 
 
     def load(names):
         nonlocal read
-        model.load_state_dict(load_tensors(index, names, dtype, device), strict=False, assign=True)
+        model.load_weights(index, names, dtype, device)
         read += sum(index[n][2] for n in names)
 
     for s in range(start, L + 1):

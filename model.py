@@ -512,27 +512,11 @@ class Qwen3(nn.Module):
         straight onto `device`, so host memory peaks near one copy of the weights.
         """
         folder = resolve_folder(name_or_path)
-        config, index, optional = cls.check_pretrained(folder)
+        config, index, optional = cls.check_pretrained(folder)  # names and shapes checked from the headers first
         dtype = dtype or DTYPES.get(config.torch_dtype, torch.float32)
         with torch.device("meta"):
             model = cls(config)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        optional = {"lm_head.weight"} if config.tie_word_embeddings else set()  # tied: a stored copy is ignored
-        index = checkpoint_index(folder, expected, optional)  # names and shapes checked from the headers first
-        for blk in model.model.layers:  # MoE experts: their stacked tensors allocated on the device, filled in place
-            if isinstance(blk.mlp, SparseMoeBlock):
-                blk.mlp.stack_experts(device=device, dtype=dtype)
-        params = dict(model.named_parameters())
-        by_layer = {}  # read one layer at a time: the transient copies never exceed one layer's tensors
-        for k in [k for k in index if k not in optional]:
-            by_layer.setdefault(k.split(".")[2] if k.startswith("model.layers.") else "", []).append(k)
-        for keys in by_layer.values():
-            sd = load_tensors(index, keys, dtype, device)
-            with torch.no_grad():
-                for k in [k for k in sd if k in params and not params[k].is_meta]:  # the stacked experts
-                    params[k].copy_(sd.pop(k))
-            model.load_state_dict(sd, strict=False, assign=True)  # everything else: the tensors themselves
-            del sd
+        model.load_weights(index, [k for k in index if k not in optional], dtype, device)
         model.tie_weights()  # assign=True replaced the Parameter objects
         meta = [n for n, p in model.named_parameters() if p.is_meta]
         assert not meta, f"parameters left unloaded: {meta[:5]}"
@@ -541,6 +525,26 @@ class Qwen3(nn.Module):
             with open(gen_path) as fh:
                 model.generation_config = json.load(fh)
         return model
+
+    def load_weights(self, index, keys, dtype, device):
+        """Read the tensors `keys` of a checkpoint_index into this model, built on meta, one layer at a time: a MoE
+        layer's stacked expert tensors are allocated on `device` and filled in place straight from the memory-mapped
+        files (no second copy of the layer on the device); every other tensor is read onto `device` and assigned."""
+        by_layer = {}
+        for k in keys:
+            by_layer.setdefault(k.split(".")[2] if k.startswith("model.layers.") else "", []).append(k)
+        for layer, names in by_layer.items():
+            mlp = self.model.layers[int(layer)].mlp if layer else None
+            if isinstance(mlp, SparseMoeBlock) and mlp.stacked[0].is_meta:
+                mlp.stack_experts(device=device, dtype=dtype)
+            params = dict(self.named_parameters())
+            rows = [k for k in names if k in params and not params[k].is_meta]  # rows of the stacked experts
+            with torch.no_grad():
+                for k, t in load_tensors(index, rows, dtype, "cpu").items():  # mmap views, cast if need be
+                    params[k].copy_(t)
+            sd = load_tensors(index, [k for k in names if k not in rows], dtype, device)
+            self.load_state_dict(sd, strict=False, assign=True)  # everything else: the tensors themselves
+            del sd
 
     @classmethod
     def check_pretrained(cls, folder):
