@@ -57,7 +57,8 @@ import numpy as np
 import torch
 
 from cache_teacher import TeacherCache
-from common import BLOCKS, USER, atomic_write, dualmind_prompt, fmt_num, fmt_time, html_page, svg_chart, write_json
+from common import (BLOCKS, USER, atomic_write, check_ranges, dualmind_prompt, fmt_num, fmt_time, html_page, svg_chart,
+                    write_json)
 import train
 import windows
 from generate import complete, dualmind_check, load as load_model
@@ -287,9 +288,10 @@ def main(args):
         raise ValueError(f"--variants {' '.join(unknown)}: unknown; choose from {', '.join(VARIANTS)}")
     if "full" not in args.variants:
         raise ValueError("--variants must include full: every difference is measured against it")
-    if len(set(args.seeds)) != len(args.seeds) or args.steps < 1 or args.prompts < 0:
-        raise ValueError(f"--seeds {args.seeds} must differ from each other, --steps {args.steps} be >= 1, "
-                         f"--prompts {args.prompts} >= 0")
+    check_ranges(args, steps="[1, inf)", grad_accum="[1, inf)", split_seed="[0, inf)", val_fraction="(0, 1)",
+                 eval_windows="[0, inf)", prompts="[0, inf)", max_new_tokens="[1, inf)")
+    if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+        raise ValueError(f"--seeds {args.seeds}: must be >= 0 and differ from each other")
     if args.force:
         shutil.rmtree(args.out, ignore_errors=True)
     os.makedirs(args.out, exist_ok=True)

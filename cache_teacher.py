@@ -493,7 +493,7 @@ def main(args):
     if torch is None:
         raise ValueError("the teacher pass needs PyTorch: pip install -r requirements.txt")
     check_ranges(args, k="[4, inf)", max_len="[0, inf)", max_docs="[0, inf)", batch_tokens="[1, inf)",
-                 chunk="[1, inf)", log_every="[0, inf]")
+                 chunk="[1, inf)", log_every="[0, inf]", stream_budget_gb="[0, inf)", stream_save_every="[1, inf)")
     if args.k % 4:
         raise ValueError(f"--k {args.k}: must be a positive multiple of 4 (ids are packed 4 per 9 bytes)")
     try:
@@ -526,8 +526,6 @@ def main(args):
         if teacher_cfg.vocab_size > 1 << 18:
             raise ValueError(f"teacher vocabulary {teacher_cfg.vocab_size} exceeds the 18-bit id packing")
         if args.stream_layers:  # a missing tensor or too small a budget fails here, before any work
-            if args.stream_save_every < 1:
-                raise ValueError(f"--stream_save_every {args.stream_save_every}: must be at least 1")
             check_budget(stream_pieces(teacher_folder, getattr(torch, args.dtype))[2],
                          stream_budget(args.stream_budget_gb, args.device))
         if args.k > teacher_cfg.vocab_size:

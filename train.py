@@ -749,6 +749,8 @@ def main(args):
                  epochs="(0, inf)", max_steps="[0, inf)", val_fraction="[0, 1)", eval_windows="[0, inf)",
                  eval_every="[-1, inf)", ckpt_every="[0, inf)", log_every="[1, inf)", loss_chunk="[1, inf)",
                  seed="[0, inf)", peak_flops="[0, inf)")
+    if args.split_seed is not None:
+        check_ranges(args, split_seed="[0, inf)")
     if args.min_lr > args.lr:
         raise ValueError(f"--min_lr {args.min_lr}: above --lr {args.lr} (the cosine goes down to it)")
     if not all(0 < w < math.inf for w in args.proof_weight):

@@ -154,3 +154,31 @@ def test_generate_bench_and_tokenizer_bad_inputs(tmp_path, demo_tokenizer):
                        (["--temperature", "nan"], "--temperature nan"), (["--device", "gpu"], "--device gpu: not a")]:
         with pytest.raises(ValueError, match=re.escape(msg)):
             run_main(generate, "--model", model, *gen, *extra)
+
+
+def test_flags_of_every_script_are_range_checked(tmp_path, tiny_cache, demo_tokenizer, student_config):
+    """The integer and float flags that the tests above do not reach, one per script, in this process: each refused
+    with its name and value before any work or folder (ablate.py would otherwise build the whole demo first)."""
+    import ablate
+    import cache_teacher
+    import topology
+    import train
+    import windows
+    out = tmp_path / "o"
+    cases = [
+        (ablate, ["--out", out, "--steps", "0"], "--steps 0: must be >= 1"),
+        (ablate, ["--out", out, "--val_fraction", "0"], "--val_fraction 0.0: must be in (0, 1)"),
+        (ablate, ["--out", out, "--seeds", "-1", "2"], "--seeds [-1, 2]: must be >= 0"),
+        (cache_teacher, ["--data", DATA, "--teacher", "none", "--tokenizer", demo_tokenizer, "--out", out,
+                         "--stream_save_every", "0"], "--stream_save_every 0: must be >= 1"),
+        (cache_teacher, ["--data", DATA, "--teacher", "none", "--tokenizer", demo_tokenizer, "--out", out,
+                         "--stream_budget_gb", "nan"], "--stream_budget_gb nan: must be >= 0"),
+        (train, ["--init", "scratch", "--config", student_config, "--cache", tiny_cache, "--out", out, "--kd_alpha",
+                 "0", "--device", "cpu", "--split_seed", "-3"], "--split_seed -3: must be >= 0"),
+        (topology, ["--cache", tiny_cache, "--out", out, "--block", "0"], "--block 0: must be >= 1"),
+        (windows, ["--cache", tiny_cache, "--out", out, "--fixed_stride", "--stride", "-1"], "--stride -1: must be"),
+    ]
+    for module, args, msg in cases:
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            run_main(module, *args)
+        assert not out.exists(), (module.__name__, args)
