@@ -1,6 +1,7 @@
 """train.py: the loss against a dense brute force, schedules, accumulation, resume, torchrun, learning, errors."""
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -393,7 +394,8 @@ def test_non_finite_loss_stops_with_checkpoint(tmp_path, tiny_cache, tiny_topolo
     out = tmp_path / "nan"
     r = run_script("train.py", *train_args(out, tiny_cache, topo, tiny_windows, student_config, "--max_steps", 3),
                    check=False)
-    assert r.returncode != 0 and "NaN guard at step 1/3: ce 7." in r.stderr  # the step as the progress line counts it
+    # the step as the progress line counts it, with the loss parts as numbers
+    assert r.returncode != 0 and re.search(r"NaN guard at step 1/3: ce \d+\.\d+, kl \d+\.\d+", r.stderr), r.stderr
     assert "loss nan" in r.stderr and "grad norm nan" in r.stderr and "the step was not applied" in r.stderr
     from safetensors.torch import load_file
     sd = load_file(out / "ckpt" / "model.safetensors")
