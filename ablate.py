@@ -43,6 +43,7 @@ Run
 
 import argparse
 import contextlib
+import html
 import json
 import math
 import os
@@ -71,10 +72,10 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = {
     "full": ([], False, "full TKD"),
     "standard_kd": (["--no_jumps", "--no_proof_weight", "--no_curriculum"], True, "standard KD"),
-    "no_jumps": (["--no_jumps"], False, "- jumps"),
-    "no_proof_weight": (["--no_proof_weight"], False, "- proof weight"),
-    "no_curriculum": (["--no_curriculum"], False, "- curriculum"),
-    "fixed_windows": ([], True, "- topo windows"),
+    "no_jumps": (["--no_jumps"], False, "no jumps"),
+    "no_proof_weight": (["--no_proof_weight"], False, "no proof weight"),
+    "no_curriculum": (["--no_curriculum"], False, "no curriculum"),
+    "fixed_windows": ([], True, "no topology windows"),
     "renorm": (["--kd_mode", "renorm"], False, "renorm KL"),
 }
 # metric -> (name, better when higher); the order of the table's columns and of the page's charts
@@ -227,6 +228,11 @@ def machine():
 # The picture
 
 
+def nowrap(text):
+    """A table cell that breaks only between 'mean ± std' and '(difference)', never inside a number."""
+    return " (".join(f'<span style="white-space:nowrap">{html.escape(t)}</span>' for t in text.split(" ("))
+
+
 def render_html(result):
     """ablation.html: the table, then a chart per metric: a dot per seed, the mean as a bar, +- std as a segment,
     full TKD's mean as a dashed line. Returns the page."""
@@ -258,8 +264,9 @@ def render_html(result):
                     f'{chart}</figure>')
     rows = "".join(
         f"<tr><td>{VARIANTS[v][2]}</td>" + "".join(
-            f'<td{" class=sig" if summary[v][k]["sig"] else ""}>{cell(summary[v][k], 3 if k == "layout" else 4)}'
-            f"</td>" for k in METRICS) + "</tr>" for v in variants)
+            f'<td{" class=sig" if summary[v][k]["sig"] else ""}>'
+            f'{nowrap(cell(summary[v][k], 3 if k == "layout" else 4))}</td>' for k in METRICS) + "</tr>"
+        for v in variants)
     m = result["machine"]
     body = (f'<p class="note">{len(runs)} runs: {len(variants)} variants x {len(seeds)} seeds '
             f'({", ".join(map(str, seeds))}),'

@@ -412,9 +412,11 @@ def svg_chart(series, *, width=480, height=210, log=False, vlines=(), hlines=(),
                    f'<text x="{left - 4}" y="{Y(t) + 4:.1f}" text-anchor="end" fill="#555">{name}</text>')
     # the x axis: category names, or round steps
     if xcats is not None:
-        for i, name in enumerate(xcats):
-            out.append(f'<text x="{X(i):.1f}" y="{top + ph + 14}" text-anchor="middle" fill="#333">'
-                       f'{html.escape(name)}</text>')
+        for i, name in enumerate(xcats):  # a long name on two lines (split at its last space), so names never overlap
+            lines = name.rsplit(" ", 1) if len(name) > 8 and " " in name else [name]
+            out.append(f'<text x="{X(i):.1f}" y="{top + ph + 14}" text-anchor="middle" fill="#333">' + "".join(
+                f'<tspan x="{X(i):.1f}" dy="{13 * (j > 0)}">{html.escape(t)}</tspan>' for j, t in enumerate(lines))
+                + "</text>")
     else:
         for t, name in zip(*nice_ticks(x0, x1, n=6)):
             if t != int(t) and all(float(x).is_integer() for x in xs):
