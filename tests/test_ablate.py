@@ -23,16 +23,18 @@ VOID = {"meta", "br", "hr", "img", "input", "link", "wbr", "col", "area", "base"
 
 class Node:
     def __init__(self, tag, attrs, parent=None):
-        self.tag, self.attrs, self.parent, self.children, self.texts = tag, dict(attrs), parent, [], []
+        self.tag, self.attrs, self.parent, self.items = tag, dict(attrs), parent, []  # items: text and child nodes
 
     def find_all(self, tag):
-        for c in self.children:
-            if c.tag == tag:
-                yield c
-            yield from c.find_all(tag)
+        for c in self.items:
+            if isinstance(c, Node):
+                if c.tag == tag:
+                    yield c
+                yield from c.find_all(tag)
 
     def text(self):
-        return "".join(self.texts) + "".join(c.text() for c in self.children)
+        """The text inside, in document order."""
+        return "".join(c if isinstance(c, str) else c.text() for c in self.items)
 
 
 class Tree(HTMLParser):
@@ -47,19 +49,19 @@ class Tree(HTMLParser):
 
     def handle_starttag(self, tag, attrs):
         node = Node(tag, attrs, self.cur)
-        self.cur.children.append(node)
+        self.cur.items.append(node)
         if tag not in VOID:
             self.cur = node
 
     def handle_startendtag(self, tag, attrs):
-        self.cur.children.append(Node(tag, attrs, self.cur))
+        self.cur.items.append(Node(tag, attrs, self.cur))
 
     def handle_endtag(self, tag):
         assert tag not in VOID and tag == self.cur.tag, f"</{tag}> closes <{self.cur.tag}>"
         self.cur = self.cur.parent
 
     def handle_data(self, data):
-        self.cur.texts.append(data)
+        self.cur.items.append(data)
 
 
 def figures(root):
