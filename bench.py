@@ -50,8 +50,9 @@ The real shapes (--real): one prepared check of the card's run on one device, ra
            that fits, without and with --grad_ckpt (doubling until out of memory; GPU only).   Target: MFU >= 40%
            with --compile.
   teacher  Qwen3-30B-A3B shapes with 4 of its 48 layers, the real embedding and untied head: cache_teacher's whole
-           pass (statistics included) over 8 documents of 2,048 tokens in one forward, the experts grouped and in a
-           loop: positions/s and the MoE blocks' share of the time, each also extrapolated to 48 layers (labelled).
+           pass (statistics included) over 8 documents of 2,048 tokens in one forward, in memory with the experts
+           grouped and in a loop, and streamed layer by layer from a checkpoint (--stream_layers): positions/s and
+           the MoE blocks' share of the time, each also extrapolated to 48 layers (labelled).
            Target: >= 20,000 positions/s for the whole model on one H100.
   decode   batch 1, 32-token prompt + 128 greedy tokens, bf16, Qwen3-1.7B shapes: generate.py eager and --compile
            against transformers' generate on the same weights and prompt.   Target: >= 3x with --compile.
@@ -743,14 +744,17 @@ def timed_modules(model, classes, fn, sync):
     return total, spent
 
 
-def real_teacher(plan, device):
+def real_teacher(plan, device, work):
     """Phase 1 on a few of the teacher's layers with its real embedding and lm_head: cache_teacher's whole pass
-    (forward, top-64, logsumexp at T = 1, 2, target log-prob, entropy) over one batch of documents, with either way of
-    running the experts; the time split measured per layer and extrapolated to all the layers."""
+    (forward, top-64, logsumexp at T = 1, 2, target log-prob, entropy) over one batch of documents, in memory with
+    either way of running the experts, and streamed layer by layer from a checkpoint (--stream_layers; the checkpoint
+    just written, so in the page cache). Times are measured on the layers run and extrapolated to all the layers:
+    the layers' share scales, the embedding, head and statistics do not."""
     import numpy as np
-    from cache_teacher import cache_batches, plan_batches
+    from cache_teacher import cache_batches, plan_batches, stream_batches, stream_budget
     from model import Block, SparseMoeBlock
     layers, all_layers = plan["teacher_layers"], SHAPES[plan["teacher"]]["num_hidden_layers"]
+    scale = all_layers / layers
     model = random_model(plan["teacher"], device, torch.bfloat16, layers=layers).eval()
     P, k = plan["positions"], 64
     tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, P).astype(np.uint32)
@@ -760,21 +764,35 @@ def real_teacher(plan, device):
                   lse=np.empty((P, 2), np.float32), target_logprob=np.empty(P, np.float32),
                   entropy=np.empty(P, np.float32))
 
-    def run():
+    def in_memory():
         cache_batches(model, tokens, offsets, batches, arrays, k, [1.0, 2.0], 1024, device)
 
     sync = sync_of(device)
     out = dict(shape=plan["teacher"], layers_run=layers, layers_total=all_layers, positions=P, doc_len=plan["doc_len"])
     for impl in ["grouped", "loop"]:
         model.set_moe_impl(impl)
-        t = interleaved_times({impl: run}, plan["reps"], sync)[impl]
-        total, spent = timed_modules(model, {Block, SparseMoeBlock}, run, sync)
+        t = interleaved_times({impl: in_memory}, plan["reps"], sync)[impl]
+        total, spent = timed_modules(model, {Block, SparseMoeBlock}, in_memory, sync)
         f_layers, f_moe = spent[Block] / total, spent[SparseMoeBlock] / total  # shares of the pass
-        scale = all_layers / layers
-        t_all = t * (1 - f_layers + f_layers * scale)  # the layers scale; embedding, head and statistics do not
+        t_all = t * (1 - f_layers + f_layers * scale)
         out[impl] = dict(positions_s=P / t, moe_share=f_moe, positions_s_all_layers=P / t_all,
-                         moe_share_all_layers=f_moe * scale * t / t_all, finite=bool(np.isfinite(arrays["lse"]).all()))
-    out["streamed"] = "not measured: the layer-streamed Phase 1 pass has not landed"
+                         moe_share_all_layers=f_moe * scale * t / t_all, fixed_s=t * (1 - f_layers),
+                         finite=bool(np.isfinite(arrays["lse"]).all()))
+    folder, scratch = os.path.join(work, f"real_{plan['teacher']}_{layers}"), os.path.join(work, "real_scratch")
+    model.save_pretrained(folder)  # bf16 safetensors, read back one layer at a time
+    cfg = model.config
+    del model
+
+    def streamed():
+        shutil.rmtree(scratch, ignore_errors=True)  # no resuming from the previous run
+        stream_batches(folder, cfg, batches, tokens, offsets, arrays, k, [1.0, 2.0], 1024, torch.bfloat16, device,
+                       stream_budget(0, device), scratch, log_every=1e9)
+
+    t = interleaved_times({"stream": streamed}, plan["reps"], sync)["stream"]
+    fixed = out["grouped"]["fixed_s"]  # embedding, head and statistics, measured in memory
+    out["streamed"] = dict(positions_s=P / t, positions_s_all_layers=P / (fixed + (t - fixed) * scale),
+                           finite=bool(np.isfinite(arrays["lse"]).all()))
+    shutil.rmtree(folder)
     return out
 
 
@@ -888,6 +906,10 @@ def real_table(res):
             lines.append((f"  extrapolated to all {t['layers_total']} layers", f"{rate(r['positions_s_all_layers'])} "
                           f"positions/s | MoE blocks {r['moe_share_all_layers']:.0%}",
                           ">= 20,000 positions/s" if impl == "grouped" else ""))
+        r = t["streamed"]
+        lines.append((f"teacher {t['shape']}, {t['layers_run']} layers, streamed (--stream_layers)",
+                      f"{rate(r['positions_s'])} positions/s | all {t['layers_total']} layers, extrapolated: "
+                      f"{rate(r['positions_s_all_layers'])} positions/s", ""))
     d = res.get("decode")
     if d:
         lines.append((f"decode {d['shape']} batch 1 ({d['prompt']}+{d['new']} greedy, {d['dtype']})",
@@ -927,7 +949,8 @@ def real_main(args):
         peak, res["peak_source"] = peak_flops(torch.device(args.device), torch.bfloat16)
         res["peak_bf16_flops"], res["seconds"] = peak, {}
         run = dict(student=lambda: real_student(plan, args.device, peak),
-                   teacher=lambda: real_teacher(plan, args.device), decode=lambda: real_decode(plan, args.device),
+                   teacher=lambda: real_teacher(plan, args.device, args.work),
+                   decode=lambda: real_decode(plan, args.device),
                    parity=lambda: real_parity(plan, args.device))
         for row in REAL_ROWS:
             res[row] = None

@@ -24,8 +24,9 @@ def numbers(obj, path=""):
 
 
 def test_real_check_tiny_runs_every_row(tmp_path):
-    """The GPU check's code, at test size on CPU: every row is in the JSON with finite figures, both MoE paths ran
-    through cache_teacher's pass, greedy tokens equal transformers', and model.py equals transformers in bf16."""
+    """The GPU check's code, at test size on CPU: every row is in the JSON with finite figures, both MoE paths and the
+    streamed pass ran through cache_teacher's statistics, greedy tokens equal transformers', and model.py equals
+    transformers in bf16."""
     res = run_main(bench, "--tiny", "--device", "cpu", "--work", tmp_path)
     saved = json.loads((tmp_path / "real_tiny.json").read_text())
     assert saved == json.loads(json.dumps(res))
@@ -41,6 +42,7 @@ def test_real_check_tiny_runs_every_row(tmp_path):
         r = t[impl]
         assert r["finite"] and 0 < r["moe_share"] < 1 and 0 < r["moe_share_all_layers"] < 1
         assert r["positions_s_all_layers"] < r["positions_s"]  # twice the layers: slower, extrapolated
+    assert t["streamed"]["finite"] and t["streamed"]["positions_s_all_layers"] < t["streamed"]["positions_s"]
     d = saved["decode"]
     assert d["tokens_equal_before_first_difference"] == dict(eager=d["new"], compile=d["new"])
     for key in ["student", "teacher"]:
