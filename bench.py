@@ -789,7 +789,7 @@ def real_teacher(plan, device, work):
                        stream_budget(0, device), scratch, log_every=1e9)
 
     t = interleaved_times({"stream": streamed}, plan["reps"], sync)["stream"]
-    fixed = out["grouped"]["fixed_s"]  # embedding, head and statistics, measured in memory
+    fixed = min(out["grouped"]["fixed_s"], t)  # embedding, head and statistics, as measured in memory
     out["streamed"] = dict(positions_s=P / t, positions_s_all_layers=P / (fixed + (t - fixed) * scale),
                            finite=bool(np.isfinite(arrays["lse"]).all()))
     shutil.rmtree(folder)

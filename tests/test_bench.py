@@ -42,7 +42,7 @@ def test_real_check_tiny_runs_every_row(tmp_path):
         r = t[impl]
         assert r["finite"] and 0 < r["moe_share"] < 1 and 0 < r["moe_share_all_layers"] < 1
         assert r["positions_s_all_layers"] < r["positions_s"]  # twice the layers: slower, extrapolated
-    assert t["streamed"]["finite"] and t["streamed"]["positions_s_all_layers"] < t["streamed"]["positions_s"]
+    assert t["streamed"]["finite"] and t["streamed"]["positions_s_all_layers"] <= t["streamed"]["positions_s"]
     d = saved["decode"]
     assert d["tokens_equal_before_first_difference"] == dict(eager=d["new"], compile=d["new"])
     for key in ["student", "teacher"]:
