@@ -782,6 +782,8 @@ def real_teacher(plan, device, work):
     model.save_pretrained(folder)  # bf16 safetensors, read back one layer at a time
     cfg = model.config
     del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()  # the stream's budget is a share of the free memory
 
     def streamed():
         shutil.rmtree(scratch, ignore_errors=True)  # no resuming from the previous run
