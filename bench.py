@@ -780,14 +780,13 @@ def real_teacher(plan, device, work):
                          finite=bool(np.isfinite(arrays["lse"]).all()))
     folder, scratch = os.path.join(work, f"real_{plan['teacher']}_{layers}"), os.path.join(work, "real_scratch")
     model.save_pretrained(folder)  # bf16 safetensors, read back one layer at a time
-    cfg = model.config
     del model
     if device.startswith("cuda"):
         torch.cuda.empty_cache()  # the stream's budget is a share of the free memory
 
     def streamed():
         shutil.rmtree(scratch, ignore_errors=True)  # no resuming from the previous run
-        stream_batches(folder, cfg, batches, tokens, offsets, arrays, k, [1.0, 2.0], 1024, torch.bfloat16, device,
+        stream_batches(folder, batches, tokens, offsets, arrays, k, [1.0, 2.0], 1024, torch.bfloat16, device,
                        stream_budget(0, device), scratch, log_every=1e9)
 
     t = interleaved_times({"stream": streamed}, plan["reps"], sync)["stream"]
