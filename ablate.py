@@ -64,7 +64,7 @@ import train
 import windows
 from generate import complete, dualmind_check, load as load_model
 from topology import load as load_topology
-from train import WindowBatches, evaluate, split_docs
+from train import LOSS_CHUNK, WindowBatches, evaluate, split_docs
 from windows import load as load_windows
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -203,7 +203,7 @@ def measure(folder, batches, val, questions, max_new_tokens, t_index):
     """The metrics of one trained student: train.evaluate on the held-out windows (exact KL at T=2, the groups),
     and the DualMind layout rate of greedy answers to `questions`."""
     model, tok, eos = load_model(folder, "cpu", torch.float32)
-    ev = evaluate(model, batches, val, temperature=2.0, t_index=t_index, kd_mode="tail", chunk=256,
+    ev = evaluate(model, batches, val, temperature=2.0, t_index=t_index, kd_mode="tail", chunk=LOSS_CHUNK,
                   device=torch.device("cpu"), autocast=False)
     ok = []
     for q in questions:
