@@ -265,6 +265,12 @@ def topk_stats(head, h, targets, k, temperatures, chunk):
     return {n: torch.cat(v) for n, v in out.items()}
 
 
+EXP_FLOOR = -87.0  # exp inputs are clamped here: exp(-87) = 1.6e-38 is still a normal fp32 (smallest 1.2e-38).
+# On a CPU, exp of an input below -87 takes 10-30x longer (measured on this project's machine: 15 ms instead of
+# 0.45 ms per million), and the rows of a trained model, minus their max, are full of them. The change is at most
+# 1.6e-38 per entry, invisible in any sum that holds the row max's exp(0) = 1.
+
+
 def row_stats(z, top, targets, temperatures):
     """z (r, V) fp32 logits (overwritten) and their top-k values -> log-probs of the top-k, logsumexp at
     each T, target log-prob and entropy for these r rows."""
@@ -273,16 +279,16 @@ def row_stats(z, top, targets, temperatures):
     target = z.gather(1, targets[:, None])[:, 0]
     e2 = None
     if 2.0 in temperatures:  # e^((z - m) / 2) is the exp; its square e^(z - m) costs a multiply, not another exp
-        e2 = z.mul(0.5).exp_()  # (r, V)
+        e2 = z.mul(0.5).clamp_min_(EXP_FLOOR).exp_()  # (r, V)
         e = e2 * e2  # (r, V) unnormalised probabilities
     else:
-        e = torch.exp(z)
+        e = z.clamp_min(EXP_FLOOR).exp_()
     s1 = e.sum(-1)
     log_s1 = s1.log()
     lse = {1.0: m[:, 0] + log_s1}
     for T in temperatures:  # logsumexp(z / T) = m / T + log sum e^(1/T)
         if T not in (1.0, 2.0):
-            lse[T] = m[:, 0] / T + torch.exp(z / T).sum(-1).log()
+            lse[T] = m[:, 0] / T + torch.div(z, T).clamp_min_(EXP_FLOOR).exp_().sum(-1).log()
     entropy = log_s1 - z.mul_(e).sum(-1) / s1  # H = log s - sum e (z - m) / s; z is spent now
     if e2 is not None:
         lse[2.0] = m[:, 0] / 2 + e2.sum(-1).log()

@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cache_teacher import TeacherCache, teacher_log_q
+from cache_teacher import EXP_FLOOR, TeacherCache, teacher_log_q
 from common import (FORMAT_VERSION, REASONING, ROLES, atomic_write, chat_template, check_device, check_ranges,
                     end_tokens, fmt_num, fmt_time, html_page, init_distributed, pad_right, prepare_out, publish,
                     read_manifest, save_npy, sha256_json, svg_chart, write_json)
@@ -157,14 +157,16 @@ def kd_rows(u, targets, ids, lq, Q, T, mode, w_ce=None, w_kd=None, work=None):
     u_t = u.gather(1, targets[:, None])[:, 0]  # (r,) logit of the real next token
     uK = None if ids is None else u.gather(1, ids)  # (r, k) logits on the teacher's ids
     u.sub_(m[:, None])  # u - max <= 0
+    # exp inputs are clamped at EXP_FLOOR (cache_teacher.py says why: 10-30x faster on a CPU, invisible in sums)
     eT = None
     if ids is not None and T == 2.0:  # one exp: e_T = exp((u - max) / 2), and e = e_T^2 is a multiply
-        eT = torch.mul(u, 0.5, out=work).exp_() if work is not None else u.mul(0.5).exp_()  # (r, V)
+        eT = torch.mul(u, 0.5, out=work) if work is not None else u.mul(0.5)
+        eT = eT.clamp_min_(EXP_FLOOR).exp_()  # (r, V)
         e = torch.mul(eT, eT, out=u)  # (r, V) e = exp(u - max), in u's buffer
     else:
         if ids is not None and T != 1.0:
-            eT = torch.exp(u / T)  # (r, V) a general temperature needs its own exp
-        e = u.exp_()  # (r, V) e = exp(u - max), in u's buffer
+            eT = torch.div(u, T).clamp_min_(EXP_FLOOR).exp_()  # (r, V) a general temperature needs its own exp
+        e = u.clamp_min_(EXP_FLOOR).exp_()  # (r, V) e = exp(u - max), in u's buffer
     s1 = e.sum(-1)
     ce = m + s1.log() - u_t  # logsumexp(u) - u_t
     if ids is None:  # no teacher (plain language-model training): CE only

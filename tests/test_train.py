@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from cache_teacher import TeacherCache, topk_stats
+from cache_teacher import EXP_FLOOR, TeacherCache, topk_stats
 from common import ROLES
 from conftest import ROOT, run_main, run_script
 from train import (ChunkedKDLoss, WindowBatches, step_phase, draw_schedule, draws_summary, find_checkpoint, kd_alpha,
@@ -81,6 +81,48 @@ def test_loss_and_gradients_match_dense_reference(T, mode):
     # normalisation by the row count, not by the sum of m: doubling m doubles the loss
     loss2, _ = ChunkedKDLoss.apply(h, W, targets, 2 * w_ce, 2 * w_kd, ids, lq, Q, T, mode, 7)
     assert loss2.item() == pytest.approx(2 * loss.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_peaked_rows_match_dense_reference(T):
+    """A trained model's rows, minus their max, reach far below -87, where fp32 exp leaves the normal range (and
+    where a CPU's exp is 10-30x slower, so kd_rows and row_stats clamp its input at EXP_FLOOR). Loss, gradients and
+    the cached statistics still equal a float64 brute force. (Not covered: a row whose whole tail at T lies below
+    exp(-87), so that the student's tail mass P is not an fp32 number; there the loss stays finite, but the tail's
+    gradient is spread evenly over the tail ids instead of in proportion to p.)"""
+    torch.manual_seed(2)
+    R, C, V, k = 24, 16, 300, 64
+    h = (torch.randn(R, C) * 12).requires_grad_(True)
+    W = torch.randn(V, C).requires_grad_(True)
+    z = torch.randn(R, V) * 60
+    u = (h @ W.t()).detach()
+    assert ((u - u.max(-1, keepdim=True).values) < EXP_FLOOR).float().mean() > 0.3  # the clamped region is hit
+    assert ((z - z.max(-1, keepdim=True).values) < EXP_FLOOR).float().mean() > 0.3
+    targets = torch.randint(0, V, (R,))
+    m, alpha, n_norm = torch.ones(R), 0.45, float(R)
+    # the brute force in log space (1 - sum of the top-k underflows to 0 or below at these peaks, even in float64)
+    ids = torch.topk(z, k, -1).indices
+    tail = torch.ones(R, V, dtype=torch.bool).scatter_(1, ids, False)
+    lq_all, lp_all = torch.log_softmax(z.double() / T, -1), torch.log_softmax((h @ W.t()).double() / T, -1)
+    lqK, lpK = lq_all.gather(1, ids), lp_all.gather(1, ids)
+    lQ, lP = (torch.logsumexp(a.masked_fill(~tail, -float("inf")), -1) for a in (lq_all, lp_all))
+    kl = (lqK.exp() * (lqK - lpK)).sum(-1) + lQ.exp() * (lQ - lP)
+    ce = -torch.log_softmax((h @ W.t()).double(), -1).gather(1, targets[:, None])[:, 0]
+    ref = (m * ((1 - alpha) * ce + alpha * T * T * kl)).sum() / n_norm
+    gh_ref, gW_ref = torch.autograd.grad(ref, [h, W])
+    assert torch.isfinite(ref) and ref > 1.0  # finite, and far from a trivial loss
+    ids, lp, lse = cached_teacher(z, k, fp16=False)
+    assert torch.allclose(lse.double(), torch.stack([torch.logsumexp(z.double() / t, -1) for t in (1, 2)], 1),
+                          rtol=1e-6)
+    assert torch.allclose(lp.double(), torch.log_softmax(z.double(), -1).gather(1, ids), rtol=1e-5, atol=1e-4)
+    lq, Q = teacher_q(lp, lse, [1.0, 2.0].index(T), T)
+    loss, sums = ChunkedKDLoss.apply(h, W, targets, m * (1 - alpha) / n_norm, m * alpha * T * T / n_norm, ids, lq,
+                                     Q, T, "tail", 7)
+    gh, gW = torch.autograd.grad(loss, [h, W])
+    assert torch.isfinite(sums).all()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert torch.allclose(gh, gh_ref.float(), rtol=1e-4, atol=1e-5)
+    assert torch.allclose(gW, gW_ref.float(), rtol=1e-4, atol=1e-5)
 
 
 def test_t_squared_factor_and_alpha():
