@@ -89,7 +89,7 @@ METRICS = {
 SCRATCH = ["--lr", "3e-3", "--min_lr", "3e-4", "--warmup", "10", "--dtype", "float32", "--save_dtype", "float32",
            "--device", "cpu", "--log_every", "25", "--eval_every", "0", "--ckpt_every", "50"]
 # the defaults, and what --quick puts in place of every one that is not given
-DEFAULTS = dict(variants=list(VARIANTS), seeds=[1, 2, 3], steps=50, grad_accum=16, prompts=8, max_new_tokens=300,
+DEFAULTS = dict(variants=list(VARIANTS), seeds=[1, 2, 3], steps=120, grad_accum=16, prompts=8, max_new_tokens=300,
                 eval_windows=0)
 QUICK = dict(variants=["full", "standard_kd"], seeds=[1, 2], steps=2, grad_accum=1, prompts=2, max_new_tokens=8,
              eval_windows=4)

@@ -763,6 +763,62 @@ def run_eval(run, model, step):
 # main
 
 
+def accumulate(run, train_model, micro, n_norm, alpha, w_proof, world):
+    """Forward and backward of this process's micro-batches (window-index arrays) of one optimizer step, the
+    gradients summed in place. Returns (STEP_STATS sums over every process, this process's model FLOPs)."""
+    a, ddp = run.args, world > 1
+    model = unwrap(train_model)
+    sums, flops = dict.fromkeys(STEP_STATS, 0.0), 0.0
+    for i, mb in enumerate(micro):
+        batch = run.batches.batch(mb, run.device)
+        sync = not ddp or i == len(micro) - 1  # DDP all-reduces the gradients on the last micro-batch only
+        with (train_model.no_sync() if not sync else contextlib.nullcontext()):
+            loss, s = micro_step(train_model, batch, alpha=alpha, w_proof=w_proof, temperature=a.temperature,
+                                 t_index=run.t_index, kd_mode=a.kd_mode, n_norm=n_norm, chunk=a.loss_chunk,
+                                 use_jumps=not a.no_jumps, use_proof=not a.no_proof_weight, autocast=run.autocast)
+            (loss * world).backward()  # DDP averages over processes; the loss is already a share of the sum
+        for n, v in zip(ROW_STATS + ("rows",), s.tolist()):
+            sums[n] += v
+        sums["tokens"] += batch["ntok"]
+        flops += batch["ntok"] * model.config.flops_per_token(batch["idx"].shape[1])  # this process's share
+        sums["objective"] += loss.item()
+    if ddp:  # every process's sums, added up (NCCL reduces device tensors only)
+        import torch.distributed as dist
+        vec = torch.tensor([sums[n] for n in STEP_STATS], dtype=torch.float64, device=run.device)
+        dist.all_reduce(vec)
+        sums = dict(zip(STEP_STATS, vec.tolist()))
+    return sums, flops
+
+
+def guarded_update(model, opt, grad_clip, losses, describe, step, ckpt_dir, checkpoint):
+    """Clip, then AdamW, behind the NaN guard: a non-finite loss part or gradient never reaches the weights, and
+    weights that the update made non-finite are never saved (a checkpoint refuses nan and inf too: the last one stays
+    the last finite). losses: the step's loss parts; describe(grad_norm): the step for the error message;
+    checkpoint(step) saves the weights before this step (rank 0; None elsewhere). Returns the norm before clipping."""
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
+    guard = describe(gnorm)
+    if not all(map(math.isfinite, (*losses, gnorm))):
+        opt.zero_grad(set_to_none=True)
+        kept = ""
+        if checkpoint:  # the weights before this step: finite, as checked after every update
+            try:
+                checkpoint(step)
+                kept = f"; the weights before it are in {ckpt_dir} (step {step})"
+            except ValueError as e:  # an optimizer moment is not finite: the checkpoint in place stays
+                kept = f"; {e}"
+        raise ValueError(f"NaN guard {guard}: a non-finite loss or gradient; the step was not applied{kept}")
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if non_finite(dict(model.named_parameters())):
+        last = find_checkpoint(ckpt_dir) if checkpoint else None
+        if last:
+            with open(os.path.join(last, "state.json")) as f:
+                last = f"{last} (step {json.load(f)['step']})"
+        raise ValueError(f"NaN guard {guard}: the update made the weights non-finite; they are not saved"
+                         + (f"; the last finite checkpoint is {last}" if last else "; no checkpoint was written"))
+    return gnorm
+
+
 def main(args):
     # --- 1. the flags, processes, device and the run's size ---------------------------------------------------
     check_ranges(args, kd_alpha="[0, 1]", temperature="(0, inf)", lr="(0, 1]", min_lr="[0, 1]", warmup="[0, inf)",
@@ -876,51 +932,12 @@ def main(args):
         ws = ws[np.argsort(windows[ws, 3] - windows[ws, 1], kind="stable")]
         micro = ws.reshape(args.grad_accum, args.batch_size)[rank * accum:(rank + 1) * accum]
         n_norm = max(batches.count(ws), 1)  # trainable rows of the whole step, the same on every process
-        sums, flops = dict.fromkeys(STEP_STATS, 0.0), 0.0
-        for i, mb in enumerate(micro):
-            batch = batches.batch(mb, device)
-            sync = not ddp or i == len(micro) - 1  # DDP all-reduces the gradients on the last micro-batch only
-            with (train_model.no_sync() if not sync else contextlib.nullcontext()):
-                loss, s = micro_step(train_model, batch, alpha=alpha, w_proof=w_proof, temperature=args.temperature,
-                                     t_index=t_index, kd_mode=args.kd_mode, n_norm=n_norm, chunk=args.loss_chunk,
-                                     use_jumps=not args.no_jumps, use_proof=not args.no_proof_weight,
-                                     autocast=autocast)
-                (loss * world).backward()  # DDP averages over processes; the loss is already a share of the sum
-            for n, v in zip(ROW_STATS + ("rows",), s.tolist()):
-                sums[n] += v
-            sums["tokens"] += batch["ntok"]
-            flops += batch["ntok"] * model.config.flops_per_token(batch["idx"].shape[1])  # this process's share
-            sums["objective"] += loss.item()
-        if ddp:  # every process's sums, added up (NCCL reduces device tensors only)
-            vec = torch.tensor([sums[n] for n in STEP_STATS], dtype=torch.float64, device=device)
-            dist.all_reduce(vec)
-            sums = dict(zip(STEP_STATS, vec.tolist()))
+        sums, flops = accumulate(run, train_model, micro, n_norm, alpha, w_proof, world)
         n = max(sums["rows"], 1)
         ce, kl = sums["ce"] / n, sums["kl"] / n  # per trainable row
-        # the NaN guard: a non-finite loss part or gradient never reaches the weights, and weights that the update
-        # made non-finite are never saved (a checkpoint refuses nan and inf too: the last one stays the last finite)
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
-        guard = (f"at step {step + 1}/{total}: ce {ce:.6g}, kl {kl:.6g}, loss {sums['objective']:.6g}, grad norm "
-                 f"{gnorm:.6g} (alpha {alpha:.3f}, lr {lr:.3g})")
-        if not all(map(math.isfinite, (ce, kl, sums["objective"], gnorm))):
-            opt.zero_grad(set_to_none=True)
-            kept = ""
-            if master:  # the weights before this step: finite, as checked after every update
-                try:
-                    checkpoint(step)
-                    kept = f"; the weights before it are in {ckpt_dir} (step {step})"
-                except ValueError as e:  # an optimizer moment is not finite: the checkpoint in place stays
-                    kept = f"; {e}"
-            raise ValueError(f"NaN guard {guard}: a non-finite loss or gradient; the step was not applied{kept}")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if non_finite(dict(model.named_parameters())):
-            last = find_checkpoint(ckpt_dir) if master else None
-            if last:
-                with open(os.path.join(last, "state.json")) as f:
-                    last = f"{last} (step {json.load(f)['step']})"
-            raise ValueError(f"NaN guard {guard}: the update made the weights non-finite; they are not saved"
-                             + (f"; the last finite checkpoint is {last}" if last else "; no checkpoint was written"))
+        gnorm = guarded_update(model, opt, args.grad_clip, (ce, kl, sums["objective"]), lambda g: (
+            f"at step {step + 1}/{total}: ce {ce:.6g}, kl {kl:.6g}, loss {sums['objective']:.6g}, grad norm {g:.6g} "
+            f"(alpha {alpha:.3f}, lr {lr:.3g})"), step, ckpt_dir, checkpoint if master else None)
         # one log line per step; a printed line every --log_every steps
         tokens_done += int(sums["tokens"])
         rate = tokens_done / max(time.time() - t_start, 1e-9)
