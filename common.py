@@ -449,6 +449,8 @@ def svg_chart(series, *, width=480, height=210, log=False, vlines=(), hlines=(),
                 out.append(f'<line x1="{X(x) - half:.1f}" x2="{X(x) + half:.1f}" y1="{Y(y):.1f}" y2="{Y(y):.1f}" '
                            f'stroke="{color}" stroke-width="2.5">{tip(t)}</line>')
             elif kind == "range" and ok(y[0]) and ok(y[1]):
+                if yrange:  # within the axis: a rate's mean - std may lie below 0
+                    y = [min(max(v, yrange[0]), yrange[1]) for v in y]
                 out.append(f'<line x1="{X(x):.1f}" x2="{X(x):.1f}" y1="{Y(y[0]):.1f}" y2="{Y(y[1]):.1f}" '
                            f'stroke="{color}" stroke-width="1.2">{tip(t)}</line>')
     # the legend, top right, one entry per labelled series
