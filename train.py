@@ -8,7 +8,8 @@ summed and divided by the number of trainable rows in the optimizer step (not by
 cancel the weights). KL_{k+1} is over the k cached teacher ids plus one tail bucket, both sides at temperature
 T, the teacher's tail from the cached logsumexp(z/T); --kd_mode renorm is the usual renormalised top-k (ablation).
 The student's logits exist only `--loss_chunk` rows at a time (in the autocast dtype; their fp32 statistics a few
-rows at a time), with their gradient formed right away, so no (rows, vocab) fp32 tensor ever exists.
+rows at a time on a CPU, a chunk at a time on a GPU), with their gradient formed right away: the logits of a whole
+micro-batch (2 x 512 x 151,936) never exist at once.
 
 Schedules over optimizer steps (pure functions below): alpha 0 until 15% of training, linear to 0.45 at 45%,
 constant after; w_proof linear 2.25 -> 1.1; lr linear warmup over 30 steps to 5e-6, cosine to 5e-7 at the end.
