@@ -125,6 +125,23 @@ def test_peaked_rows_match_dense_reference(T):
     assert torch.allclose(gW, gW_ref.float(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_underflowing_tails_stay_finite(T):
+    """Rows so peaked that the student's whole tail underflows in fp32: loss, statistics and gradients stay finite
+    (before the exp clamp, the gradients at T = 1 held inf or nan here)."""
+    torch.manual_seed(2)
+    R, C, V, k = 24, 16, 300, 64
+    h, W = (torch.randn(R, C) * 25).requires_grad_(True), torch.randn(V, C).requires_grad_(True)
+    z = torch.randn(R, V) * 100
+    targets, m = torch.randint(0, V, (R,)), torch.ones(R)
+    ids, lp, lse = cached_teacher(z, k, fp16=False)
+    lq, Q = teacher_q(lp, lse, [1.0, 2.0].index(T), T)
+    loss, sums = ChunkedKDLoss.apply(h, W, targets, m * 0.55 / R, m * 0.45 * T * T / R, ids, lq, Q, T, "tail", 7)
+    gh, gW = torch.autograd.grad(loss, [h, W])
+    for t in (loss, sums, gh, gW):
+        assert torch.isfinite(t).all()
+
+
 def test_t_squared_factor_and_alpha():
     """alpha = 1 leaves T^2 x KL only; alpha = 0 leaves CE only (independent of the teacher)."""
     torch.manual_seed(1)
