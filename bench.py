@@ -87,7 +87,7 @@ def hardware(device):
         return HW
     from train import measure_matmul_flops
     dev = torch.device(device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync = sync_of(dev)
     for name, dt in [("fp32", torch.float32), ("bf16", torch.bfloat16)]:
         HW[f"peak_{name}"] = max(measure_matmul_flops(dev, dt, n=2048) for _ in range(2))
     src = torch.ones(128 * 2**20, device=dev)  # 512 MiB
@@ -177,6 +177,11 @@ def lm_step(module, logits_of, idx, train):
     return step
 
 
+def sync_of(device):
+    """What waits for a device's queued work before a timer is read: torch.cuda.synchronize on CUDA, else nothing."""
+    return torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+
+
 def interleaved_times(fns, reps, sync):
     """Best (minimum) seconds of each fn over `reps`, alternating them rep by rep: drift in machine load hits
     both alike, and the minimum is the estimate least spoilt by a busy neighbour (noise only ever adds time)."""
@@ -223,7 +228,7 @@ def bench_model(args):
     batch, seq = 2, 512
     idx = torch.randint(0, MODEL_CFG["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))
     idx = idx.to(args.device)
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    sync = sync_of(args.device)
     rows = []
     for dtype in ["fp32", "bf16"]:
         pair = load_pair(folder, dtype, args.device)
@@ -304,7 +309,7 @@ def bench_cache(args):
     def cached():
         cache_batches(model, tokens, offsets, batches, arrays, k, [1.0, 2.0], 1024, args.device, flush)
 
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    sync = sync_of(args.device)
     t = interleaved_times({"bare": bare, "cache": cached}, max(1, args.reps // 2), sync)
     per_pos = sum(a[0].nbytes for a in arrays.values())
     return [("cache pass / bare forward (time)", t["cache"], t["bare"], t["cache"] / t["bare"], "<= 1.10"),
@@ -353,7 +358,7 @@ def bench_stream(args):
     from model import Qwen3, Qwen3Config, weight_files
     folder = make_reference_checkpoint(os.path.join(args.work, "model_ref"))
     tokens, _, offsets = demo_stream(args.work)
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    sync = sync_of(args.device)
     fns = {k: (lambda k=k: teacher_pass(k == "stream", folder, tokens, offsets, args.work, args.device))
            for k in ["memory", "stream"]}  # the warm-up run puts the checkpoint in the page cache
     t = interleaved_times(fns, max(1, args.reps // 2), sync)
@@ -517,7 +522,7 @@ def bench_train(args):
         from transformers import Qwen3Config, Qwen3ForCausalLM
         torch.manual_seed(0)
         Qwen3ForCausalLM(Qwen3Config(**TRAIN_CFG)).save_pretrained(folder)
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    sync = sync_of(args.device)
     pair, batch = train_pair(folder, args.device)
     t = interleaved_times({k: v[2] for k, v in pair.items()}, max(1, args.reps // 2), sync)
     del pair
@@ -558,7 +563,7 @@ def bench_generate(args, prompt_len=32, new=128):
             out["ref"] = ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
                                       min_new_tokens=new, do_sample=False, pad_token_id=0)[0, prompt_len:].tolist()
 
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    sync = sync_of(args.device)
     t = interleaved_times({"ours": run_ours, "ref": run_ref}, max(1, args.reps // 2), sync)
     assert out["ours"] == out["ref"], "greedy outputs differ"
     o, r = new / t["ours"], new / t["ref"]
@@ -655,10 +660,6 @@ def hf_twin(model):
     missing, unexpected = ref.load_state_dict(sd, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     return ref
-
-
-def sync_of(device):
-    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
 
 def largest_micro_batch(model, opt, seq, device, cap):
