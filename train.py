@@ -17,7 +17,8 @@ Curriculum: four phases of equal steps; phase p draws uniformly from its whole n
 80%, 100% of the training windows by windows.py's difficulty (shuffled passes, no repeat within a pass), so easy
 windows are trained in every phase, also once alpha has reached its target.
 AdamW (weight decay 1e-3 on matrices only), clip 1.0, micro-batch 2 x 16 accumulation = 32 windows per step
-whatever the number of processes, FP32 master weights with BF16 autocast.
+whatever the number of processes (cut by length where the fewest tokens are padding, so 2 is a mean), FP32 master
+weights with BF16 autocast.
 
 Each step logs its loss parts, lr, tok/s and MFU: model FLOPs (Qwen3Config.flops_per_token: 6 N + 12 L T H D per
 token, nanoGPT's count) per second over --peak_flops (default: the datasheet's dense bf16 peak of a known GPU, else
@@ -110,6 +111,33 @@ def draw_schedule(pools, total, batch, seed):
         passes = [rng.permutation(pool) for _ in range(-(-n // max(len(pool), 1)))]
         out.append(np.concatenate(passes)[:n] if n else np.zeros(0, np.int64))
     return np.concatenate(out).astype(np.int64).reshape(total, batch)
+
+
+def split_micro(lengths, n_micro, batch_size):
+    """Cut points of one step's windows, sorted by length (ascending), into n_micro micro-batches of consecutive
+    windows with the fewest padded tokens (sum over micro-batches of windows x longest window). No micro-batch pads
+    more tokens than the plain split's largest (batch_size x the step's longest window), so memory stays what
+    --batch_size sets. The step's gradient is the same however it is cut (each micro-batch's loss is divided by the
+    whole step's rows); only the padding changes: on the demo's documents 11% of the tokens in equal micro-batches
+    of 8, 3% here. Exact: a dynamic programme over cut points. Returns (n_micro + 1,) ints, 0 ... len(lengths)."""
+    L = np.asarray(lengths, dtype=np.int64)
+    n = len(L)
+    assert 1 <= n_micro <= n and np.all(np.diff(L) >= 0), (n_micro, L)
+    cap = batch_size * int(L[-1]) if n else 0
+    s, i = np.arange(n + 1)[:, None], np.arange(n + 1)[None, :]
+    cost = np.where(i > s, (i - s) * L[np.maximum(i - 1, 0)], np.inf)  # windows s..i-1 as one micro-batch
+    cost[cost > cap] = np.inf
+    best = np.full(n + 1, np.inf)
+    best[0] = 0.0
+    arg = []
+    for _ in range(n_micro):  # best[i]: fewest tokens for the first i windows in j micro-batches
+        total = best[:, None] + cost
+        arg.append(total.argmin(0))
+        best = total.min(0)
+    cuts = [n]
+    for a in reversed(arg):
+        cuts.append(int(a[cuts[-1]]))
+    return np.array(cuts[::-1])
 
 
 def draws_summary(schedule, bands, alphas):
@@ -928,9 +956,11 @@ def main(args):
             g["lr"] = lr
         # this step's windows, split into micro-batches; this process takes its share of them
         ws = schedule[step]  # (step_batch,)
-        # windows of similar length share a micro-batch, so little of it is padding (the step's sum is the same)
-        ws = ws[np.argsort(windows[ws, 3] - windows[ws, 1], kind="stable")]
-        micro = ws.reshape(args.grad_accum, args.batch_size)[rank * accum:(rank + 1) * accum]
+        # windows of similar length share a micro-batch, cut where the fewest tokens are padding (split_micro)
+        lengths = windows[ws, 3] - windows[ws, 1]
+        order = np.argsort(lengths, kind="stable")
+        ws, cuts = ws[order], split_micro(lengths[order], args.grad_accum, args.batch_size)
+        micro = [ws[a:b] for a, b in zip(cuts[:-1], cuts[1:])][rank * accum:(rank + 1) * accum]
         n_norm = max(batches.count(ws), 1)  # trainable rows of the whole step, the same on every process
         sums, flops = accumulate(run, train_model, micro, n_norm, alpha, w_proof, world)
         n = max(sums["rows"], 1)
@@ -1009,7 +1039,8 @@ def get_parser():
     p.add_argument("--warmup", type=int, default=30, help="linear warmup steps (card: 30)")
     p.add_argument("--weight_decay", type=float, default=1e-3, help="AdamW weight decay, matrices only (card: 1e-3)")
     p.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clip (card: 1.0)")
-    p.add_argument("--batch_size", type=int, default=2, help="windows per micro-batch (card: 2)")
+    p.add_argument("--batch_size", type=int, default=2, help="windows per micro-batch on average (card: 2): a step's windows, sorted by length, are cut "
+                   "into --grad_accum runs with the fewest padded tokens, none over this x the longest window")
     p.add_argument("--grad_accum", type=int, default=16, help="micro-batches per optimizer step, all processes "
                    "together (card: 16, so 32 windows per step)")
     # run length, ablations, mechanics

@@ -17,7 +17,7 @@ from cache_teacher import EXP_FLOOR, TeacherCache, topk_stats
 from common import ROLES
 from conftest import ROOT, run_main, run_script
 from train import (ChunkedKDLoss, WindowBatches, step_phase, draw_schedule, draws_summary, find_checkpoint, kd_alpha,
-                   learning_rate, micro_step, proof_weight, teacher_q)
+                   learning_rate, micro_step, proof_weight, split_micro, teacher_q)
 from model import Qwen3, Qwen3Config
 
 # --- the loss against a dense reference built from full distributions -----------------------------------------
@@ -210,6 +210,30 @@ def test_draws_summary_by_hand():
                    dict(windows=3, draws=1, never_drawn=2, mean_alpha=0.5)]
 
 
+def test_split_micro_against_every_cut():
+    """split_micro's cuts pad the fewest tokens among all ways to cut the sorted windows into n_micro non-empty runs
+    that respect the memory cap (batch_size x longest), found by trying every cut; never more than equal runs."""
+    import itertools
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        n_micro, batch = int(rng.integers(1, 5)), int(rng.integers(1, 4))
+        L = np.sort(rng.integers(1, 60, size=n_micro * batch) ** (1 + trial % 2))  # also long-tailed lengths
+        cap = batch * L[-1]
+        padded = lambda cuts: [(b - a) * L[b - 1] for a, b in zip(cuts[:-1], cuts[1:])]
+        best = min(sum(padded(c)) for inner in itertools.combinations(range(1, len(L)), n_micro - 1)
+                   for c in [(0, *inner, len(L))] if max(padded(c)) <= cap)
+        cuts = split_micro(L, n_micro, batch)
+        assert cuts[0] == 0 and cuts[-1] == len(L) and len(cuts) == n_micro + 1 and np.all(np.diff(cuts) > 0)
+        assert max(padded(cuts)) <= cap, (L, cuts)
+        assert sum(padded(cuts)) == best, (L, cuts, best)
+        assert best <= sum(padded(list(range(0, len(L) + 1, batch))))
+    # by hand: 6 short windows and 2 long ones, 2 micro-batches of 4 on average: 6 x 10 + 2 x 100 = 260 tokens
+    # against 4 x 10 + 4 x 100 = 440 for equal halves
+    assert split_micro([10] * 6 + [100] * 2, 2, 4).tolist() == [0, 6, 8]
+    # 7 x 60 + 100 = 520 would pad least, but 7 x 60 is over the cap of 4 x 100: 6 x 60 + 2 x 100 = 560
+    assert split_micro([60] * 7 + [100], 2, 4).tolist() == [0, 6, 8]
+
+
 # --- micro-batches on the real pipeline --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -272,7 +296,8 @@ def test_micro_step_matches_dense_reference(stream, student_config):
 
 
 def test_grad_accumulation_equals_one_big_batch(stream, student_config):
-    """16 micro-batches of 2 windows, each normalised by the whole step's rows, sum to the gradient of one batch."""
+    """16 micro-batches of 2 windows, or train.py's uneven cut, each normalised by the whole step's rows, sum to the
+    gradient of one batch."""
     model = Qwen3(Qwen3Config.from_json(student_config)).init_weights(0)
     ws = np.arange(32) % len(stream.windows)
     n = stream.count(ws)
@@ -288,6 +313,13 @@ def test_grad_accumulation_equals_one_big_batch(stream, student_config):
     small = grads(ws.reshape(16, 2))
     big = grads([ws])
     assert torch.allclose(small, big, rtol=1e-4, atol=1e-7), (small - big).abs().max()
+    # train.py's cut: sorted by length, micro-batches of unequal sizes (split_micro), the same gradient
+    lengths = stream.windows[ws, 3] - stream.windows[ws, 1]
+    order = np.argsort(lengths, kind="stable")
+    cuts = split_micro(lengths[order], 4, 8)
+    assert len(set(np.diff(cuts))) > 1, cuts  # the cut is uneven here, or this checks nothing new
+    uneven = grads([ws[order][a:b] for a, b in zip(cuts[:-1], cuts[1:])])
+    assert torch.allclose(uneven, big, rtol=1e-4, atol=1e-7), (uneven - big).abs().max()
 
 
 # --- the script: learning, round trip, resume, torchrun, bad input ------------------------------------------------
