@@ -296,13 +296,16 @@ def row_stats(z, top, targets, temperatures):
                 target=target - log_s1, entropy=entropy)
 
 
-def group_topk(z, k, groups=16):
+def group_topk(z, k):
     """Exact torch.topk(z, k) (sorted descending), cheaper on CPU: split the vocabulary into V/groups strided
-    groups; the top-k entries all lie in the k groups with the largest maxima, so only those are searched."""
+    groups; the top-k entries all lie in the k groups with the largest maxima, so only those are searched.
+    groups is 16 (Qwen3's 151,936: 9,496 groups), else 8 or 4, whichever divides V and leaves at least 4k groups
+    (the demo's 2,112 at k = 64: 8, which takes 6 ms per 1,024 rows instead of torch.topk's 10)."""
     R, V = z.shape
-    n = V // groups
-    if V % groups or n < 4 * k:
+    groups = next((g for g in (16, 8, 4) if V % g == 0 and V // g >= 4 * k), None)
+    if groups is None:
         return torch.topk(z, k, dim=-1)
+    n = V // groups
     zg = z.view(R, groups, n)  # group j = ids {j, j + n, j + 2n, ...}
     _, gi = torch.topk(zg.amax(1), k, dim=-1, sorted=False)  # (R, k) the groups holding the top-k
     cand = zg.gather(2, gi[:, None, :].expand(R, groups, k)).reshape(R, groups * k)

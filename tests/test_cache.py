@@ -245,6 +245,21 @@ def test_reconstruction_and_alignment(cache, tiny_teacher):
     assert worst <= 1e-3, worst
 
 
+@pytest.mark.parametrize("V", [2112, 1088, 4096, 1000])
+def test_group_topk_equals_topk(V):
+    """group_topk against torch.topk: values and ids, sorted descending, for vocabularies it splits into 8, 4 and
+    16 groups and one it cannot split (1000 = 8 x 125 < 4k); distinct values, so the ids are unique. The last rows
+    put the whole top-k into 16 strided groups, 4 ids in each."""
+    from cache_teacher import group_topk
+    g = torch.Generator().manual_seed(V)
+    z = torch.randperm(200 * V, generator=g)[:64 * V].float().view(64, V)  # distinct values
+    hot = torch.arange(V) % (V // 4) < 16  # 64 ids, 4 in each of 16 strided groups, whatever the group count
+    z[-8:, hot] += 1e7  # rows whose whole top-k sits in those 16 groups
+    top, ids = group_topk(z, 64)
+    ref = torch.topk(z, 64, dim=-1)
+    assert torch.equal(top, ref.values) and torch.equal(ids, ref.indices)
+
+
 def test_bytes_per_position_and_dtypes(cache):
     """The teacher record fits 400 B per position at k=64 with two temperatures (18-bit ids: 288 B)."""
     m = cache.manifest
