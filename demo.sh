@@ -28,11 +28,13 @@ TEACHER_STEPS=${TEACHER_STEPS:-90}    # optimizer steps of 32 windows for the ti
 STUDENT_STEPS=${STUDENT_STEPS:-220} # ... and for the student
 MAX_NEW=${MAX_NEW:-400}              # tokens the student may generate at the end
 DATA="data/physics_cot.jsonl $OUT/data/synth.jsonl"
-# 32 windows per optimizer step as on the card, in 4 micro-batches of 8: the same step as 16 of 2, with larger
-# matrix products (at a fixed window length the teacher's step is 29% faster than at 4 x 8 on 2 cores); train.py
-# groups windows of similar length, so little of what is computed is padding
-SCRATCH="--lr 3e-3 --min_lr 3e-4 --warmup 10 --batch_size 8 --grad_accum 4 --dtype bfloat16 --save_dtype float32
-  --device cpu --log_every 25"
+SCRATCH="--lr 3e-3 --min_lr 3e-4 --warmup 10 --dtype bfloat16 --save_dtype float32 --device cpu --log_every 25"
+# 32 windows per optimizer step as on the card, but in fewer, larger micro-batches than the card's 16 of 2: the
+# same step with larger matrix products. Measured on 2 cores: the teacher is fastest in 4 micro-batches of 8 on
+# average, the smaller student in 2 of 16 (7% faster than 4 of 8). train.py cuts each step's windows by length
+# where the fewest tokens are padding (3% of them here)
+TEACHER_BATCH="--batch_size 8 --grad_accum 4"
+STUDENT_BATCH="--batch_size 16 --grad_accum 2"
 start=$(date +%s)
 say() { printf '\n== [%ss] %s\n' "$(( $(date +%s) - start ))" "$*"; }
 
@@ -49,10 +51,14 @@ $PY cache_teacher.py --data $DATA --teacher none --tokenizer "$OUT/tokenizer" --
 
 say "4/9 the tiny teacher: 4 layers, hidden 256, plain next-token training (train.py --kd_alpha 0)"
 $PY train.py --init scratch --config data/teacher_config.json --cache "$OUT/cache_tokens" --kd_alpha 0 \
-  --no_proof_weight --max_steps "$TEACHER_STEPS" --eval_every 0 --ckpt_every 50 $SCRATCH --out "$OUT/teacher" --resume
+  --no_proof_weight --max_steps "$TEACHER_STEPS" --eval_every 0 --ckpt_every 50 $SCRATCH $TEACHER_BATCH \
+  --out "$OUT/teacher" --resume
 
 say "5/9 Phase 1: one teacher pass into the top-64 cache, the teacher in bf16 as on the card (cache_teacher.py)"
-$PY cache_teacher.py --data $DATA --teacher "$OUT/teacher" --out "$OUT/cache" --dtype bfloat16 --device cpu
+# 2,048 tokens per forward instead of the default 16,384 (sized for a GPU): on 2 CPU cores 13% faster, the
+# activations staying in cache
+$PY cache_teacher.py --data $DATA --teacher "$OUT/teacher" --out "$OUT/cache" --dtype bfloat16 --device cpu \
+  --batch_tokens 2048
 
 say "6/9 Phase 2: the DISC pass over the teacher's entropy (topology.py)"
 $PY topology.py --cache "$OUT/cache" --out "$OUT/topology"
@@ -63,10 +69,10 @@ if [ "${STOP_AFTER:-}" = windows ]; then say "STOP_AFTER=windows: data, teacher,
 
 say "8/9 Phase 4: distil into the student, 2 layers, hidden 128 (train.py)"
 $PY train.py --init scratch --config data/student_config.json --cache "$OUT/cache" --topology "$OUT/topology" \
-  --windows "$OUT/windows" --max_steps "$STUDENT_STEPS" --eval_every 50 --ckpt_every 50 $SCRATCH \
+  --windows "$OUT/windows" --max_steps "$STUDENT_STEPS" --eval_every 50 --ckpt_every 50 $SCRATCH $STUDENT_BATCH \
   --out "$OUT/student" --resume
 
-say "9/9 the student answers four new questions, one per domain, in the DualMind format (generate.py --check)"
+say "9/9 the student and the teacher answer four new questions, one per domain, in the DualMind format (generate.py)"
 cat > "$OUT/prompts.jsonl" <<'EOF'
 {"prompt": "A simple pendulum is 1.5 m long. What is its period for small oscillations, with g = 9.81 m/s^2?"}
 {"prompt": "A ball is launched at 20 m/s at 45 degrees above level ground. Neglecting air resistance and taking g = 9.81 m/s^2, find its range."}
@@ -74,9 +80,9 @@ cat > "$OUT/prompts.jsonl" <<'EOF'
 {"prompt": "What is the Schwarzschild radius of a 3 solar-mass black hole?"}
 EOF
 GEN="--temperature 0 --repetition_penalty 1.0 --max_new_tokens $MAX_NEW --dtype float32 --device cpu"
-$PY generate.py --model "$OUT/student" --prompt "$(head -1 "$OUT/prompts.jsonl" | cut -d'"' -f4)" --check $GEN 2>&1
-for who in student teacher; do
-  $PY generate.py --model "$OUT/$who" --prompts_jsonl "$OUT/prompts.jsonl" $GEN > "$OUT/answers_$who.jsonl" 2>/dev/null
+for who in student teacher; do  # the answers go to the file, the speed and the check of each to the terminal
+  echo "the $who:"
+  $PY generate.py --model "$OUT/$who" --prompts_jsonl "$OUT/prompts.jsonl" --check $GEN 2>&1 >"$OUT/answers_$who.jsonl"
 done
 
 say "summary"
@@ -92,7 +98,10 @@ if a and b:
           f"{b['top1']:.3f}")
 else:
     print(f"student held-out evaluations missing (first {a}, last {b}): see {out}/student/train_log.jsonl")
-ok = {who: [json.loads(l)["check"]["ok"] for l in open(f"{out}/answers_{who}.jsonl")] for who in ["student", "teacher"]}
+answers = {who: [json.loads(l) for l in open(f"{out}/answers_{who}.jsonl")] for who in ["student", "teacher"]}
+first = answers["student"][0]
+print(f"the student's greedy answer to {first['prompt']!r}:\n<explore>{first['output']}\n")
+ok = {who: [a["check"]["ok"] for a in answers[who]] for who in answers}
 s, t, n = sum(ok["student"]), sum(ok["teacher"]), len(ok["student"])
 print(f"DualMind layout (explore, examine, response, in order) in greedy answers to {n} new questions: "
       f"student {s} of {n}, teacher {t} of {n}")
