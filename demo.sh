@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The offline end-to-end run of the recipe on CPU, in minutes: the pipeline's living documentation.
 #
-#   bash demo.sh                      # everything into out/demo (about 5 minutes on 2 CPU cores)
+#   bash demo.sh                      # everything into out/demo (4 to 4.5 minutes on 2 CPU cores)
 #   OUT=/tmp/d N_SYNTH=40 TEACHER_STEPS=3 STUDENT_STEPS=3 MAX_NEW=12 bash demo.sh
 #                                     # the smoke run of tests/test_demo.py: 3-step models, 12 new tokens per answer
-#                                     # (without MAX_NEW=12 most of its time goes to 9 answers of 400 tokens);
+#                                     # (without MAX_NEW=12 most of its time goes to 8 answers of 400 tokens);
 #                                     # about 3 minutes of CPU time on 2 cores
 #   STOP_AFTER=windows bash demo.sh   # only up to Phase 3: what ablate.py reuses (it runs this when they are missing)
 #
@@ -69,8 +69,8 @@ if [ "${STOP_AFTER:-}" = windows ]; then say "STOP_AFTER=windows: data, teacher,
 
 say "8/9 Phase 4: distil into the student, 2 layers, hidden 128 (train.py)"
 $PY train.py --init scratch --config data/student_config.json --cache "$OUT/cache" --topology "$OUT/topology" \
-  --windows "$OUT/windows" --max_steps "$STUDENT_STEPS" --eval_every 50 --ckpt_every 50 $SCRATCH $STUDENT_BATCH \
-  --out "$OUT/student" --resume
+  --windows "$OUT/windows" --max_steps "$STUDENT_STEPS" --eval_every 50 --ckpt_every 50 $SCRATCH \
+  $STUDENT_BATCH --out "$OUT/student" --resume
 
 say "9/9 the student and the teacher answer four new questions, one per domain, in the DualMind format (generate.py)"
 cat > "$OUT/prompts.jsonl" <<'EOF'

@@ -1039,8 +1039,9 @@ def get_parser():
     p.add_argument("--warmup", type=int, default=30, help="linear warmup steps (card: 30)")
     p.add_argument("--weight_decay", type=float, default=1e-3, help="AdamW weight decay, matrices only (card: 1e-3)")
     p.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clip (card: 1.0)")
-    p.add_argument("--batch_size", type=int, default=2, help="windows per micro-batch on average (card: 2): a step's windows, sorted by length, are cut "
-                   "into --grad_accum runs with the fewest padded tokens, none over this x the longest window")
+    p.add_argument("--batch_size", type=int, default=2, help="windows per micro-batch on average (card: 2): a step's "
+                   "windows, sorted by length, are cut into --grad_accum runs with the fewest padded tokens, none "
+                   "over this x the longest window")
     p.add_argument("--grad_accum", type=int, default=16, help="micro-batches per optimizer step, all processes "
                    "together (card: 16, so 32 windows per step)")
     # run length, ablations, mechanics
