@@ -387,7 +387,8 @@ def get_parser():
                    f"(default {' '.join(map(str, DEFAULTS['seeds']))})")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps of every run (default "
                    f"{DEFAULTS['steps']}: 7 variants x 3 seeds in <= 30 min on 2 CPU cores)")
-    p.add_argument("--grad_accum", type=int, default=None, help="micro-batches of 2 windows per step (default 16)")
+    p.add_argument("--grad_accum", type=int, default=None,
+                   help="micro-batches of 2 windows on average per step (default 16)")
     p.add_argument("--split_seed", type=int, default=1337, help="the held-out split, the same for every run")
     p.add_argument("--val_fraction", type=float, default=0.05, help="documents held out (train.py's split)")
     p.add_argument("--eval_windows", type=int, default=None, help="held-out windows measured (0: all)")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The offline end-to-end run of the recipe on CPU, in minutes: the pipeline's living documentation.
 #
-#   bash demo.sh                      # everything into out/demo (4 to 4.5 minutes on 2 CPU cores)
+#   bash demo.sh                      # everything into out/demo (about 4.5 minutes on 2 CPU cores)
 #   OUT=/tmp/d N_SYNTH=40 TEACHER_STEPS=3 STUDENT_STEPS=3 MAX_NEW=12 bash demo.sh
 #                                     # the smoke run of tests/test_demo.py: 3-step models, 12 new tokens per answer
 #                                     # (without MAX_NEW=12 most of its time goes to 8 answers of 400 tokens);
@@ -31,8 +31,8 @@ DATA="data/physics_cot.jsonl $OUT/data/synth.jsonl"
 SCRATCH="--lr 3e-3 --min_lr 3e-4 --warmup 10 --dtype bfloat16 --save_dtype float32 --device cpu --log_every 25"
 # 32 windows per optimizer step as on the card, but in fewer, larger micro-batches than the card's 16 of 2: the
 # same step with larger matrix products. Measured on 2 cores: the teacher is fastest in 4 micro-batches of 8 on
-# average, the smaller student in 2 of 16 (7% faster than 4 of 8). train.py cuts each step's windows by length
-# where the fewest tokens are padding (3% of them here)
+# average, the smaller student in 2 of 16 (about 6% faster than 4 of 8). train.py cuts each step's windows by
+# length where the fewest tokens are padding (3% of the teacher's, against 11% in equal micro-batches of 8)
 TEACHER_BATCH="--batch_size 8 --grad_accum 4"
 STUDENT_BATCH="--batch_size 16 --grad_accum 2"
 start=$(date +%s)
@@ -90,6 +90,9 @@ $PY - "$OUT" <<'EOF'
 import json, sys
 from train import read_student
 out = sys.argv[1]
+answers = {who: [json.loads(l) for l in open(f"{out}/answers_{who}.jsonl")] for who in ["student", "teacher"]}
+first = answers["student"][0]
+print(f"the student's greedy answer to {first['prompt']!r}:\n<explore>{first['output']}\n")
 m = read_student(f"{out}/student")  # train.py owns its folder: its manifest, read through train.py
 a, b = m["first_eval"], m["last_eval"]
 if a and b:
@@ -98,9 +101,6 @@ if a and b:
           f"{b['top1']:.3f}")
 else:
     print(f"student held-out evaluations missing (first {a}, last {b}): see {out}/student/train_log.jsonl")
-answers = {who: [json.loads(l) for l in open(f"{out}/answers_{who}.jsonl")] for who in ["student", "teacher"]}
-first = answers["student"][0]
-print(f"the student's greedy answer to {first['prompt']!r}:\n<explore>{first['output']}\n")
 ok = {who: [a["check"]["ok"] for a in answers[who]] for who in answers}
 s, t, n = sum(ok["student"]), sum(ok["teacher"]), len(ok["student"])
 print(f"DualMind layout (explore, examine, response, in order) in greedy answers to {n} new questions: "

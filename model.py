@@ -17,7 +17,8 @@ and cos/sin in fp32, cast to the activation dtype; attention through scaled_dot_
 scale head_dim**-0.5; MoE router softmax in fp32 over all experts, top-k, optional renormalisation, then the
 experts all at once as one grouped matmul with no host sync (the default wherever torch has the op), or in a loop
 with the outputs summed in ascending expert order, as transformers does (m.set_moe_impl("loop" | "grouped" | "auto")).
-One departure, in training only: under BF16 autocast on a CPU, attention runs in fp32 (faster there, and exacter).
+One departure: whenever BF16 autocast is on for CPU tensors (train.py's training and evaluation on a CPU), attention
+runs in fp32, faster there at small head dims and exacter; a model run in its own dtype is not affected.
 """
 
 import functools

@@ -119,7 +119,8 @@ def split_micro(lengths, n_micro, batch_size):
     more tokens than the plain split's largest (batch_size x the step's longest window), so memory stays what
     --batch_size sets. The step's gradient is the same however it is cut (each micro-batch's loss is divided by the
     whole step's rows); only the padding changes: on the demo's documents 11% of the tokens in equal micro-batches
-    of 8, 3% here. Exact: a dynamic programme over cut points. Returns (n_micro + 1,) ints, 0 ... len(lengths)."""
+    of 8, 3% here. Exact: a dynamic programme over cut points, O(n_micro x n^2) (milliseconds for 32 windows).
+    Returns (n_micro + 1,) ints, 0 ... len(lengths); a ValueError when no cut respects the cap."""
     L = np.asarray(lengths, dtype=np.int64)
     n = len(L)
     assert 1 <= n_micro <= n and np.all(np.diff(L) >= 0), (n_micro, L)
@@ -134,6 +135,9 @@ def split_micro(lengths, n_micro, batch_size):
         total = best[:, None] + cost
         arg.append(total.argmin(0))
         best = total.min(0)
+    if not np.isfinite(best[n]):
+        raise ValueError(f"no cut of {n} windows into {n_micro} micro-batches keeps each within {batch_size} x the "
+                         f"longest window ({cap} tokens)")
     cuts = [n]
     for a in reversed(arg):
         cuts.append(int(a[cuts[-1]]))
@@ -1040,8 +1044,8 @@ def get_parser():
     p.add_argument("--weight_decay", type=float, default=1e-3, help="AdamW weight decay, matrices only (card: 1e-3)")
     p.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clip (card: 1.0)")
     p.add_argument("--batch_size", type=int, default=2, help="windows per micro-batch on average (card: 2): a step's "
-                   "windows, sorted by length, are cut into --grad_accum runs with the fewest padded tokens, none "
-                   "over this x the longest window")
+                   "windows, sorted by length, are cut into --grad_accum micro-batches with the fewest padded tokens, "
+                   "none over batch_size x the step's longest window in padded tokens")
     p.add_argument("--grad_accum", type=int, default=16, help="micro-batches per optimizer step, all processes "
                    "together (card: 16, so 32 windows per step)")
     # run length, ablations, mechanics

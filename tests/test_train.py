@@ -226,12 +226,14 @@ def test_split_micro_against_every_cut():
         assert cuts[0] == 0 and cuts[-1] == len(L) and len(cuts) == n_micro + 1 and np.all(np.diff(cuts) > 0)
         assert max(padded(cuts)) <= cap, (L, cuts)
         assert sum(padded(cuts)) == best, (L, cuts, best)
-        assert best <= sum(padded(list(range(0, len(L) + 1, batch))))
     # by hand: 6 short windows and 2 long ones, 2 micro-batches of 4 on average: 6 x 10 + 2 x 100 = 260 tokens
     # against 4 x 10 + 4 x 100 = 440 for equal halves
     assert split_micro([10] * 6 + [100] * 2, 2, 4).tolist() == [0, 6, 8]
     # 7 x 60 + 100 = 520 would pad least, but 7 x 60 is over the cap of 4 x 100: 6 x 60 + 2 x 100 = 560
     assert split_micro([60] * 7 + [100], 2, 4).tolist() == [0, 6, 8]
+    assert split_micro([5] * 8, 4, 2).tolist() == [0, 2, 4, 6, 8]  # equal lengths: only the equal cut fits the cap
+    with pytest.raises(ValueError, match="no cut of 5 windows into 2"):  # 5 windows of at most 1 x 5 tokens: none
+        split_micro([1, 2, 3, 4, 5], 2, 1)
 
 
 # --- micro-batches on the real pipeline --------------------------------------------------------------------------
