@@ -20,9 +20,10 @@ AdamW (weight decay 1e-3 on matrices only), clip 1.0, micro-batch 2 x 16 accumul
 whatever the number of processes (cut by length where the fewest tokens are padding, so 2 is a mean), FP32 master
 weights with BF16 autocast.
 
-Each step logs its loss parts, lr, tok/s and MFU: model FLOPs (Qwen3Config.flops_per_token: 6 N + 12 L T H D per
-token, nanoGPT's count) per second over --peak_flops (default: the datasheet's dense bf16 peak of a known GPU, else
-a 2048^3 matmul measured at start, as on a CPU; the first lines say which).
+Each step logs its loss parts, lr, tok/s and MFU, both over the windows' real tokens (padding not counted): model
+FLOPs (Qwen3Config.flops_per_token: 6 N + 12 L T H D per token, nanoGPT's count) per second over --peak_flops
+(default: the datasheet's dense bf16 peak of a known GPU, else a 2048^3 matmul measured at start, as on a CPU; the
+first lines say which).
 
 Inputs   --init (Hub id, folder, or `scratch` with --config), --cache, --topology, --windows
 Outputs  in --out (default out/student): the student in Hugging Face layout (config.json, model.safetensors,
@@ -323,17 +324,21 @@ class ChunkedKDLoss(torch.autograd.Function):
 # Data: windows -> padded micro-batches with their trainable rows
 
 
-def batch_tensors(device, idx, sel, targets, reasoning, jump_w, topk_ids=None, topk_logprobs=None, lse=None):
+def batch_tensors(device, idx, sel, targets, reasoning, jump_w, topk_ids=None, topk_logprobs=None, lse=None,
+                  lengths=None):
     """The micro-batch dict micro_step reads, as tensors on `device` (bench.py builds its batches with it too).
 
     idx (B, L) int64 tokens; sel (R,) trainable rows as flat indices into B*L; targets (R,) next tokens;
     reasoning (R,) bool (explore/examine target); jump_w (R,) topology multiplier; the teacher's cached top-k
-    for the same rows: topk_ids (R, k), topk_logprobs (R, k) at T=1, lse (R, nT)."""
+    for the same rows: topk_ids (R, k), topk_logprobs (R, k) at T=1, lse (R, nT); lengths: each sequence's real
+    tokens (default: all L), what tok/s and MFU count, padding not included."""
     arrays = dict(idx=idx, sel=sel, targets=targets, reasoning=reasoning, jump_w=jump_w, topk_ids=topk_ids,
                   topk_logprobs=topk_logprobs, lse=lse)
     out = {k: torch.as_tensor(np.ascontiguousarray(v) if isinstance(v, np.ndarray) else v).to(device)
            for k, v in arrays.items() if v is not None}
-    out["ntok"] = int(np.prod(out["idx"].shape))
+    B, L = out["idx"].shape
+    out["lengths"] = [int(n) for n in lengths] if lengths is not None else [L] * B
+    out["ntok"] = sum(out["lengths"])
     return out
 
 
@@ -365,7 +370,7 @@ class WindowBatches:
         return batch_tensors(
             device, idx=pad_right([self.cache.tokens[s:e] for _, s, _, e in self.windows[ws]], L), sel=sel,
             targets=self.cache.tokens[rows + 1].astype(np.int64),
-            reasoning=np.isin(self.cache.roles[rows + 1], REASONING),
+            reasoning=np.isin(self.cache.roles[rows + 1], REASONING), lengths=self.windows[ws, 3] - self.windows[ws, 1],
             jump_w=self.jump_weight[rows] if self.jump_weight is not None else np.ones(len(rows), np.float32),
             **teacher)
 
@@ -812,7 +817,8 @@ def accumulate(run, train_model, micro, n_norm, alpha, w_proof, world):
         for n, v in zip(ROW_STATS + ("rows",), s.tolist()):
             sums[n] += v
         sums["tokens"] += batch["ntok"]
-        flops += batch["ntok"] * model.config.flops_per_token(batch["idx"].shape[1])  # this process's share
+        # model FLOPs of the real tokens, each window's attention at its own length (padding is not useful work)
+        flops += sum(n * model.config.flops_per_token(n) for n in batch["lengths"])  # this process's share
         sums["objective"] += loss.item()
     if ddp:  # every process's sums, added up (NCCL reduces device tensors only)
         import torch.distributed as dist

@@ -258,6 +258,19 @@ def test_rows_exclude_prompt_and_document_end(stream):
     assert cache.roles[first[0]] == 0 and cache.roles[first[0] + 1] == 1  # the first target opens <explore>
 
 
+def test_batch_counts_real_tokens_not_padding(stream):
+    """A micro-batch of windows of different lengths: its token count (what tok/s and MFU count) is the sum of the
+    windows' lengths, less than the padded batch x longest, and each window's tokens sit left-aligned in its row."""
+    lengths = stream.windows[:, 3] - stream.windows[:, 1]
+    ws = np.array([int(np.argmin(lengths)), int(np.argmax(lengths))])
+    b = stream.batch(ws, torch.device("cpu"))
+    assert b["lengths"] == [int(lengths[w]) for w in ws] and b["ntok"] == int(lengths[ws].sum())
+    assert b["ntok"] < b["idx"].numel()  # the shorter window is padded
+    for row, w in enumerate(ws):
+        _, s, _, e = stream.windows[w]
+        assert torch.equal(b["idx"][row, :e - s], torch.as_tensor(stream.cache.tokens[s:e].astype(np.int64)))
+
+
 def test_micro_step_matches_dense_reference(stream, student_config):
     """micro_step composes proof weight x jump weight, alpha, T^2 and the row count exactly as DESIGN.md says: its
     loss and gradients equal a dense full-vocabulary reference built here from the cache arrays alone (each window's
