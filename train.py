@@ -125,7 +125,7 @@ def split_micro(lengths, n_micro, batch_size):
     L = np.asarray(lengths, dtype=np.int64)
     n = len(L)
     assert 1 <= n_micro <= n and np.all(np.diff(L) >= 0), (n_micro, L)
-    cap = batch_size * int(L[-1]) if n else 0
+    cap = batch_size * int(L[-1])
     s, i = np.arange(n + 1)[:, None], np.arange(n + 1)[None, :]
     cost = np.where(i > s, (i - s) * L[np.maximum(i - 1, 0)], np.inf)  # windows s..i-1 as one micro-batch
     cost[cost > cap] = np.inf
@@ -358,8 +358,13 @@ class WindowBatches:
     def count(self, ws):
         return sum(len(self.rows_of(w)) for w in ws)
 
+    def lengths(self, ws):
+        """(len(ws),) tokens of each window."""
+        return self.windows[ws, 3] - self.windows[ws, 1]
+
     def batch(self, ws, device):
-        L = int(max(self.windows[w, 3] - self.windows[w, 1] for w in ws))
+        lengths = self.lengths(ws)
+        L = int(lengths.max())
         sel, rows = [], []
         for b, w in enumerate(ws):
             t = self.rows_of(w)
@@ -370,7 +375,7 @@ class WindowBatches:
         return batch_tensors(
             device, idx=pad_right([self.cache.tokens[s:e] for _, s, _, e in self.windows[ws]], L), sel=sel,
             targets=self.cache.tokens[rows + 1].astype(np.int64),
-            reasoning=np.isin(self.cache.roles[rows + 1], REASONING), lengths=self.windows[ws, 3] - self.windows[ws, 1],
+            reasoning=np.isin(self.cache.roles[rows + 1], REASONING), lengths=lengths,
             jump_w=self.jump_weight[rows] if self.jump_weight is not None else np.ones(len(rows), np.float32),
             **teacher)
 
@@ -967,7 +972,7 @@ def main(args):
         # this step's windows, split into micro-batches; this process takes its share of them
         ws = schedule[step]  # (step_batch,)
         # windows of similar length share a micro-batch, cut where the fewest tokens are padding (split_micro)
-        lengths = windows[ws, 3] - windows[ws, 1]
+        lengths = batches.lengths(ws)
         order = np.argsort(lengths, kind="stable")
         ws, cuts = ws[order], split_micro(lengths[order], args.grad_accum, args.batch_size)
         micro = [ws[a:b] for a, b in zip(cuts[:-1], cuts[1:])][rank * accum:(rank + 1) * accum]
