@@ -35,7 +35,7 @@ Sections and what each compares (higher ratio = better for us; memory ratios are
           matrices (fp32 and bf16), and as GB/s of weights read against the measured matvec bandwidth.
 
 The real shapes (--real): one prepared check of the card's run on one device, random weights made on the device
-(nothing downloaded), one table and the same figures in --work/real.json; under 8 minutes on one H100 (estimated).
+(nothing downloaded), one table and the same figures in --work/real.json; 2.6 minutes on one H200 (measured).
 
     python bench.py --real --device cuda                         # every row below, at the card's shapes
     python bench.py --real --device cuda --only teacher,parity   # some rows
@@ -612,16 +612,29 @@ REAL_ROWS = ["student", "teacher", "decode", "parity"]
 
 def real_plan(args):
     """What --real measures on this device: the card's shapes on a GPU, the student row at Qwen3-0.6B shapes on a
-    CPU, every row at test size with --tiny (the same code, seconds on a CPU; compiled with aot_eager, no C++ build)."""
+    CPU, every row at test size with --tiny (the same code, seconds on a CPU; compiled with aot_eager, no C++ build).
+    --student_batch BxA replaces the student row's micro-batch and accumulation."""
     cuda = args.device.startswith("cuda")
     if args.tiny:
-        return dict(student="tiny", teacher="tiny-moe", teacher_layers=2, batch=2, seq=64, accum=2, reps=1,
+        plan = dict(student="tiny", teacher="tiny-moe", teacher_layers=2, batch=2, seq=64, accum=2, reps=1,
                     doc_len=128, positions=512, prompt=8, new=8, decode_dtype=torch.float32, backend="aot_eager",
                     search_cap=4, compile=True, rows=REAL_ROWS)
-    return dict(student="qwen3-1.7b" if cuda else "qwen3-0.6b", teacher="qwen3-30b-a3b", teacher_layers=4, batch=2,
-                seq=512, accum=16 if cuda else 1, reps=3 if cuda else 1, doc_len=2048, positions=16384, prompt=32,
-                new=128, decode_dtype=torch.bfloat16, backend="inductor", search_cap=256 if cuda else 0, compile=cuda,
-                rows=REAL_ROWS if cuda else ["student"])
+    else:
+        plan = dict(student="qwen3-1.7b" if cuda else "qwen3-0.6b", teacher="qwen3-30b-a3b", teacher_layers=4,
+                    batch=2, seq=512, accum=16 if cuda else 1, reps=3 if cuda else 1, doc_len=2048, positions=16384,
+                    prompt=32, new=128, decode_dtype=torch.bfloat16, backend="inductor",
+                    search_cap=256 if cuda else 0, compile=cuda, rows=REAL_ROWS if cuda else ["student"])
+    if getattr(args, "student_batch", ""):
+        b, _, a = args.student_batch.partition("x")
+        if not (b.isdigit() and a.isdigit() and int(b) > 0 and int(a) > 0):
+            raise ValueError(f"--student_batch {args.student_batch}: give micro-batch x accumulation steps, as 32x1")
+        plan.update(batch=int(b), accum=int(a))
+    return plan
+
+
+def note(msg):
+    """A progress line of --real on stderr, so a row cut short still shows how far it got."""
+    print(f"[real]   {msg}", file=sys.stderr, flush=True)
 
 
 def random_model(shape, device, dtype, layers=None, seed=0, std=0.02):
@@ -711,6 +724,7 @@ def real_student(plan, device, peak):
         tok_s = out["tokens_per_step"] / min(times)
         out[name] = dict(tok_s=tok_s, mfu=tok_s * fpt / peak, step_s=min(times), peak_mem_gb=peak_mem(device) / 1e9,
                          mem_before_step_gb=before / 1e9, loss=loss)
+        note(f"student {name}: {out[name]['step_s']:.3g} s per step, {tok_s:,.0f} tok/s, MFU {out[name]['mfu']:.1%}")
     for ckpt in [False, True]:
         model.gradient_checkpointing = ckpt
         key = "max_micro_batch" + ("_grad_ckpt" if ckpt else "")
@@ -718,6 +732,7 @@ def real_student(plan, device, peak):
         if plan["search_cap"]:
             size, capped = largest_micro_batch(model, opt, L, device, plan["search_cap"])
             out[key] = dict(size=size, capped=capped)
+            note(f"student {key}: {size}{' (the cap)' if capped else ''}")
     return out
 
 
@@ -779,6 +794,7 @@ def real_teacher(plan, device, work):
         out[impl] = dict(positions_s=P / t, moe_share=f_moe, positions_s_all_layers=P / t_all,
                          moe_share_all_layers=f_moe * scale * t / t_all, fixed_s=t * (1 - f_layers),
                          finite=bool(np.isfinite(arrays["lse"]).all()))
+        note(f"teacher {impl}: {P / t:,.0f} positions/s over {layers} layers")
     folder, scratch = os.path.join(work, f"real_{plan['teacher']}_{layers}"), os.path.join(work, "real_scratch")
     model.save_pretrained(folder)  # bf16 safetensors, read back one layer at a time
     del model
@@ -818,6 +834,7 @@ def real_decode(plan, device):
             got["transformers"] = ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
                                                min_new_tokens=new, do_sample=False, pad_token_id=0)[0, P:].tolist()
 
+    note("decode: warm-up (compiles the decode step), then the timed runs")
     t = interleaved_times({"eager": ours("eager"), "compile": ours("compile", step), "transformers": theirs},
                           plan["reps"], sync_of(device))
     agree = {n: next((i for i, (a, b) in enumerate(zip(got[n], got["transformers"])) if a != b), new)
@@ -937,6 +954,7 @@ def real_main(args):
     """--real / --tiny: the rows of the plan (or --only), one table, and the same figures in a JSON file."""
     from common import write_json
     plan, cuda = real_plan(args), args.device.startswith("cuda")
+    os.makedirs(args.work, exist_ok=True)
     res = dict(mode="tiny" if args.tiny else "real", device=args.device, torch=torch.__version__,
                threads=torch.get_num_threads(), device_name=torch.cuda.get_device_name(args.device) if cuda else "cpu")
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # under torchrun: the DDP row only, reported by rank 0
@@ -1004,6 +1022,8 @@ def get_parser():
     p.add_argument("--real", action="store_true", help="the card's shapes on --device, random weights (see above)")
     p.add_argument("--tiny", action="store_true", help="--real's code at test size (seconds on a CPU)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--student_batch", default="", help="--real's student row: micro-batch x accumulation steps, "
+                   "as 32x1 (default 2x16 on a GPU, the card's; 2x1 on a CPU; 2x2 with --tiny)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement (the best is reported)")
     p.add_argument("--work", default=os.path.join("out", "bench"), help="scratch folder: benchmark checkpoints, "
                    "real.json")

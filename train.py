@@ -39,7 +39,7 @@ Run
   python train.py --init scratch --config data/student_config.json --cache out/cache --topology out/topology \\
       --windows out/windows --lr 3e-3 --min_lr 3e-4 --max_steps 150                       # a student from scratch
   python train.py --init Qwen/Qwen3-1.7B --cache out/cache --topology out/topology --windows out/windows \\
-      --device cuda --grad_ckpt --compile                                                          # one GPU
+      --device cuda --batch_size 32 --grad_accum 1 --compile     # one 80 GB GPU: the card's step, one micro-batch
   torchrun --nproc_per_node=8 train.py ... --device cuda                              # same 32-window step
   python train.py ... --resume                                                        # after a kill
   python train.py --init scratch --config data/teacher_config.json --cache out/cache_tokens --kd_alpha 0  # plain LM

@@ -74,3 +74,17 @@ def test_real_shapes_are_the_hub_models(shape, params):
 def test_real_refuses_unknown_rows(tmp_path):
     with pytest.raises(ValueError, match="choose among student, teacher, decode, parity"):
         run_main(bench, "--tiny", "--only", "students", "--work", tmp_path)
+
+
+def test_real_student_batch_flag_and_a_new_work_folder(tmp_path):
+    """--student_batch sets the student row's micro-batch and accumulation (the same code as the card's 2 x 16), and
+    --work may name a folder that does not exist yet (the GPU check's first run lost three rows to that)."""
+    work = tmp_path / "not" / "yet"
+    res = run_main(bench, "--tiny", "--only", "student", "--student_batch", "4x1", "--work", work)
+    s = json.loads((work / "real_tiny.json").read_text())["student"]
+    assert s == json.loads(json.dumps(res["student"]))
+    assert s["micro_batch"] == [4, 64] and s["accum"] == 1 and s["tokens_per_step"] == 4 * 64
+    assert res["teacher"] is None and res["decode"] is None
+    for bad in ["4", "4x0", "x2", "4*2"]:
+        with pytest.raises(ValueError, match="--student_batch"):
+            run_main(bench, "--tiny", "--only", "student", "--student_batch", bad, "--work", tmp_path)
