@@ -508,9 +508,11 @@ def build_student(args, cache, device):
     return model
 
 
-# dense bf16 peak of known GPUs, FLOP/s (vendor datasheets, without sparsity); the first name found in the device's
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A6000": 155e12, "4090": 165e12,
-              "3090": 71e12, "A10": 125e12, "L4": 121e12, "V100": 125e12}
+# dense bf16 peak of known GPUs, FLOP/s (vendor datasheets, without sparsity). The first key found in the device's
+# name wins, so a name that contains another (H100 PCIe, H100) comes first
+PEAK_FLOPS = {"H200 NVL": 835e12, "H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12,
+              "A100": 312e12, "L40S": 362e12, "L40": 181e12, "A6000": 155e12, "4090": 165e12, "3090": 71e12,
+              "A10": 125e12, "L4": 121e12, "V100": 125e12}
 
 
 def measure_matmul_flops(device, dtype, n=2048, reps=3):
@@ -916,8 +918,11 @@ def main(args):
     model = build_student(args, cache, device)
     model.gradient_checkpointing = args.grad_ckpt
     opt = configure_optimizer(model, args.lr, args.weight_decay)
+    # what the run's result depends on: not how a step's windows are cut into micro-batches (world_batch below is
+    # the step), so a run stopped by an out-of-memory error resumes with a smaller --batch_size, a larger --grad_accum
     settings = {k: v for k, v in vars(args).items() if k not in ("resume", "log_every", "eval_every", "ckpt_every",
-                                                                  "device", "compile", "out", "force", "peak_flops")}
+                                                                  "device", "compile", "out", "force", "peak_flops",
+                                                                  "batch_size", "grad_accum")}
     if args.split_seed is None:  # the split follows --seed, as before --split_seed existed: older runs still resume
         del settings["split_seed"]
     fingerprint = sha256_json(dict(settings=settings, upstream=upstream, world_batch=step_batch))

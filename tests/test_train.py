@@ -428,6 +428,20 @@ def logged(out):
     return [e["step"] for e in lines if "step" in e], [e["eval_step"] for e in lines if "eval_step" in e]
 
 
+def kill_after_step(args, out, step):
+    """Run train.py with args and kill -9 it once its log has a line past `step` and a checkpoint exists."""
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *map(str, args)], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while time.time() - t0 < 300:
+        if (out / "ckpt" / "state.json").exists() and (out / "train_log.jsonl").exists():
+            if max(logged(out)[0], default=0) >= step:
+                break
+        time.sleep(0.005)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+
+
 def test_kill_and_resume_gives_identical_weights(tmp_path, tiny_cache, tiny_topology, tiny_windows, student_config):
     """2N steps straight == N steps, kill -9 after step 8's log line (past the checkpoint of step 6), --resume for the
     rest (CPU, fp32): the same weights, and a log with one line per step and one per evaluation."""
@@ -435,16 +449,7 @@ def test_kill_and_resume_gives_identical_weights(tmp_path, tiny_cache, tiny_topo
                                   "--ckpt_every", 6, "--eval_every", 4, "--eval_windows", 2)
     run_script("train.py", *base(tmp_path / "straight"))
     out = tmp_path / "killed"
-    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *map(str, base(out))], cwd=ROOT,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    t0 = time.time()
-    while time.time() - t0 < 300:
-        if (out / "ckpt" / "state.json").exists() and (out / "train_log.jsonl").exists():
-            if max(logged(out)[0], default=0) >= 8:
-                break
-        time.sleep(0.005)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    kill_after_step(base(out), out, 8)
     assert not (out / "model.safetensors").exists()  # killed before the end
     assert json.load(open(out / "ckpt" / "state.json"))["step"] == 6
     steps, evals = logged(out)
@@ -458,6 +463,24 @@ def test_kill_and_resume_gives_identical_weights(tmp_path, tiny_cache, tiny_topo
     assert m2["first_eval"] == m1["first_eval"] and "held-out KL" in r.stdout  # the step-0 evaluation survives
     assert not (out / "ckpt").exists()
     assert logged(out) == logged(tmp_path / "straight") == (list(range(1, 13)), [0, 4, 8, 12])
+
+
+def test_resume_with_another_micro_batch_split(tmp_path, tiny_cache, tiny_topology, tiny_windows, student_config):
+    """A run killed after its checkpoint resumes with the step's windows cut into other micro-batches (as after an
+    out-of-memory error: 4 x 2 instead of 2 x 4, the same 8 windows) and ends at the straight run's weights, up to
+    rounding; a resume that changes the step's 8 windows is refused."""
+    base = lambda out, *split: train_args(out, tiny_cache, tiny_topology, tiny_windows, student_config, "--max_steps",
+                                          10, "--ckpt_every", 5, "--eval_every", 0, *split)
+    run_script("train.py", *base(tmp_path / "straight"))  # --batch_size 2 --grad_accum 4
+    out = tmp_path / "killed"
+    kill_after_step(base(out), out, 6)
+    assert not (out / "model.safetensors").exists() and json.load(open(out / "ckpt" / "state.json"))["step"] == 5
+    r = run_script("train.py", *base(out, "--batch_size", 8, "--grad_accum", 4, "--resume"), check=False)
+    assert r.returncode != 0 and "--force" in r.stderr  # 32 windows a step: another run
+    run_script("train.py", *base(out, "--batch_size", 4, "--grad_accum", 2, "--resume"))
+    assert logged(out)[0] == list(range(1, 11))
+    a, b = final_weights(tmp_path / "straight"), final_weights(out)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
 
 
 def test_checkpoint_survives_a_kill_during_the_swap(tmp_path):
@@ -611,3 +634,15 @@ def test_bad_inputs(tmp_path, tiny_cache, tiny_topology, tiny_windows, student_c
     fails(*good(cache=notok), match="no tokenizer.json")
     r = run_script("train.py", *good(cache=notok), check=False)
     assert r.returncode != 0 and r.stderr.startswith("train.py: error:") and "no tokenizer.json" in r.stderr
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                        ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12),
+                                        ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A10", 125e12),
+                                        ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12)])
+def test_peak_flops_of_known_gpus(monkeypatch, name, peak):
+    """The MFU denominator of a GPU is its own datasheet figure, also where a name contains another's (H100 PCIe and
+    H100, L40 and L4, A100 and A10); no GPU is needed to read the table."""
+    import train
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert train.peak_flops(torch.device("cuda"), torch.bfloat16) == (peak, f"{name} datasheet, dense bf16")
