@@ -596,6 +596,15 @@ def save_checkpoint(folder, model, opt, state):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def folder_fingerprint(out):
+    """The fingerprint in out/manifest.json, or None where there is none to read."""
+    try:
+        with open(os.path.join(out, "manifest.json")) as f:
+            return json.load(f).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def find_checkpoint(folder):
     """The newest complete checkpoint among folder, folder.tmp (finished but not yet moved) and folder.old."""
     best = None
@@ -926,6 +935,10 @@ def main(args):
     if args.split_seed is None:  # the split follows --seed, as before --split_seed existed: older runs still resume
         del settings["split_seed"]
     fingerprint = sha256_json(dict(settings=settings, upstream=upstream, world_batch=step_batch))
+    legacy = sha256_json(dict(settings=dict(settings, batch_size=args.batch_size, grad_accum=args.grad_accum),
+                              upstream=upstream, world_batch=step_batch))
+    if folder_fingerprint(args.out) == legacy:  # made before the split left the fingerprint: the same run
+        fingerprint = legacy
     state = prepare_out(args.out, "student", fingerprint, args.force, rank, world)
     if state == "done":
         if master:

@@ -483,6 +483,25 @@ def test_resume_with_another_micro_batch_split(tmp_path, tiny_cache, tiny_topolo
     assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
 
 
+def test_folder_from_before_the_split_left_the_fingerprint_is_kept(tmp_path, tiny_cache, tiny_topology, tiny_windows,
+                                                                     student_config):
+    """Until --batch_size and --grad_accum left the fingerprint, they were in it: a folder made then, its manifest
+    holding that fingerprint (computed here as that code did, from the manifest's args), is still the same run."""
+    from common import sha256_json
+    out = tmp_path / "old"
+    args = train_args(out, tiny_cache, tiny_topology, tiny_windows, student_config, "--max_steps", 2)
+    run_script("train.py", *args)
+    m = json.load(open(out / "manifest.json"))
+    then = {k: v for k, v in m["args"].items() if k not in ("resume", "log_every", "eval_every", "ckpt_every", "device",
+                                                            "compile", "out", "force", "peak_flops", "split_seed")}
+    m["fingerprint"] = sha256_json(dict(settings=then, upstream=m["upstream"],
+                                        world_batch=m["args"]["batch_size"] * m["args"]["grad_accum"]))
+    (out / "manifest.json").write_text(json.dumps(m))
+    assert "nothing to do" in run_script("train.py", *args).stdout
+    r = run_script("train.py", *args, "--lr", "1e-3", check=False)
+    assert r.returncode != 0 and "--force" in r.stderr  # another run is still refused
+
+
 def test_checkpoint_survives_a_kill_during_the_swap(tmp_path):
     """save_checkpoint moves the old checkpoint aside before renaming the new one in: whichever moment a kill
     hits, find_checkpoint returns the newest complete one."""
