@@ -79,7 +79,9 @@ cat > "$OUT/prompts.jsonl" <<'EOF'
 {"prompt": "A capacitor of 2 uF is charged to 12 V. How much energy does it store?"}
 {"prompt": "What is the Schwarzschild radius of a 3 solar-mass black hole?"}
 EOF
-GEN="--temperature 0 --repetition_penalty 1.0 --max_new_tokens $MAX_NEW --dtype float32 --device cpu"
+# greedy, so that a run's answers can be compared, with the card's repetition penalty of 1.15 (generate.py's default):
+# without it a tiny model loops ("= 2.81) = 2.81) ...") and the layout breaks (measured on data/new_questions.jsonl)
+GEN="--temperature 0 --max_new_tokens $MAX_NEW --dtype float32 --device cpu"
 for who in student teacher; do  # the answers go to the file, the speed and the check of each to the terminal
   echo "the $who:"
   $PY generate.py --model "$OUT/$who" --prompts_jsonl "$OUT/prompts.jsonl" --check $GEN 2>&1 >"$OUT/answers_$who.jsonl"
@@ -92,7 +94,7 @@ from train import read_student
 out = sys.argv[1]
 answers = {who: [json.loads(l) for l in open(f"{out}/answers_{who}.jsonl")] for who in ["student", "teacher"]}
 first = answers["student"][0]
-print(f"the student's greedy answer to {first['prompt']!r}:\n<explore>{first['output']}\n")
+print(f"the student's greedy answer (repetition penalty 1.15) to {first['prompt']!r}:\n<explore>{first['output']}\n")
 m = read_student(f"{out}/student")  # train.py owns its folder: its manifest, read through train.py
 a, b = m["first_eval"], m["last_eval"]
 if a and b:

@@ -190,7 +190,7 @@ def main(args):
     ctx = model.config.max_position_embeddings
     step_fn = torch.compile(decode_step) if args.compile else None
     stream = args.prompts_jsonl is None and not args.quiet
-    failures = 0
+    failures, total_tokens, t_start = 0, 0, time.time()
     for prompt in prompts:
         text = prompt if args.raw else dualmind_prompt(prompt.strip())
         ids = tok.encode(text, add_special_tokens=False).ids
@@ -217,6 +217,12 @@ def main(args):
             print(f"DualMind check: {marks} | order {'ok' if check['ok'] else 'WRONG'} -> "
                   f"{'PASS' if check['ok'] else 'FAIL'}", file=sys.stderr)
         failures += not check["ok"]
+        total_tokens += n
+    if len(prompts) > 1:
+        dt = time.time() - t_start
+        print(f"generate: {len(prompts)} answers, {total_tokens:,} tokens in {dt:.1f}s "
+              f"({total_tokens / max(dt, 1e-9):.1f} tokens/s); the DualMind layout in {len(prompts) - failures} of "
+              f"{len(prompts)}", file=sys.stderr)
     if args.enforce and failures:
         sys.exit(f"generate.py: {failures} of {len(prompts)} outputs failed the DualMind check")
 

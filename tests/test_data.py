@@ -229,3 +229,16 @@ def test_cli_writes_jsonl(tmp_path):
     help_ = subprocess.run([sys.executable, "data/synth.py", "--help"], cwd=ROOT, capture_output=True, text=True,
                            timeout=60)
     assert help_.returncode == 0 and "--seed" in help_.stdout and "--out" in help_.stdout
+
+
+def test_new_questions_are_outside_the_demo_training_data():
+    """data/new_questions.jsonl, the layout check's 16 questions: readable by generate.py, distinct, and none of them
+    a question of the bundled records or of the demo's 1,500 generated ones (data/synth.py --n 1500 --seed 0)."""
+    import generate as generate_script
+    path = os.path.join(ROOT, "data", "new_questions.jsonl")
+    questions = generate_script.read_prompts(generate_script.get_parser().parse_args(["--model", "-",
+                                                                                      "--prompts_jsonl", path]))
+    assert len(questions) == len(set(questions)) == 16
+    bundled = [json.loads(line) for line in open(BUNDLED, encoding="utf-8")]
+    seen = {r["question"].strip() for r in bundled + generate(1500, seed=0)}
+    assert not [q for q in questions if q.strip() in seen]

@@ -150,6 +150,9 @@ def test_cli_prompts_jsonl(tmp_path, model_dir):
     r = run_script("generate.py", "--model", model_dir, "--prompts_jsonl", p, "--max_new_tokens", "8")
     lines = [json.loads(l) for l in r.stdout.splitlines()]
     assert [l["prompt"] for l in lines] == ["one", "two"] and all(l["tokens"] == 8 for l in lines)
+    ok = sum(l["check"]["ok"] for l in lines)  # the summary line counts the layout as the JSON lines say
+    assert r.stderr.splitlines()[-1].startswith("generate: 2 answers, 16 tokens in ")
+    assert r.stderr.splitlines()[-1].endswith(f"the DualMind layout in {ok} of 2")
 
 
 def test_cli_bad_inputs(tmp_path, model_dir):
