@@ -7,6 +7,7 @@
 #                                     # (without MAX_NEW=12 most of its time goes to 8 answers of 400 tokens);
 #                                     # about 3 minutes of CPU time on 2 cores
 #   STOP_AFTER=windows bash demo.sh   # only up to Phase 3: what ablate.py reuses (it runs this when they are missing)
+#   DEVICE=cuda bash demo.sh          # every phase on a GPU (about 3 minutes on one H200: tiny models wait on launches)
 #
 # No network: a byte-level BPE tokenizer and a tiny teacher are trained here from the bundled and generated
 # physics records, then the four phases distil the teacher into a smaller student, which then generates.
@@ -27,8 +28,9 @@ N_SYNTH=${N_SYNTH:-1500}            # generated records, on top of the 42 hand-w
 TEACHER_STEPS=${TEACHER_STEPS:-90}    # optimizer steps of 32 windows for the tiny teacher
 STUDENT_STEPS=${STUDENT_STEPS:-220} # ... and for the student
 MAX_NEW=${MAX_NEW:-400}              # tokens the student may generate at the end
+DEVICE=${DEVICE:-cpu}
 DATA="data/physics_cot.jsonl $OUT/data/synth.jsonl"
-SCRATCH="--lr 3e-3 --min_lr 3e-4 --warmup 10 --dtype bfloat16 --save_dtype float32 --device cpu --log_every 25"
+SCRATCH="--lr 3e-3 --min_lr 3e-4 --warmup 10 --dtype bfloat16 --save_dtype float32 --device $DEVICE --log_every 25"
 # 32 windows per optimizer step as on the card, but in fewer, larger micro-batches than the card's 16 of 2: the
 # same step with larger matrix products. Measured on 2 cores: the teacher is fastest in 4 micro-batches of 8 on
 # average, the smaller student in 2 of 16 (about 6% faster than 4 of 8). train.py cuts each step's windows by
@@ -57,7 +59,7 @@ $PY train.py --init scratch --config data/teacher_config.json --cache "$OUT/cach
 say "5/9 Phase 1: one teacher pass into the top-64 cache, the teacher in bf16 as on the card (cache_teacher.py)"
 # 2,048 tokens per forward instead of the default 16,384 (sized for a GPU): on 2 CPU cores 13% faster, the
 # activations staying in cache
-$PY cache_teacher.py --data $DATA --teacher "$OUT/teacher" --out "$OUT/cache" --dtype bfloat16 --device cpu \
+$PY cache_teacher.py --data $DATA --teacher "$OUT/teacher" --out "$OUT/cache" --dtype bfloat16 --device "$DEVICE" \
   --batch_tokens 2048
 
 say "6/9 Phase 2: the DISC pass over the teacher's entropy (topology.py)"
@@ -81,7 +83,7 @@ cat > "$OUT/prompts.jsonl" <<'EOF'
 EOF
 # greedy, so that a run's answers can be compared, with the card's repetition penalty of 1.15 (generate.py's default):
 # without it a tiny model loops ("= 2.81) = 2.81) ...") and the layout breaks (measured on data/new_questions.jsonl)
-GEN="--temperature 0 --max_new_tokens $MAX_NEW --dtype float32 --device cpu"
+GEN="--temperature 0 --max_new_tokens $MAX_NEW --dtype float32 --device $DEVICE"
 for who in student teacher; do  # the answers go to the file, the speed and the check of each to the terminal
   echo "the $who:"
   $PY generate.py --model "$OUT/$who" --prompts_jsonl "$OUT/prompts.jsonl" --check $GEN 2>&1 >"$OUT/answers_$who.jsonl"

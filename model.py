@@ -437,14 +437,15 @@ class Qwen3(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def init_weights(self, seed=0):
-        """Random init for training from scratch: N(0, initializer_range) matrices, unit norms."""
+        """Random init for training from scratch: N(0, initializer_range) matrices, unit norms. The numbers are drawn
+        on the CPU, whatever the model's device (or a torch.device context) is: the same seed, the same weights."""
         g = torch.Generator().manual_seed(seed)
         for name, p in self.named_parameters():  # tied lm_head appears once
             with torch.no_grad():
                 if name.endswith("norm.weight"):
                     p.fill_(1.0)
                 else:
-                    p.copy_(torch.randn(p.shape, generator=g) * self.config.initializer_range)
+                    p.copy_(torch.randn(p.shape, generator=g, device="cpu") * self.config.initializer_range)
         return self
 
     def set_moe_impl(self, impl):

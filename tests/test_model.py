@@ -500,3 +500,31 @@ def test_flops_per_token_hand_count():
                       mlp_only_layers=[1], intermediate_size=12)
     sparse = 8 * 12 + 8 * 6 + 8 * 6 + 12 * 8 + 6 * 8 + 2 * 3 * 8 * 5  # attention + router + 2 active experts
     assert moe.matmul_params() == sparse + per_layer + 800
+
+
+def test_init_weights_under_another_default_device():
+    """init_weights draws on the CPU whatever the default device: train.py builds a scratch model inside
+    torch.device(args.device), and with cuda there the draw failed ('Expected a cuda device type for generator', seen
+    on an H200). Here the meta device stands in for cuda (a spy sees where the numbers are drawn); on a GPU the
+    weights also equal the CPU's."""
+    cfg = Qwen3Config(vocab_size=100, hidden_size=8, intermediate_size=12, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=4)
+    from torch.overrides import TorchFunctionMode
+    drawn = []
+
+    class Spy(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.randn:
+                drawn.append(out)
+            return out
+
+    with torch.device("meta"), Spy():
+        m = Qwen3(cfg).init_weights(3)
+    assert all(p.is_meta for p in m.parameters()) and drawn and all(x.device.type == "cpu" for x in drawn)
+    ref = Qwen3(cfg).init_weights(3)
+    if torch.cuda.is_available():
+        with torch.device("cuda"):
+            g = Qwen3(cfg).init_weights(3)
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(g.parameters(), ref.parameters()))
+    assert ref.model.layers[0].self_attn.q_proj.weight.std() > 0
