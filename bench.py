@@ -35,7 +35,8 @@ Sections and what each compares (higher ratio = better for us; memory ratios are
           matrices (fp32 and bf16), and as GB/s of weights read against the measured matvec bandwidth.
 
 The real shapes (--real): one prepared check of the card's run on one device, random weights made on the device
-(nothing downloaded), one table and the same figures in --work/real.json; 2.6 minutes on one H200 (measured).
+(nothing downloaded), one table and the same figures in --work/real.json; 2.6 minutes on one H200, its rows run one
+per process (measured).
 
     python bench.py --real --device cuda                         # every row below, at the card's shapes
     python bench.py --real --device cuda --only teacher,parity   # some rows
@@ -1003,6 +1004,8 @@ def main(args):
     check_device(args.device)
     if args.real or args.tiny:
         return real_main(args)
+    if args.student_batch:
+        raise ValueError(f"--student_batch {args.student_batch}: only with --real or --tiny (the student row)")
     names = args.only.split(",") if args.only else list(SECTIONS)
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:

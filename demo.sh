@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The offline end-to-end run of the recipe on CPU, in minutes: the pipeline's living documentation.
+# The offline end-to-end run of the recipe on CPU (or a GPU: DEVICE=cuda), in minutes: the living documentation.
 #
 #   bash demo.sh                      # everything into out/demo (about 4.5 minutes on 2 CPU cores)
 #   OUT=/tmp/d N_SYNTH=40 TEACHER_STEPS=3 STUDENT_STEPS=3 MAX_NEW=12 bash demo.sh
@@ -7,7 +7,7 @@
 #                                     # (without MAX_NEW=12 most of its time goes to 8 answers of 400 tokens);
 #                                     # about 3 minutes of CPU time on 2 cores
 #   STOP_AFTER=windows bash demo.sh   # only up to Phase 3: what ablate.py reuses (it runs this when they are missing)
-#   DEVICE=cuda bash demo.sh          # every phase on a GPU (about 3 minutes on one H200: tiny models wait on launches)
+#   OUT=out/demo_gpu DEVICE=cuda bash demo.sh   # every phase on a GPU (about 3 minutes on one H200)
 #
 # No network: a byte-level BPE tokenizer and a tiny teacher are trained here from the bundled and generated
 # physics records, then the four phases distil the teacher into a smaller student, which then generates.

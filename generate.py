@@ -190,15 +190,17 @@ def main(args):
     ctx = model.config.max_position_embeddings
     step_fn = torch.compile(decode_step) if args.compile else None
     stream = args.prompts_jsonl is None and not args.quiet
-    failures, total_tokens, t_start = 0, 0, time.time()
-    for prompt in prompts:
-        text = prompt if args.raw else dualmind_prompt(prompt.strip())
-        ids = tok.encode(text, add_special_tokens=False).ids
+    texts = [prompt if args.raw else dualmind_prompt(prompt.strip()) for prompt in prompts]
+    encoded = [tok.encode(text, add_special_tokens=False).ids for text in texts]
+    for i, ids in enumerate(encoded):  # every prompt is checked before any is answered: no half-written output
+        where = f"prompt {i + 1}" if len(prompts) > 1 else "prompt"
         if len(ids) >= ctx:
-            raise ValueError(f"prompt of {len(ids)} tokens does not fit the context of {ctx}")
+            raise ValueError(f"{where} of {len(ids)} tokens does not fit the context of {ctx}")
         if len(ids) + args.max_new_tokens > ctx:
-            raise ValueError(f"prompt ({len(ids)} tokens) + --max_new_tokens {args.max_new_tokens} exceeds the "
+            raise ValueError(f"{where} ({len(ids)} tokens) + --max_new_tokens {args.max_new_tokens} exceeds the "
                              f"context of {ctx}; lower --max_new_tokens to {ctx - len(ids)} or less")
+    failures, total_tokens, t_start = 0, 0, time.time()
+    for prompt, text, ids in zip(prompts, texts, encoded):
         if stream:
             print(text, end="", flush=True)
         t0 = time.time()
@@ -220,9 +222,9 @@ def main(args):
         total_tokens += n
     if len(prompts) > 1:
         dt = time.time() - t_start
+        layout = f"; the DualMind layout in {len(prompts) - failures} of {len(prompts)}" if args.check else ""
         print(f"generate: {len(prompts)} answers, {total_tokens:,} tokens in {dt:.1f}s "
-              f"({total_tokens / max(dt, 1e-9):.1f} tokens/s); the DualMind layout in {len(prompts) - failures} of "
-              f"{len(prompts)}", file=sys.stderr)
+              f"({total_tokens / max(dt, 1e-9):.1f} tokens/s){layout}", file=sys.stderr)
     if args.enforce and failures:
         sys.exit(f"generate.py: {failures} of {len(prompts)} outputs failed the DualMind check")
 

@@ -596,13 +596,14 @@ def save_checkpoint(folder, model, opt, state):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def folder_fingerprint(out):
-    """The fingerprint in out/manifest.json, or None where there is none to read."""
+def folder_manifest(out):
+    """out/manifest.json as a dict, or {} where there is none to read."""
     try:
         with open(os.path.join(out, "manifest.json")) as f:
-            return json.load(f).get("fingerprint")
-    except (OSError, ValueError, AttributeError):
-        return None
+            m = json.load(f)
+        return m if isinstance(m, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def find_checkpoint(folder):
@@ -935,9 +936,11 @@ def main(args):
     if args.split_seed is None:  # the split follows --seed, as before --split_seed existed: older runs still resume
         del settings["split_seed"]
     fingerprint = sha256_json(dict(settings=settings, upstream=upstream, world_batch=step_batch))
-    legacy = sha256_json(dict(settings=dict(settings, batch_size=args.batch_size, grad_accum=args.grad_accum),
-                              upstream=upstream, world_batch=step_batch))
-    if folder_fingerprint(args.out) == legacy:  # made before the split left the fingerprint: the same run
+    made = folder_manifest(args.out)  # a folder made before the split left the fingerprint: the same run, if its
+    then = made.get("args") or {}     # fingerprint is the old one, computed with the split it was made with
+    legacy = sha256_json(dict(settings=dict(settings, batch_size=then.get("batch_size"),
+                                            grad_accum=then.get("grad_accum")), upstream=upstream, world_batch=step_batch))
+    if made.get("fingerprint") == legacy:
         fingerprint = legacy
     state = prepare_out(args.out, "student", fingerprint, args.force, rank, world)
     if state == "done":
@@ -1076,7 +1079,8 @@ def get_parser():
                    "windows, sorted by length, are cut into --grad_accum micro-batches with the fewest padded tokens, "
                    "none over batch_size x the step's longest window in padded tokens")
     p.add_argument("--grad_accum", type=int, default=16, help="micro-batches per optimizer step, all processes "
-                   "together (card: 16, so 32 windows per step)")
+                   "together (card: 16, so 32 windows per step); --resume may change --batch_size and --grad_accum "
+                   "(after running out of memory, say) while their product, the step, stays")
     # run length, ablations, mechanics
     p.add_argument("--epochs", type=float, default=1.0, help="sets the steps: epochs x training windows draws (the "
                    "curriculum draws easy windows more often than hard ones; see draws.npy)")

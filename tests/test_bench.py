@@ -85,6 +85,8 @@ def test_real_student_batch_flag_and_a_new_work_folder(tmp_path):
     assert s == json.loads(json.dumps(res["student"]))
     assert s["micro_batch"] == [4, 64] and s["accum"] == 1 and s["tokens_per_step"] == 4 * 64
     assert res["teacher"] is None and res["decode"] is None
+    with pytest.raises(ValueError, match="only with --real or --tiny"):
+        run_main(bench, "--only", "hardware", "--student_batch", "4x1", "--work", tmp_path)
     for bad in ["4", "4x0", "x2", "4*2"]:
         with pytest.raises(ValueError, match="--student_batch"):
             run_main(bench, "--tiny", "--only", "student", "--student_batch", bad, "--work", tmp_path)

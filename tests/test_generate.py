@@ -150,9 +150,13 @@ def test_cli_prompts_jsonl(tmp_path, model_dir):
     r = run_script("generate.py", "--model", model_dir, "--prompts_jsonl", p, "--max_new_tokens", "8")
     lines = [json.loads(l) for l in r.stdout.splitlines()]
     assert [l["prompt"] for l in lines] == ["one", "two"] and all(l["tokens"] == 8 for l in lines)
-    ok = sum(l["check"]["ok"] for l in lines)  # the summary line counts the layout as the JSON lines say
-    assert r.stderr.splitlines()[-1].startswith("generate: 2 answers, 16 tokens in ")
+    assert r.stderr.splitlines()[-1].startswith("generate: 2 answers, 16 tokens in ") and "layout" not in r.stderr
+    r = run_script("generate.py", "--model", model_dir, "--prompts_jsonl", p, "--max_new_tokens", "8", "--check")
+    ok = sum(json.loads(l)["check"]["ok"] for l in r.stdout.splitlines())  # the summary counts as the JSON lines say
     assert r.stderr.splitlines()[-1].endswith(f"the DualMind layout in {ok} of 2")
+    p.write_text(json.dumps({"prompt": "one"}) + "\n" + json.dumps({"prompt": "word " * 5000}) + "\n")
+    r = run_script("generate.py", "--model", model_dir, "--prompts_jsonl", p, "--max_new_tokens", "8", check=False)
+    assert r.returncode != 0 and "prompt 2 of " in r.stderr and r.stdout == ""  # checked before the first answer
 
 
 def test_cli_bad_inputs(tmp_path, model_dir):

@@ -498,6 +498,7 @@ def test_folder_from_before_the_split_left_the_fingerprint_is_kept(tmp_path, tin
                                         world_batch=m["args"]["batch_size"] * m["args"]["grad_accum"]))
     (out / "manifest.json").write_text(json.dumps(m))
     assert "nothing to do" in run_script("train.py", *args).stdout
+    assert "nothing to do" in run_script("train.py", *args, "--batch_size", 4, "--grad_accum", 2).stdout
     r = run_script("train.py", *args, "--lr", "1e-3", check=False)
     assert r.returncode != 0 and "--force" in r.stderr  # another run is still refused
 
