@@ -625,7 +625,7 @@ def real_plan(args):
                     batch=2, seq=512, accum=16 if cuda else 1, reps=3 if cuda else 1, doc_len=2048, positions=16384,
                     prompt=32, new=128, decode_dtype=torch.bfloat16, backend="inductor",
                     search_cap=256 if cuda else 0, compile=cuda, rows=REAL_ROWS if cuda else ["student"])
-    if getattr(args, "student_batch", ""):
+    if args.student_batch:
         b, _, a = args.student_batch.partition("x")
         if not (b.isdigit() and a.isdigit() and int(b) > 0 and int(a) > 0):
             raise ValueError(f"--student_batch {args.student_batch}: give micro-batch x accumulation steps, as 32x1")

@@ -96,7 +96,7 @@ from train import read_student
 out = sys.argv[1]
 answers = {who: [json.loads(l) for l in open(f"{out}/answers_{who}.jsonl")] for who in ["student", "teacher"]}
 first = answers["student"][0]
-print(f"the student's greedy answer (repetition penalty 1.15) to {first['prompt']!r}:\n<explore>{first['output']}\n")
+print(f"the student's greedy answer to {first['prompt']!r}:\n<explore>{first['output']}\n")
 m = read_student(f"{out}/student")  # train.py owns its folder: its manifest, read through train.py
 a, b = m["first_eval"], m["last_eval"]
 if a and b:

@@ -935,11 +935,11 @@ def main(args):
                                                                   "batch_size", "grad_accum")}
     if args.split_seed is None:  # the split follows --seed, as before --split_seed existed: older runs still resume
         del settings["split_seed"]
-    fingerprint = sha256_json(dict(settings=settings, upstream=upstream, world_batch=step_batch))
+    run_id = lambda s: sha256_json(dict(settings=s, upstream=upstream, world_batch=step_batch))
+    fingerprint = run_id(settings)
     made = folder_manifest(args.out)  # a folder made before the split left the fingerprint: the same run, if its
     then = made.get("args") or {}     # fingerprint is the old one, computed with the split it was made with
-    legacy = sha256_json(dict(settings=dict(settings, batch_size=then.get("batch_size"),
-                                            grad_accum=then.get("grad_accum")), upstream=upstream, world_batch=step_batch))
+    legacy = run_id(dict(settings, batch_size=then.get("batch_size"), grad_accum=then.get("grad_accum")))
     if made.get("fingerprint") == legacy:
         fingerprint = legacy
     state = prepare_out(args.out, "student", fingerprint, args.force, rank, world)
