@@ -872,7 +872,7 @@ def real_distributed(plan, args, steps=2, lr=1e-3):
     against the same two steps in one process (each process first computes that reference alone, then frees it).
     lr is high enough that the second step's loss shows the first step's gradients."""
     from torch.nn.parallel import DistributedDataParallel as DDP
-    from common import init_distributed
+    from common import close_distributed, init_distributed
     from train import configure_optimizer
     rank, world, device = init_distributed(args.device)
     if plan["accum"] % world:
@@ -892,7 +892,7 @@ def real_distributed(plan, args, steps=2, lr=1e-3):
     one, ddp = losses["one_process"], losses["ddp"]
     out = dict(world=world, backend=torch.distributed.get_backend(), steps=steps, lr=lr, **losses,
                max_rel_diff=max(abs(a - b) / abs(a) for a, b in zip(one, ddp)))
-    torch.distributed.destroy_process_group()
+    close_distributed()
     return out if rank == 0 else None
 
 

@@ -65,9 +65,9 @@ import time
 
 import numpy as np
 
-from common import (FORMAT_VERSION, DTYPES, ROLES, Progress, check_device, check_ranges, dualmind_text, end_tokens, fmt_time,
-                    init_distributed, is_hub_id, load_tokenizer, pad_right, prepare_out, publish, read_jsonl,
-                    read_manifest, save_npy, sha256_file, sha256_json, write_json)
+from common import (FORMAT_VERSION, DTYPES, ROLES, Progress, check_device, check_ranges, close_distributed,
+                    dualmind_text, end_tokens, fmt_time, init_distributed, is_hub_id, load_tokenizer, pad_right,
+                    prepare_out, publish, read_jsonl, read_manifest, save_npy, sha256_file, sha256_json, write_json)
 
 try:  # the teacher pass needs torch; the cache reader (TeacherCache) does not: topology.py and windows.py run without
     import torch
@@ -601,7 +601,7 @@ def main(args):
         print(f"cache: {D:,} documents, {N:,} positions, {counts['too_long']} too long ({args.too_long}), "
               f"teacher {args.teacher}, {bytes_per_pos} B/position, {time.time() - t0:.1f}s -> {out}")
     if distributed:
-        dist.destroy_process_group()
+        close_distributed()
 
 
 def run_teacher(args, folder, tokens, doc_offsets, temps, rank, world):

@@ -61,8 +61,8 @@ import torch
 
 from cache_teacher import EXP_FLOOR, TeacherCache, teacher_log_q
 from common import (FORMAT_VERSION, REASONING, ROLES, atomic_write, chat_template, check_device, check_ranges,
-                    end_tokens, fmt_num, fmt_time, html_page, init_distributed, pad_right, prepare_out, publish,
-                    read_manifest, save_npy, sha256_json, svg_chart, write_json)
+                    close_distributed, end_tokens, fmt_num, fmt_time, html_page, init_distributed, pad_right,
+                    prepare_out, publish, read_manifest, save_npy, sha256_json, svg_chart, write_json)
 from model import Qwen3, Qwen3Config
 from topology import load as load_topology
 from windows import POOLS, fixed_windows, load as load_windows, parse_pools, pool_phases
@@ -890,8 +890,6 @@ def main(args):
     check_device(args.device)  # before any folder: cuda on a machine without it is one line, not a traceback
     rank, world, args.device = init_distributed(args.device)
     ddp, master = world > 1, rank == 0
-    if ddp:
-        import torch.distributed as dist
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     if args.grad_accum % world:
@@ -1048,7 +1046,8 @@ def main(args):
         print(f"train: {total - start} steps of {step_batch} windows, {tokens_done:,} tokens, "
               f"{time.time() - t_start:.0f}s{held} -> {args.out}")
     if ddp:
-        dist.destroy_process_group()
+        del train_model  # the DDP wrapper holds the process group (see close_distributed)
+        close_distributed()
 
 
 def get_parser():
