@@ -363,7 +363,7 @@ def test_changed_inputs_are_refused(tmp_path, tiny_teacher, demo_tokenizer, cach
 def test_torchrun_two_processes_same_cache(tmp_path, tiny_teacher, demo_tokenizer, cache):
     """torchrun --nproc_per_node=2 (gloo, CPU) splits the batches and writes the same bytes as one process."""
     out = tmp_path / "tr"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                         os.path.join(ROOT, "cache_teacher.py"), "--data", DATA, "--teacher", tiny_teacher,
                         "--tokenizer", demo_tokenizer, "--out", str(out), "--dtype", "float32", "--device", "cpu",
                         "--batch_tokens", "3000"], capture_output=True, text=True, cwd=ROOT, timeout=300,

@@ -125,7 +125,7 @@ def test_streamed_kill_and_resume(tmp_path, demo_tokenizer, deep, point):
 def test_streamed_torchrun(tmp_path, tiny_teacher, demo_tokenizer, tiny_cache):
     """torchrun --nproc_per_node=2: each process streams its own batches; the bytes are the single-process ones."""
     out = tmp_path / "tr"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                         os.path.join(ROOT, "cache_teacher.py"), "--data", DATA, "--teacher", tiny_teacher,
                         "--tokenizer", demo_tokenizer, "--out", str(out), *BASE, "--stream_layers",
                         "--stream_budget_gb", "0.001"], capture_output=True, text=True, cwd=ROOT, timeout=300,

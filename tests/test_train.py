@@ -521,9 +521,8 @@ def test_torchrun_two_processes_same_losses(tmp_path, tiny_cache, tiny_topology,
     """torchrun --nproc_per_node=2 (gloo) with the same global batch logs the same losses as 1 process."""
     args = lambda out: train_args(out, tiny_cache, tiny_topology, tiny_windows, student_config, "--max_steps", 4)
     run_script("train.py", *args(tmp_path / "one"))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                        f"--master_port={free_port()}", os.path.join(ROOT, "train.py"),
-                        *map(str, args(tmp_path / "two"))], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(ROOT, "train.py"), *map(str, args(tmp_path / "two"))], cwd=ROOT,
                        capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-3000:]
     log = lambda f: [json.loads(l) for l in open(f / "train_log.jsonl") if '"step"' in l]
