@@ -33,6 +33,11 @@ Sections and what each compares (higher ratio = better for us; memory ratios are
           against transformers' generate on the model config above; both must produce the same tokens. Then
           per token against its bound, a bare chain of matrix-vector products over the model's own weight
           matrices (fp32 and bf16), and as GB/s of weights read against the measured matvec bandwidth.
+  demo    `bash demo.sh` from an empty folder (--work/demo), as a new user runs it: its wall time against the target
+          of 240 s, the time of its four long steps and their share of the whole, and its outcome against the
+          targets: held-out KL after distillation <= 0.06, top-1 agreement >= 0.75, the layout in 4 of 4 answers.
+          About 4.5 minutes on 2 cores, so it runs last (--only demo alone, or every section but it with
+          --only hardware,model,cache,stream,topology,train,generate).
 
 The real shapes (--real): one prepared check of the card's run on one device, random weights made on the device
 (nothing downloaded), one table and the same figures in --work/real.json; 2.6 minutes on one H200, its rows run one
@@ -591,6 +596,49 @@ def bench_generate(args, prompt_len=32, new=128):
 
 
 # -----------------------------------------------------------------------------
+# demo: demo.sh as a new user runs it, against its targets (time and outcome)
+
+DEMO_TARGETS = dict(seconds=240, kl=0.06, top1=0.75)  # and the DualMind layout in every answer
+DEMO_STEPS = {"4/9": "teacher training", "5/9": "teacher pass (Phase 1)", "8/9": "distillation (Phase 4)",
+              "9/9": "answers"}  # the long steps; the other five take seconds
+
+
+def demo_timings(stdout):
+    """demo.sh's output -> ({"1/9": seconds the step took, ...}, total seconds). Its steps print
+    '== [Ns] k/9 what' when they start (N since the start), the summary '== [Ns] summary', the last line
+    'demo finished in Ns'."""
+    marks = [(int(t), name) for t, name in re.findall(r"^== \[(\d+)s\] (\S+)", stdout, re.M)]
+    total = int(re.search(r"^demo finished in (\d+)s", stdout, re.M).group(1))
+    ends = [t for t, _ in marks[1:]] + [total]
+    return {name: end - t for (t, name), end in zip(marks, ends)}, total
+
+
+def bench_demo(args):
+    from train import read_student
+    out = os.path.join(args.work, "demo")
+    shutil.rmtree(out, ignore_errors=True)  # from nothing, as on a fresh clone
+    root = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, OUT=os.path.abspath(out), DEVICE=args.device, PYTHON=sys.executable)
+    t0 = time.perf_counter()
+    r = subprocess.run(["bash", os.path.join(root, "demo.sh")], cwd=root, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if r.returncode:
+        raise RuntimeError(f"demo.sh failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    steps, _ = demo_timings(r.stdout)
+    last = read_student(os.path.join(out, "student"))["last_eval"]
+    with open(os.path.join(out, "answers_student.jsonl")) as f:
+        layout = [json.loads(line)["check"]["ok"] for line in f]
+    T = DEMO_TARGETS
+    rows = [("demo.sh from an empty folder, s", wall, T["seconds"], T["seconds"] / wall, ">= 1.0 (vs target)")]
+    rows += [(f"demo: {what} s (share)", steps[k], wall, steps[k] / wall, "measured")
+             for k, what in DEMO_STEPS.items()]
+    return rows + [
+        ("demo: held-out KL after distillation", last["kl"], T["kl"], T["kl"] / last["kl"], ">= 1.0 (vs target)"),
+        ("demo: top-1 agreement after", last["top1"], T["top1"], last["top1"] / T["top1"], ">= 1.0 (vs target)"),
+        ("demo: student answers in the layout", sum(layout), len(layout), sum(layout) / len(layout), ">= 1.0 (all)")]
+
+
+# -----------------------------------------------------------------------------
 # real: the card's shapes on one device, random weights made on the device (no downloads); --tiny: test-sized
 
 SHAPES = {  # config.json values of the Hub models (reference: Qwen3-0.6B, -1.7B, -30B-A3B); tiny ones for tests
@@ -994,7 +1042,7 @@ def real_main(args):
 
 
 SECTIONS = {"hardware": bench_hardware, "model": bench_model, "cache": bench_cache, "stream": bench_stream,
-            "topology": bench_topology, "train": bench_train, "generate": bench_generate}
+            "topology": bench_topology, "train": bench_train, "generate": bench_generate, "demo": bench_demo}
 WORKERS = {"model": model_worker, "train": train_worker, "stream": stream_worker}
 
 
@@ -1015,7 +1063,8 @@ def main(args):
     print(f"{'metric':<42} {'ours':>10} {'reference':>10} {'ratio':>8}  target")
     for name in names:
         for metric, ours, ref, ratio, target in SECTIONS[name](args):
-            print(f"{metric:<42} {ours:>10.2f} {ref:>10.2f} {ratio:>7.2f}x  {target}", flush=True)
+            num = lambda x: f"{x:>10.4f}" if abs(x) < 1 else f"{x:>10.2f}"  # a KL of 0.0529 keeps its digits
+            print(f"{metric:<42} {num(ours)} {num(ref)} {ratio:>7.2f}x  {target}", flush=True)
 
 
 def get_parser():

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 
+from bench import DEMO_STEPS, demo_timings
 from conftest import ROOT
 
 
@@ -28,6 +29,11 @@ def test_scaled_down_demo(tmp_path):
     assert "DualMind check:" in r.stdout  # the generation step ran and reported
     for who in ["student", "teacher"]:
         assert len(open(out / f"answers_{who}.jsonl").readlines()) == 4
+    # bench.py's demo row reads the step times off this output: every step, each time its own, adding up
+    steps, total = demo_timings(r.stdout)
+    assert list(steps) == [f"{i}/9" for i in range(1, 10)] + ["summary"], steps
+    assert min(steps.values()) >= 0 and sum(steps.values()) == total and total > 0
+    assert set(DEMO_STEPS) <= set(steps)
     # a second run finds every phase complete and redoes nothing
     r2 = subprocess.run(["bash", os.path.join(ROOT, "demo.sh")], capture_output=True, text=True, env=env, timeout=600)
     assert r2.returncode == 0 and r2.stdout.count("nothing to do") == 6 and r2.stdout.splitlines().count("already there") == 2
