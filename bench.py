@@ -1,7 +1,7 @@
 """
 Side-by-side speed and memory of the kit against the reference implementation, printed as ratios.
 
-    python bench.py                     # every section (about 11 minutes on a 2-core CPU, 4.5 of them the demo)
+    python bench.py                     # every section (11-13 minutes on a 2-core CPU, 4.5 of them the demo)
     python bench.py --only model        # one section: model
     python bench.py --device cuda       # the same on a GPU
 
