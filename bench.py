@@ -603,8 +603,6 @@ def bench_generate(args, prompt_len=32, new=128):
 DEMO_TARGETS = dict(seconds=240, kl=0.06, top1=0.75)  # and the DualMind layout in every answer
 DEMO_STEPS = {"4/9": "teacher training", "5/9": "teacher pass (Phase 1)", "8/9": "distillation (Phase 4)",
               "9/9": "answers"}  # the long steps; the other five take seconds
-
-
 DEMO_SCALING = ("N_SYNTH", "TEACHER_STEPS", "STUDENT_STEPS", "MAX_NEW", "STOP_AFTER")  # demo.sh's smaller runs
 
 
@@ -646,7 +644,8 @@ def bench_demo(args):
              for k, what in DEMO_STEPS.items()]
     return rows + [
         ("demo: held-out KL after distillation", last["kl"], T["kl"], T["kl"] / last["kl"], ">= 1.0 (vs target)"),
-        ("demo: top-1 agreement after distillation", last["top1"], T["top1"], last["top1"] / T["top1"], ">= 1.0 (vs target)"),
+        ("demo: top-1 agreement after distillation", last["top1"], T["top1"], last["top1"] / T["top1"],
+         ">= 1.0 (vs target)"),
         ("demo: student answers in the layout", sum(layout), len(layout), sum(layout) / len(layout), ">= 1.0 (all)")]
 
 

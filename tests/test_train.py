@@ -699,8 +699,9 @@ def test_bad_inputs(tmp_path, tiny_cache, tiny_topology, tiny_windows, student_c
 
 
 @pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
-                                        ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12),
-                                        ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A10", 125e12),
+                                        ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12),
+                                        ("NVIDIA H200 NVL", 835e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                                        ("NVIDIA A10", 125e12),
                                         ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12)])
 def test_peak_flops_of_known_gpus(monkeypatch, name, peak):
     """The MFU denominator of a GPU is its own datasheet figure, also where a name contains another's (H100 PCIe and
