@@ -271,7 +271,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(SiluMul.apply(self.gate_proj(x), self.up_proj(x)))  # SwiGLU
+        g, u = self.gate_proj(x), self.up_proj(x)  # (B, T, intermediate) each
+        if g.requires_grad:
+            return self.down_proj(SiluMul.apply(g, u))  # SwiGLU
+        return self.down_proj(F.silu(g, inplace=True).mul_(u))  # inference: in place, two (B, T, I) buffers, not four
 
 
 @functools.lru_cache(maxsize=None)
