@@ -43,7 +43,6 @@ Run
 
 import argparse
 import contextlib
-import html
 import json
 import math
 import os
@@ -58,11 +57,11 @@ import numpy as np
 import torch
 
 from cache_teacher import TeacherCache
-from common import (BLOCKS, USER, atomic_write, check_ranges, dualmind_prompt, fmt_num, fmt_time, html_page, svg_chart,
-                    write_json)
+from common import BLOCKS, USER, atomic_write, check_ranges, dualmind_prompt, fmt_time, write_json
 import train
 import windows
 from generate import complete, dualmind_check, load as load_model
+from pages import ablation_page
 from topology import load as load_topology
 from train import LOSS_CHUNK, WindowBatches, evaluate, split_docs
 from windows import load as load_windows
@@ -225,68 +224,11 @@ def machine():
 
 
 # -----------------------------------------------------------------------------
-# The picture
-
-
-def nowrap(text):
-    """A table cell that breaks only between 'mean ± std' and '(difference)', never inside a number."""
-    return " (".join(f'<span style="white-space:nowrap">{html.escape(t)}</span>' for t in text.split(" ("))
-
-
-def render_html(result):
-    """ablation.html: the table, then a chart per metric: a dot per seed, the mean as a bar, +- std as a segment,
-    full TKD's mean as a dashed line. Returns the page."""
-    summary, runs, cfg = result["summary"], result["runs"], result["config"]
-    variants = list(summary)
-    seeds = cfg["seeds"]
-    figs = []
-    for k, (name, higher) in METRICS.items():
-        xs, ys, tips = [], [], []
-        for r in runs:
-            i, j = variants.index(r["variant"]), seeds.index(r["seed"])
-            if r["metrics"].get(k) is not None:
-                xs.append(i + 0.16 * (j - (len(seeds) - 1) / 2))  # the seeds side by side
-                ys.append(r["metrics"][k])
-                tips.append(f"{VARIANTS[r['variant']][2]}, seed {r['seed']}: {fmt_num(r['metrics'][k])}")
-        means = [summary[v][k]["mean"] for v in variants]
-        stds = [summary[v][k]["std"] for v in variants]
-        rng = [(m - s, m + s) if m is not None and s is not None else (None, None) for m, s in zip(means, stds)]
-        series = [dict(x=list(range(len(variants))), y=rng, kind="range", color="#64748b"),
-                  dict(x=list(range(len(variants))), y=means, kind="mean", color="#1e293b", label="mean ± std",
-                       tips=[f"{VARIANTS[v][2]}: {cell(summary[v][k])}" for v in variants]),
-                  dict(x=xs, y=ys, kind="dots", color="#2563eb", label="one seed", tips=tips)]
-        base = summary.get("full", {}).get(k, {}).get("mean")
-        chart = svg_chart(series, xcats=[VARIANTS[v][2] for v in variants], width=535, height=230,
-                          hlines=[(base, "#dc2626", "full TKD mean")] if base is not None else [],
-                          yrange=(0.0, 1.0) if k == "layout" else None)
-        figs.append(f'<figure data-metric="{k}"><figcaption>{name} <span class="note">'
-                    f'({"higher" if higher else "lower"} is better; red dashed: full TKD)</span></figcaption>'
-                    f'{chart}</figure>')
-    rows = "".join(
-        f"<tr><td>{VARIANTS[v][2]}</td>" + "".join(
-            f'<td{" class=sig" if summary[v][k]["sig"] else ""}>'
-            f'{nowrap(cell(summary[v][k], 3 if k == "layout" else 4))}</td>' for k in METRICS) + "</tr>"
-        for v in variants)
-    m = result["machine"]
-    body = (f'<p class="note">{len(runs)} runs: {len(variants)} variants x {len(seeds)} seeds '
-            f'({", ".join(map(str, seeds))}),'
-            f' {cfg["steps"]} optimizer steps of {2 * cfg["grad_accum"]} windows each, the same held-out documents '
-            f'(split seed {cfg["split_seed"]}: {result["held_out"]["windows"]} windows, '
-            f'{result["held_out"]["rows"]:,} rows, {result["held_out"]["prompts"]} prompts). '
-            f'The runs took {fmt_time(result["runs_wall_s"])} ({fmt_time(result["runs_cpu_s"])} of CPU time; load '
-            f'average {result["load_average"]["start"][1]:.1f} at the start) on {m["cpu"]} ({m["cores"]} cores, '
-            f'{m["threads"]} torch threads, torch {m["torch"]}).</p>'
-            f'<h2>Mean ± std over seeds (difference to full TKD; * and red: more than two standard errors)</h2>'
-            f'<table><tr><th>variant</th>' + "".join(f"<th>{METRICS[k][0]}</th>" for k in METRICS) +
-            f'</tr>{rows}</table><h2>Every run</h2><div class="grid">{"".join(figs)}</div>')
-    return html_page("Does topology help? TKD ablation", body)
-
-
-# -----------------------------------------------------------------------------
 # main
 
 
-def main(args):
+def settle_args(args):
+    """Fill the flags not given (from QUICK under --quick, else DEFAULTS) and refuse what cannot run."""
     for k, v in (QUICK if args.quick else DEFAULTS).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -299,17 +241,11 @@ def main(args):
                  eval_windows="[0, inf)", prompts="[0, inf)", max_new_tokens="[1, inf)")
     if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
         raise ValueError(f"--seeds {args.seeds}: must be >= 0 and differ from each other")
-    if args.force:
-        shutil.rmtree(args.out, ignore_errors=True)
-    os.makedirs(args.out, exist_ok=True)
-    t_start, c_start, load_start = time.time(), time.process_time(), os.getloadavg()
-    cache_dir, topo_dir, win_dir = ensure_demo(args.demo)
-    fixed_dir = os.path.join(args.out, "windows_fixed")
-    if any(VARIANTS[v][1] for v in args.variants):  # the fixed-stride windows, built once for every run using them
-        run_script(windows, ["--cache", cache_dir, "--fixed_stride", "--out", fixed_dir],
-                   os.path.join(fixed_dir, "windows.log"))
 
-    # the held-out rows every run is measured on: the demo's topology windows of the held-out documents
+
+def held_out_set(args, cache_dir, topo_dir, win_dir):
+    """The held-out rows every run is measured on: the demo's topology windows of the held-out documents, and the
+    held-out questions. A dict of is_train (D,) bool, val (window indices), batches, questions, t_index (of T=2)."""
     cache = TeacherCache(cache_dir)
     topo = load_topology(topo_dir, cache_dir, needed_by="ablate.py")
     win = load_windows(win_dir, cache_dir, topo_dir, needed_by="ablate.py")
@@ -321,31 +257,56 @@ def main(args):
     if not len(val) or len(questions) < args.prompts:
         raise ValueError(f"--val_fraction {args.val_fraction} holds out {int((~is_train).sum())} of {cache.n_docs} "
                          f"documents: too few for {args.prompts} prompts (or none at all)")
-    t_index = cache.temperature_index(2.0)
+    return dict(is_train=is_train, val=val, batches=batches, questions=questions, t_index=cache.temperature_index(2.0))
+
+
+def run_one(args, variant, seed, dirs, held, label):
+    """One run: train.py with the variant's flags, then its measurements into metrics.json (written last: a run
+    folder holding it is complete, and is read back instead of trained again). Returns (the run's dict, whether it
+    was trained now)."""
+    folder = os.path.join(args.out, "runs", variant, f"seed{seed}")
+    cmd = train_command(args, variant, seed, *dirs, folder)
+    mpath = os.path.join(folder, "metrics.json")
+    if os.path.isfile(mpath):
+        with open(mpath) as f:
+            run = json.load(f)
+        if run["command"] != cmd:
+            raise ValueError(f"{mpath}: made by another command line (other --steps or inputs?); "
+                             "choose another --out or pass --force")
+        print(f"{label} {variant} seed {seed}: complete, skipped", flush=True)
+        return run, False
+    print(f"{label} {variant} seed {seed}: python train.py {shlex.join(cmd)}", flush=True)
+    t0, c0 = time.time(), time.process_time()  # wall and CPU seconds (CPU: what a busy machine does not change)
+    run_script(train, cmd, os.path.join(folder, "train.log"))
+    t1, c1 = time.time(), time.process_time()
+    metrics = measure(folder, held["batches"], held["val"], held["questions"], args.max_new_tokens, held["t_index"])
+    run = dict(variant=variant, seed=seed, folder=folder, command=cmd, metrics=metrics, train_s=t1 - t0,
+               measure_s=time.time() - t1, train_cpu_s=c1 - c0, measure_cpu_s=time.process_time() - c1)
+    write_json(mpath, run)  # written last: a run folder with metrics.json is complete
+    return run, True
+
+
+def main(args):
+    settle_args(args)
+    if args.force:
+        shutil.rmtree(args.out, ignore_errors=True)
+    os.makedirs(args.out, exist_ok=True)
+    t_start, c_start, load_start = time.time(), time.process_time(), os.getloadavg()
+    cache_dir, topo_dir, win_dir = ensure_demo(args.demo)
+    fixed_dir = os.path.join(args.out, "windows_fixed")
+    if any(VARIANTS[v][1] for v in args.variants):  # the fixed-stride windows, built once for every run using them
+        run_script(windows, ["--cache", cache_dir, "--fixed_stride", "--out", fixed_dir],
+                   os.path.join(fixed_dir, "windows.log"))
+    held = held_out_set(args, cache_dir, topo_dir, win_dir)
 
     runs, plan = [], [(s, v) for s in args.seeds for v in args.variants]  # seed-major: early stops hold whole seeds
     for i, (seed, variant) in enumerate(plan):
-        folder = os.path.join(args.out, "runs", variant, f"seed{seed}")
-        cmd = train_command(args, variant, seed, cache_dir, topo_dir, win_dir, fixed_dir, folder)
-        mpath = os.path.join(folder, "metrics.json")
-        if os.path.isfile(mpath):
-            with open(mpath) as f:
-                run = json.load(f)
-            if run["command"] != cmd:
-                raise ValueError(f"{mpath}: made by another command line (other --steps or inputs?); "
-                                 "choose another --out or pass --force")
-            print(f"[{i + 1}/{len(plan)}] {variant} seed {seed}: complete, skipped", flush=True)
-            runs.append(run)
-            continue
-        print(f"[{i + 1}/{len(plan)}] {variant} seed {seed}: python train.py {shlex.join(cmd)}", flush=True)
-        t0, c0 = time.time(), time.process_time()  # wall and CPU seconds (CPU: what a busy machine does not change)
-        run_script(train, cmd, os.path.join(folder, "train.log"))
-        t1, c1 = time.time(), time.process_time()
-        metrics = measure(folder, batches, val, questions, args.max_new_tokens, t_index)
-        run = dict(variant=variant, seed=seed, folder=folder, command=cmd, metrics=metrics, train_s=t1 - t0,
-                   measure_s=time.time() - t1, train_cpu_s=c1 - c0, measure_cpu_s=time.process_time() - c1)
-        write_json(mpath, run)  # written last: a run folder with metrics.json is complete
+        dirs = (cache_dir, topo_dir, win_dir, fixed_dir)
+        run, trained = run_one(args, variant, seed, dirs, held, f"[{i + 1}/{len(plan)}]")
         runs.append(run)
+        if not trained:
+            continue
+        metrics = run["metrics"]
         done = [x for x in runs if "train_s" in x]
         per_run = sum(x["train_s"] + x["measure_s"] for x in done) / len(done)
         kl_jump = "n/a" if metrics["kl_jump"] is None else f"{metrics['kl_jump']:.4f}"
@@ -361,11 +322,12 @@ def main(args):
                   cpu_s=time.process_time() - c_start, load_average=dict(start=load_start, end=os.getloadavg()),
                   runs_wall_s=sum(r["train_s"] + r["measure_s"] for r in runs),
                   runs_cpu_s=sum(r["train_cpu_s"] + r["measure_cpu_s"] for r in runs),
-                  held_out=dict(documents=int((~is_train).sum()), windows=len(val), rows=batches.count(val),
-                                prompts=len(questions)), runs=runs, summary=summary)
+                  held_out=dict(documents=int((~held["is_train"]).sum()), windows=len(held["val"]),
+                                rows=held["batches"].count(held["val"]), prompts=len(held["questions"])),
+                  runs=runs, summary=summary)
     write_json(os.path.join(args.out, "ablation.json"), result)
     with atomic_write(os.path.join(args.out, "ablation.html")) as f:
-        f.write(render_html(result))
+        f.write(ablation_page(result, {v: label for v, (_, _, label) in VARIANTS.items()}, METRICS, cell))
     print(table(summary))
     print(f"ablate: {len(runs)} runs ({len(args.variants)} variants x {len(args.seeds)} seeds, {args.steps} steps "
           f"each) in {fmt_time(result['runs_wall_s'])} ({fmt_time(result['runs_cpu_s'])} CPU, "

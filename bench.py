@@ -359,7 +359,8 @@ def teacher_pass(streamed, folder, tokens, offsets, work, device):
     """One whole Phase-1 teacher pass, weights read from `folder`, rows into fresh arrays in `work`: in memory
     (from_pretrained + cache_batches) or streamed layer by layer (stream_batches). Returns the stream's summary."""
     import numpy as np
-    from cache_teacher import cache_batches, plan_batches, stream_batches, stream_budget
+    from cache_teacher import cache_batches, plan_batches, write_stats
+    from stream import stream_batches, stream_budget
     from model import Qwen3
     batches = list(enumerate(plan_batches(np.diff(offsets), 4096)))
     arrays = cache_arrays(work, len(tokens))
@@ -368,8 +369,9 @@ def teacher_pass(streamed, folder, tokens, offsets, work, device):
         return cache_batches(model, tokens, offsets, batches, arrays, 64, [1.0, 2.0], 1024, device)
     scratch = os.path.join(work, "stream_scratch")
     shutil.rmtree(scratch, ignore_errors=True)  # no resuming from an earlier pass
-    return stream_batches(folder, batches, tokens, offsets, arrays, 64, [1.0, 2.0], 1024, torch.float32, device,
-                          stream_budget(0, device), scratch, log_every=1e9)
+    rows = lambda head, h, idx, docs: write_stats(head, h, idx, docs, offsets, arrays, 64, [1.0, 2.0], 1024)
+    return stream_batches(folder, batches, tokens, offsets, rows, torch.float32, device, stream_budget(0, device),
+                          scratch, log_every=1e9)
 
 
 STREAM_MEM_FLAGS = ["--data", os.path.join("data", "physics_cot.jsonl"), "--max_docs", "3", "--batch_tokens", "2048",
@@ -496,7 +498,8 @@ def kd_step(model, opt, batches, n_norm, world=1):
     """One optimizer step of train.py: micro_step (CE + T^2 KL over top-64 + tail, proof weights, BF16 autocast) and
     backward on each micro-batch, clip 1.0, AdamW. Returns the step's objective (summed over the processes of a DDP
     model, which syncs gradients on the last micro-batch only, as train.py)."""
-    from train import LOSS_CHUNK, micro_step
+    from kd import LOSS_CHUNK
+    from train import micro_step
     total = 0.0
     for i, b in enumerate(batches):
         with model.no_sync() if world > 1 and i < len(batches) - 1 else contextlib.nullcontext():
@@ -517,7 +520,8 @@ def train_pair(folder, device):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
     from model import Qwen3
-    from train import configure_optimizer, teacher_q
+    from kd import teacher_q
+    from train import configure_optimizer
     hf_logging.disable_progress_bar()
     batch = train_batch(device)
     n = len(batch["sel"])
@@ -652,7 +656,7 @@ def demo_timings(stdout):
 
 
 def bench_demo(args):
-    from train import read_student
+    from checkpoint import read_student
     out = os.path.join(args.work, "bench_demo")  # a name of its own: never a user's out/demo
     shutil.rmtree(out, ignore_errors=True)  # from nothing, as on a fresh clone
     root = os.path.dirname(os.path.abspath(__file__))
@@ -859,7 +863,8 @@ def real_teacher(plan, device, work):
     just written, so in the page cache). Times are measured on the layers run and extrapolated to all the layers:
     the layers' share scales, the embedding, head and statistics do not."""
     import numpy as np
-    from cache_teacher import cache_batches, plan_batches, stream_batches, stream_budget
+    from cache_teacher import cache_batches, plan_batches, write_stats
+    from stream import stream_batches, stream_budget
     from model import Block, SparseMoeBlock
     layers, all_layers = plan["teacher_layers"], SHAPES[plan["teacher"]]["num_hidden_layers"]
     scale = all_layers / layers
@@ -895,8 +900,9 @@ def real_teacher(plan, device, work):
 
     def streamed():
         shutil.rmtree(scratch, ignore_errors=True)  # no resuming from the previous run
-        stream_batches(folder, batches, tokens, offsets, arrays, k, [1.0, 2.0], 1024, torch.bfloat16, device,
-                       stream_budget(0, device), scratch, log_every=1e9)
+        rows = lambda head, h, idx, docs: write_stats(head, h, idx, docs, offsets, arrays, k, [1.0, 2.0], 1024)
+        stream_batches(folder, batches, tokens, offsets, rows, torch.bfloat16, device, stream_budget(0, device),
+                       scratch, log_every=1e9)
 
     t = interleaved_times({"stream": streamed}, plan["reps"], sync)["stream"]
     fixed = min(out["grouped"]["fixed_s"], t)  # embedding, head and statistics, as measured in memory

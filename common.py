@@ -13,15 +13,12 @@ another project alone.
   the DualMind text  the card's layout: USER, PROMPT, TAGS, ROLES, dualmind_prompt, chat_template, dualmind_text,
                      end tokens
   batches            pad_right (documents or windows into one right-padded (B, L) array)
-  pictures           svg_chart (one small inline-SVG chart), html_page (a self-contained page): train.py's
-                     report.html and ablate.py's ablation.html draw with them
+The HTML pages and their charts live in pages.py.
 """
 
 import contextlib
 import hashlib
-import html
 import json
-import math
 import os
 import shutil
 import sys
@@ -273,6 +270,11 @@ def load_tokenizer(path):
         raise ValueError(f"{f}: not a readable tokenizer.json ({e}): is the file truncated?") from None
 
 
+def doc_line(f):
+    """The first line of f's docstring, without its full stop ('' without one): a table entry's --help text."""
+    return (f.__doc__ or "").strip().split("\n")[0].rstrip(".")
+
+
 # -----------------------------------------------------------------------------
 # The DualMind format of the model card (one definition: the cache, the tokenizer, generate and the chat template)
 
@@ -282,8 +284,6 @@ BLOCKS = ("explore", "examine", "response")  # in the card's order
 TAGS = [t for b in BLOCKS for t in (f"<{b}>", f"</{b}>")]
 ROLES = {"prompt": 0, "explore": 1, "examine": 2, "response": 3}  # roles.npy codes
 REASONING = (ROLES["explore"], ROLES["examine"])  # the rows the proof weight multiplies
-
-
 OPEN = f"<{BLOCKS[0]}>\n"  # how the model's answer opens: the end of every prompt
 
 
@@ -338,10 +338,7 @@ def end_tokens(tokenizer_file):
             eos = json.load(f).get("eos_token")
         names.append(eos.get("content") if isinstance(eos, dict) else eos)
     names.append("<|endoftext|>")
-    found = []
-    for n in names:
-        if n and n in ids and n not in [m for m, _ in found]:
-            found.append((n, int(ids[n])))
+    found = [(n, int(ids[n])) for n in dict.fromkeys(names) if n and n in ids]  # in order, each name once
     if not found:
         raise ValueError(f"{tokenizer_file}: no end token (neither tokenizer_config eos_token nor <|endoftext|>)")
     return found
@@ -358,135 +355,3 @@ def pad_right(seqs, length=None):
     for i, s in enumerate(seqs):
         idx[i, :len(s)] = s
     return idx
-
-
-# -----------------------------------------------------------------------------
-# Pictures: small inline-SVG charts on self-contained pages (no plotting library, no script, no network)
-
-
-def nice_ticks(lo, hi, log=False, n=5):
-    """About n round tick values in [lo, hi] and their labels: steps of 1, 2 or 5 x 10^k; on a log axis the values
-    1, 2, 5 x 10^k, or linear steps when the range holds fewer than two of those."""
-    if log:
-        ticks = [m * 10.0 ** e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
-                 for m in (1, 2, 5) if lo <= m * 10.0 ** e <= hi]
-        if len(ticks) > 2 * n:
-            ticks = [t for t in ticks if round(t / 10 ** math.floor(math.log10(t))) == 1]
-        if len(ticks) >= 2:
-            return ticks, [fmt_num(t) for t in ticks]
-    raw = (hi - lo) / n
-    mag = 10.0 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
-    ticks = [k * step for k in range(math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9) + 1)]
-    digits = max(0, -math.floor(math.log10(step) + 1e-9))  # as many decimals as the step needs, no float noise
-    return ticks, [f"{t:.{digits}f}" for t in ticks]
-
-
-def fmt_num(v):
-    """A number for a tooltip or a caption: 4 significant digits."""
-    return f"{v:.4g}"
-
-
-def svg_chart(series, *, width=480, height=210, log=False, vlines=(), hlines=(), xcats=None, xlabel="",
-              yrange=None):
-    """One small chart as an inline <svg> string.
-
-    series: dicts with x, y (sequences; None or NaN points are skipped), color, label, and kind: 'line', 'dots',
-      'mean' (a short horizontal bar at each point) or 'range' (a vertical segment, y holding (low, high) pairs);
-      tips (optional, one string per point) become the points' tooltips.
-    vlines: (x, color, label, dash) vertical markers (dash: an SVG stroke-dasharray, "" for a solid line);
-    hlines: (y, color, label) horizontal reference lines, dashed.
-    xcats: names of the categories x = 0, 1, ... (an axis of variants instead of steps). log: log-scale y.
-    yrange: (low, high) of the y axis (a rate: (0, 1)); by default the data's range."""
-    left, right, top, bottom = 58, 10, 22, 34 if xcats is None else 46
-    pw, ph = width - left - right, height - top - bottom
-    ok = lambda v: v is not None and math.isfinite(v) and (v > 0 or not log)
-    ys = [v for s in series for y in s["y"] for v in (y if s.get("kind") == "range" else [y]) if ok(v)]
-    ys += [y for y, _, _ in hlines if ok(y)]
-    xs = [x for s in series for x in s["x"]] + [v[0] for v in vlines]
-    if xcats is not None:
-        x0, x1 = -0.5, len(xcats) - 0.5
-    else:
-        x0, x1 = (min(xs), max(xs)) if xs else (0, 1)
-        x1 = x1 if x1 > x0 else x0 + 1
-    y0, y1 = yrange or ((min(ys), max(ys)) if ys else (1.0, 2.0))
-    if log:
-        y0, y1 = math.log10(y0), math.log10(y1)
-    pad = (y1 - y0) * 0.06 or (abs(y0) * 0.1 or 1.0)
-    y0, y1 = y0 - pad, y1 + pad
-    X = lambda x: left + (x - x0) / (x1 - x0) * pw
-    Y = lambda y: top + (1 - ((math.log10(y) if log else y) - y0) / (y1 - y0)) * ph
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" font-family="system-ui,sans-serif" font-size="11">',
-           f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#fbfbfb" stroke="#bbb"/>']
-    # the y grid and its labels
-    for t, name in zip(*nice_ticks(10 ** y0 if log else y0, 10 ** y1 if log else y1, log)):
-        out.append(f'<line x1="{left}" x2="{left + pw}" y1="{Y(t):.1f}" y2="{Y(t):.1f}" stroke="#e4e4e4"/>'
-                   f'<text x="{left - 4}" y="{Y(t) + 4:.1f}" text-anchor="end" fill="#555">{name}</text>')
-    # the x axis: category names, or round steps
-    if xcats is not None:
-        for i, name in enumerate(xcats):  # a long name on two lines (split at its last space), so names never overlap
-            lines = name.rsplit(" ", 1) if len(name) > 8 and " " in name else [name]
-            out.append(f'<text x="{X(i):.1f}" y="{top + ph + 14}" text-anchor="middle" fill="#333">' + "".join(
-                f'<tspan x="{X(i):.1f}" dy="{13 * (j > 0)}">{html.escape(t)}</tspan>' for j, t in enumerate(lines))
-                + "</text>")
-    else:
-        for t, name in zip(*nice_ticks(x0, x1, n=6)):
-            if t != int(t) and all(float(x).is_integer() for x in xs):
-                continue  # steps are whole numbers
-            out.append(f'<line x1="{X(t):.1f}" x2="{X(t):.1f}" y1="{top + ph}" y2="{top + ph + 4}" stroke="#888"/>'
-                       f'<text x="{X(t):.1f}" y="{top + ph + 15}" text-anchor="middle" fill="#555">{name}</text>')
-    if xlabel:
-        out.append(f'<text x="{left + pw / 2:.1f}" y="{height - 4}" text-anchor="middle" fill="#333">'
-                   f'{html.escape(xlabel)}</text>')
-    for x, color, label, dash in vlines:  # markers first, so the data is drawn over them
-        out.append(f'<line x1="{X(x):.1f}" x2="{X(x):.1f}" y1="{top}" y2="{top + ph}" stroke="{color}" '
-                   f'stroke-width="1.5" stroke-dasharray="{dash}"><title>{html.escape(label)}</title></line>')
-    for y, color, label in hlines:
-        if ok(y):
-            out.append(f'<line x1="{left}" x2="{left + pw}" y1="{Y(y):.1f}" y2="{Y(y):.1f}" stroke="{color}" '
-                       f'stroke-dasharray="6 3"><title>{html.escape(label)}</title></line>')
-    for s in series:
-        kind, color = s.get("kind", "line"), s["color"]
-        tips = s.get("tips") or [None] * len(s["x"])
-        tip = lambda t: f"<title>{html.escape(t)}</title>" if t else ""
-        if kind == "line":
-            pts = [f"{X(x):.1f},{Y(y):.1f}" for x, y in zip(s["x"], s["y"]) if ok(y)]
-            out.append(f'<polyline points="{" ".join(pts)}" fill="none" stroke="{color}" stroke-width="1.4"/>')
-        for x, y, t in zip(s["x"], s["y"], tips):
-            if kind == "dots" and ok(y):
-                out.append(f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="3.2" fill="{color}" fill-opacity="0.8">'
-                           f'{tip(t)}</circle>')
-            elif kind == "mean" and ok(y):
-                half = 0.28 * pw / max(len(xcats or ()), 1)
-                out.append(f'<line x1="{X(x) - half:.1f}" x2="{X(x) + half:.1f}" y1="{Y(y):.1f}" y2="{Y(y):.1f}" '
-                           f'stroke="{color}" stroke-width="2.5">{tip(t)}</line>')
-            elif kind == "range" and ok(y[0]) and ok(y[1]):
-                if yrange:  # within the axis: a rate's mean - std may lie below 0
-                    y = [min(max(v, yrange[0]), yrange[1]) for v in y]
-                out.append(f'<line x1="{X(x):.1f}" x2="{X(x):.1f}" y1="{Y(y[0]):.1f}" y2="{Y(y[1]):.1f}" '
-                           f'stroke="{color}" stroke-width="1.2">{tip(t)}</line>')
-    # the legend, top right, one entry per labelled series
-    labelled = [s for s in series if s.get("label")]
-    for i, s in enumerate(labelled):
-        x = left + pw - 8 - 110 * (len(labelled) - 1 - i)
-        out.append(f'<rect x="{x - 100}" y="{top - 15}" width="9" height="9" fill="{s["color"]}"/>'
-                   f'<text x="{x - 88}" y="{top - 7}" fill="#333">{html.escape(s["label"])}</text>')
-    out.append("</svg>")
-    return "".join(out)
-
-
-def html_page(title, body):
-    """A self-contained page around `body` (HTML): one style block, no script, nothing fetched."""
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font:14px system-ui,sans-serif;max-width:1100px;margin:1.5em auto;padding:0 1em;color:#1a202c}}
-h1{{font-size:22px;margin-bottom:.2em}} h2{{font-size:17px;margin:1.2em 0 .4em}} .note{{color:#555}}
-table{{border-collapse:collapse;margin:.5em 0}} td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
-th:first-child,td:first-child,.facts td{{text-align:left}} .grid{{display:flex;flex-wrap:wrap;gap:10px 18px}}
-figure{{margin:0}} figcaption{{font-weight:600;margin:.3em 0 .1em}} .sig{{font-weight:700;color:#b7202e}}</style>
-</head><body>
-<h1>{html.escape(title)}</h1>
-{body}
-</body></html>
-"""

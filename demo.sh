@@ -92,12 +92,12 @@ done
 say "summary"
 $PY - "$OUT" <<'EOF'
 import json, sys
-from train import read_student
+from checkpoint import read_student
 out = sys.argv[1]
 answers = {who: [json.loads(l) for l in open(f"{out}/answers_{who}.jsonl")] for who in ["student", "teacher"]}
 first = answers["student"][0]
 print(f"the student's greedy answer to {first['prompt']!r}:\n<explore>{first['output']}\n")
-m = read_student(f"{out}/student")  # train.py owns its folder: its manifest, read through train.py
+m = read_student(f"{out}/student")  # train.py's folder, read through checkpoint.py
 a, b = m["first_eval"], m["last_eval"]
 if a and b:
     print(f"student held-out KL to the teacher (T=2, top-64 + tail): {a['kl']:.4f} before distillation -> "

@@ -2,16 +2,13 @@
 Phase 2: the DISC pass. Reads the teacher cache as one signal along the concatenated token stream and
 finds where it changes smoothly, where it jumps and where it drifts.
 
-The signal f (--signal). Consecutive next-token distributions of a language model put their mass on
-different tokens (each predicts a different next token), so a distance between p_t and p_t+1 sits near its
-maximum almost everywhere and a 3-sigma rule on it rarely fires. We read the distribution through its
-information profile instead:
-  entropy    (default) f[t] = H(p_t), the teacher's full-vocabulary entropy at row t (exact, from the cache)
-  surprisal  f[t] = -log p_t(token t+1), the teacher's log-loss on the real next token
-  tv         f[t] = sum_{j<t} TV(p_j, p_j+1) within the document: the path length, so delta[t] is exactly the
-             total variation between consecutive top-k distributions (union of the two supports, an id absent
-             from one side counting 0 there, plus one tail-mass cell), kept to measure the claim above.
-report.json records each signal's mean, spread and 3-sigma firing rate on this stream, so the choice stays evidence.
+The signal f (--signal: a name in SIGNALS). Consecutive next-token distributions of a language model put their
+mass on different tokens (each predicts a different next token), so a distance between p_t and p_t+1 sits near its
+maximum almost everywhere and a 3-sigma rule on it rarely fires. We read the distribution through its information
+profile instead: by default f[t] is the teacher's entropy at row t; surprisal (its log-loss on the real next token)
+and tv (the total variation between consecutive top-k distributions) stay to measure that claim. report.json
+records every signal's mean, spread and 3-sigma firing rate on this stream, so the choice stays evidence.
+A new signal is one function of (rows, last) -> f and one entry in SIGNALS; --signal's choices come from the table.
 
 The math (DESIGN.md section 3; every function below is pure and tested against a brute-force reference):
   delta[i] = |f[i+1] - f[i]|, 0 on a document's last row (the boundary is a forced cut anyway)
@@ -29,7 +26,7 @@ Outputs  in --out (default out/topology):
   block_tv.npy, block_jump.npy, block_smooth.npy, block_drift.npy, block_gap_density.npy, block_edisc.npy,
   block_edisc_density.npy
             float32 [ceil(N/64)], block b = stream rows [64b, 64b+64) (64: --block)
-  report.json (counts, the three signals' statistics, tail mass of top-k, and per document its jumps, TV,
+  report.json (counts, every signal's statistics, tail mass of top-k, and per document its jumps, TV,
             E_disc density and gap energy G (the drift channel over its own 64-token blocks) with its density),
   report.html (a stretch of tokens coloured by discrepancy, jumps, block channels; open it in a browser),
   manifest.json
@@ -44,21 +41,100 @@ import json
 import os
 import sys
 import time
+from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from cache_teacher import TeacherCache, tail_mass
-from common import (FORMAT_VERSION, Progress, atomic_write, check_ranges, check_upstream, prepare_out, publish,
+from cache_teacher import TeacherCache, tail_mass, unpack_ids18
+from common import (FORMAT_VERSION, Progress, check_ranges, check_upstream, doc_line, prepare_out, publish,
                     read_manifest, sha256_json, write_json)
+from pages import topology_page
 
 BLOCK = 64  # the card's gap-energy window, in tokens (--block)
-SIGNALS = ["entropy", "surprisal", "tv"]
 BLOCK_CHANNELS = ["tv", "jump", "smooth", "drift", "gap_density", "edisc", "edisc_density"]
 OUTPUTS = ["f", "delta", "disc", "jump", "weight"] + [f"block_{c}" for c in BLOCK_CHANNELS]
 
 # -----------------------------------------------------------------------------
-# Pure functions of arrays. `last` (bool [n]) marks the last row of each document.
+# The signal f: f = SIGNALS[name](rows, last) -> [n] float32 for a stretch of n stream rows, where rows is a Rows
+# dict of the stretch and `last` (bool [n]) marks the last row of each document
+
+
+class Rows(dict):
+    """Stream rows [a, b) of a TeacherCache as a dict that reads each array on first use, the same way on every path
+    (the pass and the report): tokens uint32 [n], roles uint8 [n], topk_ids int64 [n, k] (unpacked), topk_logprobs
+    float32 [n, k], lse float32 [n, len(temperatures)], target_logprob and entropy float32 [n]. A signal reads only
+    what it uses, as rows[name] (rows.get and `in` see only what was read already)."""
+
+    def __init__(self, cache, a, b):
+        super().__init__()
+        self.cache, self.a, self.b = cache, a, b
+
+    def __missing__(self, name):
+        # read as TeacherCache.rows reads it, one array at a time (the entropy pass never unpacks the ids)
+        if name in ("tokens", "roles"):
+            self[name] = np.asarray(getattr(self.cache, name)[self.a:self.b])
+        elif name == "topk_ids":
+            self[name] = unpack_ids18(self.cache.arrays[name][self.a:self.b])  # (n, 9k/4) uint8 -> (n, k) int64
+        else:
+            self[name] = np.asarray(self.cache.arrays[name][self.a:self.b], dtype=np.float32)
+        return self[name]
+
+
+def entropy_signal(rows, last):
+    """f[t] = H(p_t), the teacher's full-vocabulary entropy at row t (exact, from the cache)."""
+    return rows["entropy"].astype(np.float32)
+
+
+def surprisal_signal(rows, last):
+    """f[t] = -log p_t(token t+1), the teacher's log-loss on the real next token."""
+    f = -rows["target_logprob"].astype(np.float32)
+    prev = np.concatenate([[0.0], f[:-1]]).astype(np.float32)
+    return np.where(last, prev, f)  # a document's last row has no target: hold the previous value
+
+
+def tv_consecutive(ids, logprobs, last):
+    """TV(p_t, p_t+1) for consecutive rows at T=1 over the union of the two top-k supports plus one tail cell.
+
+    ids (n, k) int, logprobs (n, k) log-probs -> tv (n,) float32, 0 where row t ends a document (and at n-1).
+    An id absent from one side counts 0 there; with P_t the top-k mass and Q_t = 1 - P_t the tail mass:
+      2 TV = sum_union |p_t - p_t+1| + |Q_t - Q_t+1| = P_t + P_t+1 - 2 sum_shared min(p_t, p_t+1) + |Q_t - Q_t+1|.
+    The shared ids come from one sort per row pair of 2k int64 keys (id in the high half, the probability's
+    float bits in the low half), so equal ids land side by side carrying their probabilities.
+    """
+    n, k = ids.shape
+    p = np.exp(np.asarray(logprobs, dtype=np.float32))  # (n, k)
+    P = p.sum(1, dtype=np.float64)
+    key = (np.asarray(ids, dtype=np.int64) << 32) | p.view(np.uint32)
+    pair = np.empty((n - 1, 2 * k), np.int64)  # row t's keys then row t+1's
+    pair[:, :k], pair[:, k:] = key[:-1], key[1:]
+    pair.sort(axis=1)
+    half = pair.view(np.int32)  # little-endian: [:, 0::2] probability bits, [:, 1::2] ids
+    idv, pv = half[:, 1::2], half.view(np.float32)[:, 0::2]
+    same = idv[:, 1:] == idv[:, :-1]  # ids are distinct within a row: a match is one from each side
+    shared = np.where(same, np.minimum(pv[:, 1:], pv[:, :-1]), 0).sum(1, dtype=np.float64)
+    Q = 1.0 - P
+    tv = np.zeros(n, dtype=np.float32)
+    tv[:-1] = 0.5 * (P[:-1] + P[1:] - 2 * shared + np.abs(Q[:-1] - Q[1:]))
+    tv[last] = 0.0
+    return np.clip(tv, 0.0, 1.0)
+
+
+def tv_signal(rows, last):
+    """f[t] = sum_{j<t} TV(p_j, p_j+1) within the document: the path length, so delta[t] is exactly the total
+    variation between consecutive top-k distributions (tv_consecutive)."""
+    step = tv_consecutive(rows["topk_ids"], rows["topk_logprobs"], last)
+    f = np.cumsum(np.concatenate([[0.0], step[:-1]]), dtype=np.float64)  # path length along the stream
+    starts = np.flatnonzero(np.concatenate([[True], last[:-1]]))  # restart at each document
+    return (f - np.repeat(f[starts], np.diff(np.append(starts, len(f))))).astype(np.float32)
+
+
+# --signal's choices; report.json compares them all on the stream at hand
+SIGNALS = {"entropy": entropy_signal, "surprisal": surprisal_signal, "tv": tv_signal}
+
+
+# -----------------------------------------------------------------------------
+# The DISC math: pure functions of arrays (f and `last` as above)
 
 
 def doc_last_rows(doc_offsets, a, b):
@@ -169,49 +245,6 @@ def span_channels(delta, jump, valid, disc, starts, ends, block=BLOCK):
     return {c: np.add.reduceat(v.astype(np.float64), first) for c, v in ch.items()}
 
 
-def tv_consecutive(ids, logprobs, last):
-    """TV(p_t, p_t+1) for consecutive rows at T=1 over the union of the two top-k supports plus one tail cell.
-
-    ids (n, k) int, logprobs (n, k) log-probs -> tv (n,) float32, 0 where row t ends a document (and at n-1).
-    An id absent from one side counts 0 there; with P_t the top-k mass and Q_t = 1 - P_t the tail mass:
-      2 TV = sum_union |p_t - p_t+1| + |Q_t - Q_t+1| = P_t + P_t+1 - 2 sum_shared min(p_t, p_t+1) + |Q_t - Q_t+1|.
-    The shared ids come from one sort per row pair of 2k int64 keys (id in the high half, the probability's
-    float bits in the low half), so equal ids land side by side carrying their probabilities.
-    """
-    n, k = ids.shape
-    p = np.exp(np.asarray(logprobs, dtype=np.float32))  # (n, k)
-    P = p.sum(1, dtype=np.float64)
-    key = (np.asarray(ids, dtype=np.int64) << 32) | p.view(np.uint32)
-    pair = np.empty((n - 1, 2 * k), np.int64)  # row t's keys then row t+1's
-    pair[:, :k], pair[:, k:] = key[:-1], key[1:]
-    pair.sort(axis=1)
-    half = pair.view(np.int32)  # little-endian: [:, 0::2] probability bits, [:, 1::2] ids
-    idv, pv = half[:, 1::2], half.view(np.float32)[:, 0::2]
-    same = idv[:, 1:] == idv[:, :-1]  # ids are distinct within a row: a match is one from each side
-    shared = np.where(same, np.minimum(pv[:, 1:], pv[:, :-1]), 0).sum(1, dtype=np.float64)
-    Q = 1.0 - P
-    tv = np.zeros(n, dtype=np.float32)
-    tv[:-1] = 0.5 * (P[:-1] + P[1:] - 2 * shared + np.abs(Q[:-1] - Q[1:]))
-    tv[last] = 0.0
-    return np.clip(tv, 0.0, 1.0)
-
-
-def signal(kind, rows, last):
-    """The per-row signal f for rows of the cache (a dict from TeacherCache.rows)."""
-    if kind == "entropy":
-        return rows["entropy"].astype(np.float32)
-    if kind == "surprisal":
-        f = -rows["target_logprob"].astype(np.float32)
-        prev = np.concatenate([[0.0], f[:-1]]).astype(np.float32)
-        return np.where(last, prev, f)  # a document's last row has no target: hold the previous value
-    if kind == "tv":
-        step = tv_consecutive(rows["topk_ids"], rows["topk_logprobs"], last)
-        f = np.cumsum(np.concatenate([[0.0], step[:-1]]), dtype=np.float64)  # path length along the stream
-        starts = np.flatnonzero(np.concatenate([[True], last[:-1]]))  # restart at each document
-        return (f - np.repeat(f[starts], np.diff(np.append(starts, len(f))))).astype(np.float32)
-    raise ValueError(f"unknown --signal {kind!r} (choose from {SIGNALS})")
-
-
 # -----------------------------------------------------------------------------
 # The pass over the stream, in chunks of whole documents (memory bounded by the chunk)
 
@@ -250,8 +283,7 @@ def run_pass(cache, kind, chunk, K, sigma, amplify, out, prog=None, threads=1, b
     def signal_pass(ab):  # signal, delta, disc of whole documents; numpy releases the GIL, so threads use every core
         a, b = ab
         last = doc_last_rows(cache.doc_offsets, a, b)  # (b - a,) bool: rows that end a document
-        rows = cache.rows(a, b) if kind == "tv" else {n: cache.arrays[n][a:b] for n in ["entropy", "target_logprob"]}
-        f = signal(kind, rows, last)
+        f = SIGNALS[kind](Rows(cache, a, b), last)  # (b - a,) float32
         d = deltas(f, last)
         arr["f"][a:b], arr["delta"][a:b], arr["disc"][a:b] = f, d, discrepancy(f, last, K)
         # this chunk's share of the stream-wide sums (the threshold needs the mean and std of every valid delta)
@@ -291,24 +323,19 @@ def run_pass(cache, kind, chunk, K, sigma, amplify, out, prog=None, threads=1, b
     return arr, threshold, int(nvalid)
 
 
-class Topology:
-    """A complete topology folder, read (by windows.py and train.py): its manifest, report.json, and `arrays`,
-    the memory-mapped OUTPUTS by name (arrays["disc"], arrays["jump"], arrays["weight"], arrays["block_drift"], ...)."""
-
-    def __init__(self, folder, cache_folder, needed_by=""):
-        self.folder = folder
-        self.manifest = read_manifest(folder, "topology", needed_by=needed_by)
-        check_upstream(self.manifest, cache_folder, "cache", folder)  # built from this very cache
-        self.fingerprint = self.manifest["fingerprint"]
-        self.block = self.manifest["settings"]["block"]  # rows per block of the block_* arrays (--block)
-        self.arrays = {n: np.load(os.path.join(folder, n + ".npy"), mmap_mode="r") for n in OUTPUTS}
-        with open(os.path.join(folder, "report.json")) as fh:
-            self.report = json.load(fh)
+Topology = namedtuple("Topology", "folder manifest fingerprint block arrays report")
 
 
 def load(folder, cache_folder, needed_by=""):
-    """topology.load(folder, cache folder) -> Topology, refused if incomplete or built from another cache."""
-    return Topology(folder, cache_folder, needed_by)
+    """topology.load(folder, cache folder) -> Topology, refused if incomplete or built from another cache: its
+    manifest, block (rows per block of the block_* arrays, --block), report.json, and `arrays`, the memory-mapped
+    OUTPUTS by name (arrays["disc"], arrays["jump"], arrays["weight"], arrays["block_drift"], ...)."""
+    m = read_manifest(folder, "topology", needed_by=needed_by)
+    check_upstream(m, cache_folder, "cache", folder)  # built from this very cache
+    arrays = {n: np.load(os.path.join(folder, n + ".npy"), mmap_mode="r") for n in OUTPUTS}
+    with open(os.path.join(folder, "report.json")) as fh:
+        report = json.load(fh)
+    return Topology(folder, m, m["fingerprint"], m["settings"]["block"], arrays, report)
 
 
 def signal_summary(f, delta, valid, sigma=3.0):
@@ -340,7 +367,7 @@ def main(args):
     n_jumps = int(np.count_nonzero(arr["jump"]))
     report = build_report(cache, args, arr, threshold, nvalid, elapsed)
     write_json(os.path.join(out, "report.json"), report)
-    render_html(os.path.join(out, "report.html"), cache, arr, report)
+    topology_page(os.path.join(out, "report.html"), cache, arr, report)
     del arr
     for n in OUTPUTS:  # finished: the partial files take their final names, the manifest comes last
         publish(os.path.join(out, n + ".partial.npy"), os.path.join(out, n + ".npy"))
@@ -354,26 +381,33 @@ def main(args):
           f"threshold {threshold:.4g}), {N / max(elapsed, 1e-9):,.0f} positions/s -> {out}")
 
 
-def build_report(cache, args, arr, threshold, nvalid, elapsed):
-    """report.json: counts, the three signals on this stream, per-document jumps and energies, tail mass."""
-    N = len(cache)
-    rng = np.random.default_rng(0)
-    # the three signals over stretches of up to 512 rows from random documents (tv is the costly one): the
-    # evidence for the default signal, at a fixed cost whatever the stream's size
-    docs = rng.permutation(cache.n_docs)[:max(1, args.report_positions // 512)]
-    parts = {kind: ([], [], []) for kind in SIGNALS}
+def compare_signals(cache, positions, sigma, rng):
+    """Every signal of SIGNALS over stretches of up to 512 rows from random documents (tv is the costly one): the
+    evidence for the default signal, at a fixed cost whatever the stream's size. Returns ({signal: signal_summary},
+    rows sampled)."""
+    docs = rng.permutation(cache.n_docs)[:max(1, positions // 512)]
+    parts = {kind: ([], [], []) for kind in SIGNALS}  # per signal: its f, delta and valid rows of each stretch
+    sampled = 0
     for d in np.sort(docs):
         a, b = cache.doc_range(d)
         a = a + int(rng.integers(0, max(b - a - 512, 0) + 1))
         b = min(b, a + 512)
-        last, rows = doc_last_rows(cache.doc_offsets, a, b), cache.rows(a, b)
+        last, rows = doc_last_rows(cache.doc_offsets, a, b), Rows(cache, a, b)
         last[-1] = True  # the stretch ends here: no delta reaches past it
+        sampled += b - a
         for kind, (fs, ds, vs) in parts.items():
-            fk = signal(kind, rows, last)
+            fk = SIGNALS[kind](rows, last)  # the same rows, read the same way, as the pass gives it
             fs.append(fk)
             ds.append(deltas(fk, last))
             vs.append(~last)
-    sigs = {kind: signal_summary(*map(np.concatenate, v), args.sigma) for kind, v in parts.items()}
+    return {kind: signal_summary(*map(np.concatenate, v), sigma) for kind, v in parts.items()}, sampled
+
+
+def build_report(cache, args, arr, threshold, nvalid, elapsed):
+    """report.json: counts, every signal of SIGNALS on this stream, per-document jumps and energies, tail mass."""
+    N = len(cache)
+    rng = np.random.default_rng(0)  # the same sample of rows on every run
+    sigs, sampled = compare_signals(cache, args.report_positions, args.sigma, rng)
     # per document: its jumps, and its channels over its own blocks (from its first row, as windows.py lays out a
     # window): TV, E_disc density and the gap energy G (the drift channel) with its density
     starts, ends = np.asarray(cache.doc_offsets[:-1]), np.asarray(cache.doc_offsets[1:])
@@ -399,100 +433,16 @@ def build_report(cache, args, arr, threshold, nvalid, elapsed):
         jump_rate=n_jumps / max(nvalid, 1), positions_per_second=N / max(elapsed, 1e-9),
         channels={c: total(c) for c in ["tv", "jump", "smooth", "drift"]},
         edisc_density=total("edisc") / N, gap_density=total("drift") / N,
-        signals=sigs, signals_sampled_positions=sum(map(len, parts["entropy"][0])), tail_mass=tails,
+        signals=sigs, signals_sampled_positions=sampled, tail_mass=tails,
         per_document=per_doc)
-
-
-# -----------------------------------------------------------------------------
-# The picture: one self-contained HTML page (no scripts, no network)
-
-ROLE_COLORS = ["#999999", "#2b6cb0", "#c05621", "#2f855a"]  # prompt, explore, examine, response
-
-
-def render_html(path, cache, arr, report, cuts=None, doc=None, max_tokens=700):
-    """Tokens of one document coloured by discrepancy (jumps boxed, roles underlined, window cuts as bars),
-    the signal with its jump threshold, and the block channels, as inline SVG."""
-    import html
-    from tokenizers import Tokenizer
-    tok = Tokenizer.from_file(cache.tokenizer_path) if os.path.isfile(cache.tokenizer_path) else None
-    if doc is None:  # the document with the most jumps per token: the most to look at
-        doc = max(report["per_document"], key=lambda r: r["jumps"] / r["length"])["doc"]
-    a, b = cache.doc_range(doc)
-    b = min(b, a + max_tokens)
-    disc = np.asarray(arr["disc"][a:b], dtype=np.float64)
-    jump = np.asarray(arr["jump"][a:b])
-    f = np.asarray(arr["f"][a:b], dtype=np.float64)
-    roles = np.asarray(cache.roles[a:b])
-    top = np.percentile(disc, 99) or 1.0
-    cut_at = {} if cuts is None else {int(c) - a: kind for c, kind in cuts if a <= c < b}
-    spans, ids, shown = [], [int(t) for t in cache.tokens[a:b]], ""
-    for i, t in enumerate(ids):
-        if tok:  # the text this token adds; a token ending inside a UTF-8 character shows with the next one
-            full = tok.decode(ids[:i + 1])
-            piece, shown = ("", shown) if full.endswith("\ufffd") else (full[len(shown):], full)
-        else:
-            piece = f"[{t}]"
-        if i in cut_at:
-            spans.append(f'<b class="cut" title="{cut_at[i]}">|</b>')
-        x = min(disc[i] / top, 1.0)
-        style = (f"background:rgba(220,38,38,{x:.2f});border-bottom:2px solid {ROLE_COLORS[roles[i]]}"
-                 + (";outline:2px solid #111" if jump[i] else ""))
-        text = html.escape(piece).replace("\n", "&#8629;<br>")
-        spans.append(f'<span style="{style}" title="row {a + i}: f={f[i]:.3g} disc={disc[i]:.3g}">{text}</span>')
-    # signal plot for the same stretch
-    W, H = 1000, 160
-    n = len(f)
-    fy = lambda v: H - 10 - (v - f.min()) / (np.ptp(f) or 1.0) * (H - 20)
-    line = " ".join(f"{i * W / max(n - 1, 1):.1f},{fy(v):.1f}" for i, v in enumerate(f))
-    marks = "".join(f'<line x1="{i * W / max(n - 1, 1):.1f}" x2="{i * W / max(n - 1, 1):.1f}" y1="0" y2="{H}" '
-                    f'stroke="#dc2626" stroke-width="1"/>' for i in np.flatnonzero(jump))
-    sig = (f'<svg width="{W}" height="{H}" style="background:#fafafa">{marks}'
-           f'<polyline points="{line}" fill="none" stroke="#1a202c" stroke-width="1"/></svg>')
-    # block channels over the whole stream (stacked: jump, smooth, drift), at most 400 bars
-    blk = {c: np.asarray(arr[f"block_{c}"], dtype=np.float64) for c in ["jump", "smooth", "drift"]}
-    nb = len(blk["jump"])
-    g = max(1, -(-nb // 400))
-    agg = {c: np.add.reduceat(v, np.arange(0, nb, g)) for c, v in blk.items()}
-    peak = max((agg["jump"] + agg["smooth"] + agg["drift"]).max(), 1e-12)
-    bw = W / len(agg["jump"])
-    bars = []
-    for i in range(len(agg["jump"])):
-        y = H
-        for c, col in [("smooth", "#3182ce"), ("drift", "#805ad5"), ("jump", "#e53e3e")]:
-            h = agg[c][i] / peak * (H - 10)
-            y -= h
-            bars.append(f'<rect x="{i * bw:.2f}" y="{y:.2f}" width="{max(bw - 0.3, 0.3):.2f}" height="{h:.2f}" '
-                        f'fill="{col}"/>')
-    chans = f'<svg width="{W}" height="{H}" style="background:#fafafa">{"".join(bars)}</svg>'
-    rows = "".join(f"<tr><td>{k}</td><td>{v['delta_mean']:.4g}</td><td>{v['delta_std']:.4g}</td>"
-                   f"<td>{v['firing_rate']:.3%}</td><td>{v['f_mean']:.4g}</td></tr>" for k, v in report["signals"].items())
-    ch = report["channels"]
-    page = f"""<!doctype html><meta charset="utf-8"><title>TKD topology</title>
-<style>body{{font:14px system-ui,sans-serif;max-width:1040px;margin:2em auto;color:#1a202c}}
-.tok{{font:13px/1.9 ui-monospace,monospace;white-space:pre-wrap}} .cut{{color:#0a0;font-size:20px}}
-table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:2px 8px}}</style>
-<h1>Topology of the teacher stream</h1>
-<p>{report['positions']:,} positions in {report['documents']:,} documents; signal <b>{report['signal']}</b>;
-{report['jumps']:,} jumps ({report['jump_rate']:.2%}) above the threshold {report['threshold']:.4g}.
-Variation: jump {ch['jump']:.4g}, smooth {ch['smooth']:.4g}, drift {ch['drift']:.4g} of {ch['tv']:.4g}.</p>
-<h2>Document {doc}: tokens coloured by discrepancy</h2>
-<p>Red = higher disc; boxed = jump (delta above threshold); underline = role (grey prompt, blue explore,
-orange examine, green response){'; green bars = window cuts' if cuts is not None else ''}. Hover a token for its values.</p>
-<div class="tok">{''.join(spans)}</div>
-<h2>The signal f over the same tokens (red lines: jumps)</h2>{sig}
-<h2>Block channels over the stream (red jump, blue smooth, purple drift)</h2>{chans}
-<h2>The three signals on this stream</h2>
-<table><tr><th>signal</th><th>mean delta</th><th>std delta</th><th>3-sigma firing rate</th><th>mean f</th></tr>{rows}</table>
-"""
-    with atomic_write(path) as fh:
-        fh.write(page)
 
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", default="out/cache", help="cache_teacher.py output folder")
     p.add_argument("--out", default="out/topology", help="output folder")
-    p.add_argument("--signal", default="entropy", choices=SIGNALS, help="the per-position signal f (see above)")
+    p.add_argument("--signal", default="entropy", choices=list(SIGNALS), help="the per-position signal f, from "
+                   "SIGNALS: " + "; ".join(f"{k}: {doc_line(f)}" for k, f in SIGNALS.items()))
     p.add_argument("--K", type=int, default=8, help="reach of the discrepancy operator, in tokens")
     p.add_argument("--sigma", type=float, default=3.0, help="jump threshold: mean + sigma x std of delta (card: 3)")
     p.add_argument("--amplify", type=float, default=1.25, help="loss multiplier after a jump (card: 1.25x)")
@@ -501,7 +451,7 @@ def get_parser():
     p.add_argument("--chunk", type=int, default=1 << 16, help="rows per chunk (memory bound of the pass)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="worker threads for the pass")
     p.add_argument("--report_positions", type=int, default=32_768, help="positions sampled for the "
-                   "three-signal comparison (stretches of 512 in random documents) and for the tail-mass table")
+                   "comparison of the signals (stretches of 512 in random documents) and for the tail-mass table")
     p.add_argument("--force", action="store_true", help="delete --out and start over")
     p.add_argument("--log_every", type=float, default=10.0, help="seconds between progress lines")
     return p

@@ -1,29 +1,18 @@
 """
 Phase 4: curriculum-ordered knowledge distillation into the student, in a plain PyTorch BF16 loop.
 
-Per trainable row t (predicting token t+1) with multiplier m = w_proof(step) (explore/examine targets; 1.0 for
-response) x jump weight (1.25 right after a topology jump):
+The loss (kd.py states it as math, with a plain and a fused implementation): per trainable row with multiplier
+m = w_proof(step) (explore/examine targets; 1.0 for response) x jump weight (1.25 right after a topology jump),
     m * ((1 - alpha) * CE + alpha * T^2 * KL_{k+1}(teacher_T || student_T))
-summed and divided by the number of trainable rows in the optimizer step (not by the sum of m, which would
-cancel the weights). KL_{k+1} is over the k cached teacher ids plus one tail bucket, both sides at temperature
-T, the teacher's tail from the cached logsumexp(z/T); --kd_mode renorm is the usual renormalised top-k (ablation).
-The student's logits exist only `--loss_chunk` rows at a time (in the autocast dtype; their fp32 statistics a few
-rows at a time on a CPU, a chunk at a time on a GPU), with their gradient formed right away: the logits of a whole
-micro-batch (2 x 512 x 151,936) never exist at once.
+summed and divided by the number of trainable rows in the optimizer step.
 
 Schedules over optimizer steps (pure functions below): alpha 0 until 15% of training, linear to 0.45 at 45%,
 constant after; w_proof linear 2.25 -> 1.1; lr linear warmup over 30 steps to 5e-6, cosine to 5e-7 at the end.
 Curriculum: four phases of equal steps; phase p draws uniformly from its whole nested pool, the easiest 30%, 55%,
-80%, 100% of the training windows by windows.py's difficulty (shuffled passes, no repeat within a pass), so easy
-windows are trained in every phase, also once alpha has reached its target.
+80%, 100% of the training windows by windows.py's difficulty (shuffled passes, no repeat within a pass).
 AdamW (weight decay 1e-3 on matrices only), clip 1.0, micro-batch 2 x 16 accumulation = 32 windows per step
-whatever the number of processes (cut by length where the fewest tokens are padding, so 2 is a mean), FP32 master
-weights with BF16 autocast.
-
-Each step logs its loss parts, lr, tok/s and MFU, both over the windows' real tokens (padding not counted): model
-FLOPs (Qwen3Config.flops_per_token: 6 N + 12 L T H D per token, nanoGPT's count) per second over --peak_flops
-(default: the datasheet's dense bf16 peak of a known GPU, else a 2048^3 matmul measured at start, as on a CPU; the
-first lines say which).
+whatever the number of processes, FP32 master weights with BF16 autocast. Each step logs its loss parts, lr, tok/s
+and MFU (model FLOPs of the real tokens over --peak_flops: a known GPU's datasheet peak, else a measured matmul).
 
 Inputs   --init (Hub id, folder, or `scratch` with --config), --cache, --topology, --windows
 Outputs  in --out (default out/student): the student in Hugging Face layout (config.json, model.safetensors,
@@ -47,7 +36,6 @@ Run
 
 import argparse
 import contextlib
-import html
 import json
 import math
 import os
@@ -59,11 +47,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cache_teacher import EXP_FLOOR, TeacherCache, teacher_log_q
-from common import (FORMAT_VERSION, REASONING, ROLES, atomic_write, chat_template, check_device, check_ranges,
-                    close_distributed, end_tokens, fmt_num, fmt_time, html_page, init_distributed, pad_right,
-                    prepare_out, publish, read_manifest, save_npy, sha256_json, svg_chart, write_json)
+from cache_teacher import TeacherCache
+from checkpoint import (RunLog, find_checkpoint, folder_manifest, load_checkpoint, non_finite, read_log,
+                        save_checkpoint, save_student, unwrap)
+from common import (FORMAT_VERSION, REASONING, ROLES, atomic_write, check_device, check_ranges, close_distributed,
+                    doc_line, fmt_time, init_distributed, pad_right, prepare_out, save_npy, sha256_json, write_json)
+from kd import DIVERGENCES, LOSS_CHUNK, ROW_STATS, check_impl, kd_loss, kd_stats, teacher_q
 from model import Qwen3, Qwen3Config
+from pages import training_page
 from topology import load as load_topology
 from windows import POOLS, fixed_windows, load as load_windows, parse_pools, pool_phases
 
@@ -160,167 +151,6 @@ def draws_summary(schedule, bands, alphas):
 
 
 # -----------------------------------------------------------------------------
-# The loss (pure), chunked over rows, with its gradient formed in the forward
-
-
-def teacher_q(topk_logprobs, lse, t_index, T):
-    """The teacher's side of KL_{k+1} from the cache: log q_T over its k ids (R, k) and the tail mass Q_T (R,).
-    topk_logprobs (R, k) at T=1, lse (R, nT), fp32."""
-    lq = teacher_log_q(topk_logprobs, lse, t_index, T)
-    return lq, (1.0 - lq.exp().sum(-1)).clamp_min(0.0)  # clamp: fp16 log-probs may sum a hair above 1
-
-
-def kd_rows(u, targets, ids, lq, Q, T, mode, w_ce=None, w_kd=None, work=None):
-    """Per-row CE, KL, top-1 agreement and tail gap from student logits u (r, V) fp32 (overwritten);
-    with w_ce/w_kd (r,) also G = d(sum w_ce CE + w_kd KL)/du (r, V), returned in u's buffer. `work`, optional, is
-    a second (r, V) fp32 buffer for e_T (reused by the caller across blocks: no allocation per block).
-
-    With p the student and q the teacher, both at temperature T, and P, Q their masses outside the k cached ids:
-      KL_{k+1} = sum_K q (log q - log p) + Q (log Q - log P)
-      dKL/du_j = (p_j - q_j) / T on the k ids,  p_j (1 - Q/P) / T elsewhere (the tail bucket shared in proportion)
-    renorm (ablation): KL between q and p renormalised over the k ids; gradient (p~_j - q~_j) / T on the ids, 0
-    elsewhere. CE at T=1: gradient p_1 - onehot(target).
-
-    Written for memory traffic and for the exp (the costly part), since the rows are 151,936 wide: one exp per
-    element (at T=2: exp((u - max) / 2), then e = e_T^2) and about eight passes over the row in all, where
-    log_softmax, logsumexp and softmax would each make two or three passes and an exp of their own.
-    Everything follows from e = exp(u - max) and e_T = exp((u - max) / T):
-      p_1 = e / s_1,  p_T = e_T / s_T  (s = the row sums),  log p_T(j) = (u_j - max) / T - log s_T.
-    """
-    m, top1 = u.max(-1)  # (r,) row max and the student's top-1 id, in one pass
-    u_t = u.gather(1, targets[:, None])[:, 0]  # (r,) logit of the real next token
-    uK = None if ids is None else u.gather(1, ids)  # (r, k) logits on the teacher's ids
-    u.sub_(m[:, None])  # u - max <= 0
-    # exp inputs are clamped at EXP_FLOOR (cache_teacher.py says why: 10-30x faster on a CPU, invisible in sums)
-    eT = None
-    if ids is not None and T == 2.0:  # one exp: e_T = exp((u - max) / 2), and e = e_T^2 is a multiply
-        eT = torch.mul(u, 0.5, out=work).clamp_min_(EXP_FLOOR).exp_()  # (r, V), in `work` when given
-        e = torch.mul(eT, eT, out=u)  # (r, V) e = exp(u - max), in u's buffer
-    else:
-        if ids is not None and T != 1.0:
-            eT = torch.div(u, T).clamp_min_(EXP_FLOOR).exp_()  # (r, V) a general temperature needs its own exp
-        e = u.clamp_min_(EXP_FLOOR).exp_()  # (r, V) e = exp(u - max), in u's buffer
-    s1 = e.sum(-1)
-    ce = m + s1.log() - u_t  # logsumexp(u) - u_t
-    if ids is None:  # no teacher (plain language-model training): CE only
-        nan = torch.full_like(ce, float("nan"))
-        stats = dict(ce=ce, kl=torch.zeros_like(ce), agree=nan, tail_gap=nan)
-        if w_ce is None:
-            return stats, None
-        G = e.mul_((w_ce / s1)[:, None])  # w_ce p_1 ...
-        return stats, G.scatter_add_(1, targets[:, None], -w_ce[:, None])  # ... minus w_ce at the target
-    if eT is None:  # T = 1
-        eT = e
-    # the student's tail mass P_T as a sum over the ids outside the top-k, not as 1 - sum (no cancellation)
-    eTK = eT.gather(1, ids)  # (r, k)
-    P_num = eT.scatter(1, ids, 0.0).sum(-1) if eT is e else eT.scatter_(1, ids, 0.0).sum(-1)
-    if eT is not e:
-        eT.scatter_(1, ids, eTK)  # restore the k entries
-    sT = P_num + eTK.sum(-1)  # (r,) the row sum of e_T
-    log_sT = sT.log()
-    lpK = (uK - m[:, None]) / T - log_sT[:, None]  # (r, k) student log p_T on the teacher's ids
-    logP = P_num.log() - log_sT  # (r,) log P_T
-    agree = (top1 == ids[:, 0]).float()  # the student's top-1 is the teacher's
-    qK = lq.exp()  # (r, k) teacher q_T on its ids
-    if mode == "tail":
-        kl = (qK * (lq - lpK)).sum(-1) + torch.xlogy(Q, Q) - Q * logP  # k terms + the tail bucket
-    else:  # renorm
-        lq_n = lq - torch.logsumexp(lq, -1, keepdim=True)
-        lp_n = lpK - torch.logsumexp(lpK, -1, keepdim=True)
-        kl = (lq_n.exp() * (lq_n - lp_n)).sum(-1)
-    stats = dict(ce=ce, kl=kl, agree=agree, tail_gap=logP.exp() - Q)
-    if w_ce is None:
-        return stats, None
-    # G = w_ce p_1 + the KD part, built in e's buffer: two passes over the row, then k + 1 sparse corrections
-    if mode == "tail":
-        r = Q * torch.exp(-logP)  # Q / P, (r,)
-        a = w_kd * (1.0 - r) / (T * sT)  # the tail formula p_T,j (1 - Q/P) / T for every id, as a multiple of e_T
-        corr = (w_kd / T)[:, None] * (eTK / sT[:, None] * r[:, None] - qK)  # on the k ids: to (p_T,j - q_j) / T
-    else:
-        a = torch.zeros_like(s1)
-        corr = (w_kd / T)[:, None] * (lp_n.exp() - lq_n.exp())
-    G = e.mul_((w_ce / s1)[:, None]) if eT is not e else e.mul_((w_ce / s1 + a)[:, None])
-    if eT is not e and mode == "tail":
-        G.addcmul_(eT, a[:, None])
-    G.scatter_add_(1, ids, corr)
-    G.scatter_add_(1, targets[:, None], -w_ce[:, None])  # CE: minus w_ce at the target
-    return stats, G
-
-
-LOSS_CHUNK = 1024  # rows per lm_head matmul in the loss: 2 x 512 at once. On a CPU, chunks of 256 made the step
-# 12% slower (K = 256 matmuls run below the peak, and each chunk's bf16 grad_W is converted to fp32 and added)
-BLOCK_ELEMENTS = 1 << 20  # fp32 logits worked out together (4 MiB, which stays in a CPU's L2/L3 cache): 6 rows of
-# Qwen3's 151,936-wide vocabulary, 496 rows of the demo's 2,112
-
-
-def kd_chunks(h, W, targets, teacher, T, mode, chunk, w_ce=None, w_kd=None, block=None):
-    """The one chunk loop of the loss and the evaluation. Per `chunk` rows it forms the logits z = h W^T (c, V) in
-    the autocast dtype, works out the statistics `block` rows at a time in fp32 (so the passes over a row block hit
-    the cache, not main memory; default BLOCK_ELEMENTS / V rows, all of them on a GPU) and, with weights, writes G
-    into z in place. Yields (row slice, per-row stats, z). h (R, C), W (V, C); teacher None or (ids, lq, Q) per row."""
-    block = block or (chunk if h.is_cuda else max(1, BLOCK_ELEMENTS // W.shape[0]))
-    bufs = None
-    for s in range(0, h.shape[0], chunk):
-        z = h[s:s + chunk] @ W.t()  # (c, V) logits in the autocast dtype
-        parts = []
-        for b in range(0, len(z), block):
-            rows = slice(s + b, s + min(b + block, len(z)))  # rows of h
-            zb = z[b:b + block]
-            r = len(zb)
-            # u (r, V) fp32: z itself when z is fp32 (kd_rows overwrites it), else a copy into a buffer reused by
-            # every block, as is e_T's: fresh multi-MB tensors per block would cost page faults on a CPU
-            if bufs is None:
-                bufs = torch.empty(1 if zb.dtype == torch.float32 else 2, min(block, len(z)), z.shape[1],
-                                   device=z.device)
-            u = zb if zb.dtype == torch.float32 else bufs[1, :r].copy_(zb)
-            ids, lq, Q = (None, None, None) if teacher is None else (t[rows] for t in teacher)
-            st, G = kd_rows(u, targets[rows], ids, lq, Q, T, mode, None if w_ce is None else w_ce[rows],
-                            None if w_kd is None else w_kd[rows], work=bufs[0, :r])
-            if G is not None and G.data_ptr() != zb.data_ptr():
-                zb.copy_(G)  # the gradient of the logits, back in z's dtype
-            parts.append(st)
-        yield slice(s, s + len(z)), {n: torch.cat([p[n] for p in parts]) for n in parts[0]}, z
-
-
-ROW_STATS = ("ce", "kl", "agree", "tail_gap")  # per-row statistics that kd_rows returns and the loss sums
-
-
-class ChunkedKDLoss(torch.autograd.Function):
-    """sum over rows of w_ce CE + w_kd KL, the lm_head applied `chunk` rows at a time (Liger-style: the gradient
-    in h and W is formed chunk by chunk in the forward, so no (R, V) tensor is ever kept for the backward).
-    Returns (loss, sums (4,) of ROW_STATS over the rows)."""
-
-    @staticmethod
-    def forward(ctx, h, W, targets, w_ce, w_kd, ids, lq, Q, T, mode, chunk):
-        # h (R, C), W (V, C); targets (R,); w_ce, w_kd (R,) fp32; ids (R, k); lq (R, k); Q (R,)
-        dev = h.device.type
-        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else W.dtype
-        grad_h, grad_W = torch.empty_like(h), None
-        total = torch.zeros((), dtype=torch.float64, device=h.device)
-        sums = torch.zeros(len(ROW_STATS), dtype=torch.float64, device=h.device)
-        teacher = None if ids is None else (ids, lq, Q)
-        with torch.autocast(dev, enabled=False):
-            # the matmuls run in the autocast dtype, like autograd's h @ W.t() would, with the (V, C) head cast once
-            # per call (autocast would cast it again for every chunk and matmul: a pass over 78M weights each time)
-            hc, Wc = h.to(dt), W.to(dt)
-            for sl, st, G in kd_chunks(hc, Wc, targets, teacher, T, mode, chunk, w_ce, w_kd):
-                total += (w_ce[sl] * st["ce"] + w_kd[sl] * st["kl"]).sum()
-                sums += torch.stack([st[n].sum() for n in ROW_STATS]).double()
-                grad_h[sl] = G @ Wc  # (c, C)
-                gW = G.t() @ hc[sl]  # (V, C), accumulated in fp32
-                grad_W = gW.float() if grad_W is None else grad_W.add_(gW)
-        ctx.save_for_backward(grad_h, grad_W)
-        ctx.mark_non_differentiable(sums)
-        return total.float(), sums
-
-    @staticmethod
-    def backward(ctx, grad_total, _):
-        grad_h, grad_W = ctx.saved_tensors
-        # in place: a (V, C) fp32 gradient is 0.6 GB at Qwen3's vocabulary, and nothing else reads these
-        return grad_h.mul_(grad_total), grad_W.mul_(grad_total), *([None] * 9)
-
-
-# -----------------------------------------------------------------------------
 # Data: windows -> padded micro-batches with their trainable rows
 
 
@@ -381,7 +211,7 @@ class WindowBatches:
 
 
 def micro_step(model, batch, *, alpha, w_proof, temperature, t_index, kd_mode, n_norm, chunk, use_jumps=True,
-               use_proof=True, autocast=False):
+               use_proof=True, autocast=False, kd_impl="fused"):
     """Forward + loss of one micro-batch (the caller runs backward). Returns (loss, sums): loss is already divided
     by n_norm, the trainable rows of the whole optimizer step; sums (5,) float64 = ROW_STATS summed, then rows."""
     T = temperature
@@ -396,18 +226,12 @@ def micro_step(model, batch, *, alpha, w_proof, temperature, t_index, kd_mode, n
             m = m * batch["jump_w"].float()
         # m ((1 - alpha) CE + alpha T^2 KL), divided by the step's trainable rows (not by sum m: that cancels m)
         w_ce, w_kd = m * (1 - alpha) / n_norm, m * alpha * T * T / n_norm
-        ids = lq = Q = None  # no teacher: CE only (alpha is 0)
-        if "topk_ids" in batch:
-            lq, Q = teacher_q(batch["topk_logprobs"].float(), batch["lse"].float(), t_index, T)
-            ids = batch["topk_ids"]
+        teacher = None  # no teacher: CE only (alpha is 0)
+        if "topk_ids" in batch:  # (ids, log q_T on them, tail mass Q_T) per row
+            teacher = (batch["topk_ids"], *teacher_q(batch["topk_logprobs"].float(), batch["lse"].float(), t_index, T))
         W = unwrap(model).lm_head.weight  # (V, C)
-        loss, sums = ChunkedKDLoss.apply(hr, W, batch["targets"], w_ce, w_kd, ids, lq, Q, T, kd_mode, chunk)
+        loss, sums = kd_loss(hr, W, batch["targets"], w_ce, w_kd, teacher, T, kd_mode, chunk, kd_impl)
     return loss, torch.cat([sums, sums.new_tensor([len(hr)])])
-
-
-def unwrap(model):
-    m = getattr(model, "module", model)  # DDP
-    return getattr(m, "_orig_mod", m)  # torch.compile
 
 
 EVAL_GROUPS = ("jump", "reasoning", "response")  # the rows where TKD claims its gain, each with its own mean KL
@@ -420,7 +244,8 @@ def row_groups(batch):
 
 
 @torch.no_grad()
-def evaluate(model, batches, val, *, temperature, t_index, kd_mode, chunk, device, autocast, batch_size=2):
+def evaluate(model, batches, val, *, temperature, t_index, kd_mode, chunk, device, autocast, batch_size=2,
+             kd_impl="fused"):
     """Held-out windows: mean CE, KL to the teacher at T, top-1 agreement with the teacher, tail-mass gap, and the
     mean KL over each of the EVAL_GROUPS rows (kl_jump, kl_reasoning, kl_response; None where a group is empty,
     as kl_jump is when `batches` has no jump weights) with their row counts (rows_jump, ...)."""
@@ -437,7 +262,7 @@ def evaluate(model, batches, val, *, temperature, t_index, kd_mode, chunk, devic
             if "topk_ids" in b:
                 teacher = (b["topk_ids"], *teacher_q(b["topk_logprobs"].float(), b["lse"].float(), t_index,
                                                      temperature))
-            for sl, st, _ in kd_chunks(h, W, b["targets"], teacher, temperature, kd_mode, chunk):
+            for sl, st in kd_stats(h, W, b["targets"], teacher, temperature, kd_mode, chunk, kd_impl):
                 for n in ROW_STATS:
                     sums[n] += st[n].double().sum().item()
                 for g, mask in groups.items():
@@ -555,210 +380,7 @@ def configure_optimizer(model, lr, weight_decay):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints, the log and the student folder
-
-
-def non_finite(tensors):
-    """The names in {name: tensor} of the tensors holding a nan or an inf (one host sync for all of them)."""
-    if not tensors:
-        return []
-    dev = next(iter(tensors.values())).device
-    ok = torch.stack([torch.isfinite(t).all().to(dev) for t in tensors.values()]).tolist()
-    return [n for n, good in zip(tensors, ok) if not good]
-
-
-def save_checkpoint(folder, model, opt, state):
-    """Atomic: written into folder.tmp (state.json last), the previous checkpoint moved to folder.old, the new one
-    renamed into place, then folder.old removed: at any kill, one complete checkpoint exists (find_checkpoint).
-    A weight or optimizer tensor holding nan or inf is a ValueError and nothing is written: the checkpoint in
-    place stays the last finite one."""
-    from safetensors.torch import save_file
-    sd = {k: v.detach() for k, v in unwrap(model).state_dict().items()
-          if not (k == "lm_head.weight" and unwrap(model).config.tie_word_embeddings)}
-    moments = {f"optimizer {k} of {n}": v for n, p in unwrap(model).named_parameters() if p in opt.state
-               for k, v in opt.state[p].items() if torch.is_tensor(v)}
-    bad = non_finite({**sd, **moments})
-    if bad:
-        raise ValueError(f"{folder}: not saved at step {state['step']}: {bad[:3]}{' ...' if len(bad) > 3 else ''} "
-                         "hold nan or inf")
-    tmp = folder + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file({k: v.cpu().contiguous() for k, v in sd.items()}, os.path.join(tmp, "model.safetensors"))
-    torch.save(opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
-    torch.save(dict(torch=torch.get_rng_state()), os.path.join(tmp, "rng.pt"))
-    write_json(os.path.join(tmp, "state.json"), state)
-    old = folder + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.isdir(folder):
-        publish(folder, old)
-    publish(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def folder_manifest(out):
-    """out/manifest.json as a dict, or {} where there is none to read."""
-    try:
-        with open(os.path.join(out, "manifest.json")) as f:
-            m = json.load(f)
-        return m if isinstance(m, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def find_checkpoint(folder):
-    """The newest complete checkpoint among folder, folder.tmp (finished but not yet moved) and folder.old."""
-    best = None
-    for f in [folder, folder + ".tmp", folder + ".old"]:
-        path = os.path.join(f, "state.json")
-        if os.path.isfile(path):
-            with open(path) as fh:
-                step = json.load(fh)["step"]
-            best = max(best or (step, f), (step, f))
-    return best[1] if best else None
-
-
-def load_checkpoint(folder, model, opt, fingerprint):
-    from safetensors.torch import load_file
-    with open(os.path.join(folder, "state.json")) as f:
-        state = json.load(f)
-    if state["fingerprint"] != fingerprint:
-        raise ValueError(f"{folder}: checkpoint of a run with other inputs or settings; remove it or drop --resume")
-    sd = load_file(os.path.join(folder, "model.safetensors"), device=str(next(model.parameters()).device))
-    unwrap(model).load_state_dict(sd, strict=not unwrap(model).config.tie_word_embeddings)
-    opt.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True,
-                                   map_location=next(model.parameters()).device))
-    torch.set_rng_state(torch.load(os.path.join(folder, "rng.pt"), weights_only=True)["torch"])
-    return state
-
-
-class RunLog:
-    """train_log.jsonl, written by rank 0: one JSON line per optimizer step and one per evaluation.
-
-    Resuming from the checkpoint of step S keeps the lines up to step S and drops any later ones (they were
-    written after that checkpoint and are about to be written again), so the log never repeats a step."""
-
-    def __init__(self, path, start, enabled=True):
-        self.f, self.path = None, path
-        if not enabled:
-            return
-        kept = []
-        if start and os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        e = json.loads(line)
-                    except json.JSONDecodeError:  # a line cut short by a kill
-                        continue
-                    if e.get("step", e.get("eval_step", 0)) <= start:
-                        kept.append(line if line.endswith("\n") else line + "\n")
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        publish(path + ".tmp", path)
-        self.f = open(path, "a", encoding="utf-8")
-
-    def record(self, entry):
-        if self.f:
-            self.f.write(json.dumps(entry) + "\n")
-            self.f.flush()
-
-    def close(self):
-        if self.f:
-            self.f.close()
-
-
-def save_student(out, model, cache, save_dtype):
-    """The final student in Hugging Face layout, with the cache's tokenizer files and end tokens and the DualMind chat
-    template (the tokenizer first: save_pretrained writes config.json last, so a folder with config.json is whole)."""
-    m = unwrap(model)
-    bad = non_finite(dict(m.named_parameters()))
-    if bad:  # the NaN guard stops a run before this; the student folder never holds a nan or an inf
-        raise ValueError(f"{out}: the student is not saved: {bad[:3]} hold nan or inf")
-    shutil.copyfile(cache.tokenizer_path, os.path.join(out, "tokenizer.json.tmp"))
-    publish(os.path.join(out, "tokenizer.json.tmp"), os.path.join(out, "tokenizer.json"))
-    # the cache's tokenizer_config.json (the teacher's), with the DualMind prompt as its chat template
-    src = os.path.join(cache.folder, "tokenizer_config.json")
-    if os.path.isfile(src):
-        with open(src, encoding="utf-8") as f:
-            cfg = json.load(f)
-    else:  # a cache written without one: the least AutoTokenizer needs
-        cfg = dict(tokenizer_class="PreTrainedTokenizerFast", eos_token=end_tokens(cache.tokenizer_path)[0][0])
-    write_json(os.path.join(out, "tokenizer_config.json"), dict(cfg, chat_template=chat_template()))
-    if not m.generation_config:  # a student from scratch: stop at the cache's end tokens
-        ends = dict(end_tokens(cache.tokenizer_path))
-        m.generation_config = dict(eos_token_id=sorted(ends.values()),
-                                   pad_token_id=ends.get("<|endoftext|>", min(ends.values())))
-    m.save_pretrained(out, dtype=getattr(torch, save_dtype))  # the fp32 master weights, cast tensor by tensor
-
-
-def read_student(folder):
-    """The manifest of a complete student folder (what demo.sh and ablate.py read): args, steps, tokens,
-    first_eval and last_eval (dicts of ce, kl, top1, tail_gap on the held-out windows)."""
-    return read_manifest(folder, "student")
-
-
-# -----------------------------------------------------------------------------
 # The run's picture: report.html beside train_log.jsonl, redrawn at every evaluation
-
-REPORT_CHARTS = (  # (log key, title, log-scale y): one chart each, against the optimizer step
-    ("ce", "CE (nats, T=1)", True), ("kl", "KL to the teacher (T=2, top-k + tail)", True),
-    ("loss", "training objective", True), ("top1", "top-1 agreement with the teacher", False),
-    ("lr", "learning rate", False), ("alpha", "KD weight alpha", False), ("proof_weight", "proof weight", False))
-EVAL_COLUMNS = ("ce", "kl", "top1", "tail_gap", "kl_jump", "kl_reasoning", "kl_response")
-
-
-def read_log(path):
-    """train_log.jsonl -> (step lines, evaluation lines), lists of dicts; a line cut short by a kill is skipped."""
-    steps, evals = [], []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                e = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            (evals if "eval_step" in e else steps).append(e)
-    return steps, evals
-
-
-def render_report(steps, evals, total, title, facts, max_points=1500):
-    """The page of one training run: each of REPORT_CHARTS against the step (the per-step line, the held-out
-    evaluations as dots), curriculum phase boundaries and evaluations marked, and the evaluations as a table.
-    steps / evals: train_log.jsonl's lines; facts: (name, value) pairs shown at the top. Returns HTML."""
-    thin = steps[::max(1, -(-len(steps) // max_points))] + steps[-1:]  # at most ~max_points per line
-    bounds = [s for s in range(1, total) if step_phase(s, total) != step_phase(s - 1, total)]
-    vlines = [(e["eval_step"], "#94a3b8", f"evaluation at step {e['eval_step']}", "2 3") for e in evals]
-    vlines += [(b, "#ea580c", f"curriculum phase {step_phase(b, total)} starts after step {b}", "6 3")
-               for b in bounds]  # drawn over the evaluations' lines where both fall on one step
-    figs = []
-    for key, name, log in REPORT_CHARTS:
-        series = []
-        pts = [(e["step"], e.get(key)) for e in thin if e.get(key) is not None]
-        if pts:
-            series.append(dict(x=[p[0] for p in pts], y=[p[1] for p in pts], kind="line", color="#2563eb",
-                               label="training step"))
-        ev = [(e["eval_step"], e.get(key)) for e in evals if e.get(key) is not None]
-        if ev:
-            series.append(dict(x=[p[0] for p in ev], y=[p[1] for p in ev], kind="dots", color="#dc2626",
-                               label="held-out", tips=[f"step {x}: {fmt_num(y)}" for x, y in ev]))
-        if not series:  # e.g. no teacher: no KL, no agreement
-            continue
-        last = f"{fmt_num(pts[-1][1])} at step {pts[-1][0]}" if pts else ""
-        figs.append(f'<figure data-metric="{key}"><figcaption>{html.escape(name)}'
-                    f'<span class="note"> {last}</span></figcaption>'
-                    f'{svg_chart(series, log=log, vlines=vlines, xlabel="optimizer step", width=530)}</figure>')
-    cols = [c for c in EVAL_COLUMNS if any(e.get(c) is not None for e in evals)]
-    rows = "".join(f"<tr><td>{e['eval_step']}</td>" + "".join(
-        f"<td>{'' if e.get(c) is None else f'{e[c]:.4f}'}</td>" for c in cols) + "</tr>" for e in evals)
-    done = steps[-1]["step"] if steps else 0
-    head = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in facts)
-    body = (f'<p class="note">{done} of {total} optimizer steps. Orange dashed lines: curriculum phase '
-            f'boundaries; grey dotted lines: held-out evaluations (red dots). Hover a dot or a line for its value.</p>'
-            f'<table class="facts">{head}</table>'
-            f'<div class="grid">{"".join(figs)}</div>'
-            f'<h2>Held-out evaluations</h2><table class="evals"><tr><th>step</th>'
-            + "".join(f"<th>{c}</th>" for c in cols) + f"</tr>{rows}</table>")
-    return html_page(title, body)
-
 
 def write_report(run):
     """report.html beside train_log.jsonl, from the log as it stands (atomic: a browser never sees half a page)."""
@@ -769,7 +391,7 @@ def write_report(run):
              ("windows", a.windows or "fixed 512-token windows"), ("KL", f"{a.kd_mode}, T = {a.temperature}"),
              ("ablations", ", ".join("--" + f for f in flags) or "none (full TKD)"),
              ("seed", f"{a.seed} (held-out split {a.seed if a.split_seed is None else a.split_seed})")]
-    page = render_report(steps, evals, run.total, f"Training run {a.out}", facts)
+    page = training_page(steps, evals, run.total, f"Training run {a.out}", facts, step_phase)
     with atomic_write(os.path.join(a.out, "report.html")) as f:
         f.write(page)
 
@@ -797,7 +419,8 @@ def run_eval(run, model, step):
             write_report(run)
         return None
     ev = evaluate(model, run.batches, run.val, temperature=a.temperature, t_index=run.t_index, kd_mode=a.kd_mode,
-                  chunk=a.loss_chunk, device=run.device, autocast=run.autocast, batch_size=a.batch_size)
+                  chunk=a.loss_chunk, device=run.device, autocast=run.autocast, batch_size=a.batch_size,
+                  kd_impl=a.kd_impl)
     has_teacher = run.batches.cache.has_teacher
     if not has_teacher:
         ev = dict(ce=ev["ce"])
@@ -829,7 +452,8 @@ def accumulate(run, train_model, micro, n_norm, alpha, w_proof, world):
         with (train_model.no_sync() if not sync else contextlib.nullcontext()):
             loss, s = micro_step(train_model, batch, alpha=alpha, w_proof=w_proof, temperature=a.temperature,
                                  t_index=run.t_index, kd_mode=a.kd_mode, n_norm=n_norm, chunk=a.loss_chunk,
-                                 use_jumps=not a.no_jumps, use_proof=not a.no_proof_weight, autocast=run.autocast)
+                                 use_jumps=not a.no_jumps, use_proof=not a.no_proof_weight, autocast=run.autocast,
+                                 kd_impl=a.kd_impl)
             (loss * world).backward()  # DDP averages over processes; the loss is already a share of the sum
         for n, v in zip(ROW_STATS + ("rows",), s.tolist()):
             sums[n] += v
@@ -874,8 +498,8 @@ def guarded_update(model, opt, grad_clip, losses, describe, step, ckpt_dir, chec
     return gnorm
 
 
-def main(args):
-    # --- 1. the flags, processes, device and the run's size ---------------------------------------------------
+def check_args(args):
+    """Flag values a run cannot start with: a ValueError naming the flag and the value."""
     check_ranges(args, kd_alpha="[0, 1]", temperature="(0, inf)", lr="(0, 1]", min_lr="[0, 1]", warmup="[0, inf)",
                  weight_decay="[0, inf)", grad_clip="(0, inf]", batch_size="[1, inf)", grad_accum="[1, inf)",
                  epochs="(0, inf)", max_steps="[0, inf)", val_fraction="[0, 1)", eval_windows="[0, inf)",
@@ -887,6 +511,150 @@ def main(args):
         raise ValueError(f"--min_lr {args.min_lr}: above --lr {args.lr} (the cosine goes down to it)")
     if not all(0 < w < math.inf for w in args.proof_weight):
         raise ValueError(f"--proof_weight {args.proof_weight}: both must be positive and finite")
+    parse_pools(args.pools)  # a ValueError for a bad --pools, before any work
+    if not 0 <= args.alpha_start < args.alpha_full <= 1:
+        raise ValueError(f"--alpha_start {args.alpha_start} and --alpha_full {args.alpha_full}: need 0 <= start < full "
+                         "<= 1 (fractions of training)")
+
+
+def plan_curriculum(args, cache, windows, difficulty, step_batch):
+    """The held-out split and the whole run's draws, fixed at the start by the seed.
+    Returns (held-out windows, nested pools per phase, steps, schedule (steps, step_batch), alpha per step)."""
+    split_seed = args.seed if args.split_seed is None else args.split_seed
+    is_train = split_docs(cache.n_docs, args.val_fraction, split_seed)[windows[:, 0]]  # (W,) by document
+    train_w, val_w = np.flatnonzero(is_train), np.flatnonzero(~is_train)[:args.eval_windows]
+    if len(train_w) == 0:
+        raise ValueError(f"no training windows (all {len(windows)} held out: lower --val_fraction)")
+    # phase p draws from the easiest pool_fractions[p] of the training windows (nested pools, ranked over the
+    # training windows only: the held-out ones would shift the fractions), or from all of them
+    pool_fractions = parse_pools(args.pools)
+    n_phases = len(pool_fractions)
+    if difficulty is None or args.no_curriculum:
+        pools = [train_w] * n_phases
+    else:
+        first = pool_phases(difficulty[train_w], pool_fractions)  # (len(train_w),) first pool of each window
+        pools = [train_w[first <= p] for p in range(n_phases)]
+    total = args.max_steps or math.ceil(args.epochs * len(train_w) / step_batch)
+    schedule = draw_schedule(pools, total, step_batch, args.seed)  # (total, step_batch) window indices
+    alphas = np.array([kd_alpha(s, total, args.kd_alpha, args.alpha_start, args.alpha_full) for s in range(total)])
+    return val_w, pools, total, schedule, alphas
+
+
+def run_fingerprint(args, upstream, step_batch, default_impl):
+    """What the run's result depends on: not how a step's windows are cut into micro-batches (step_batch is the
+    step), so a run stopped by an out-of-memory error resumes with a smaller --batch_size, a larger --grad_accum."""
+    settings = {k: v for k, v in vars(args).items() if k not in ("resume", "log_every", "eval_every", "ckpt_every",
+                                                                  "device", "compile", "out", "force", "peak_flops",
+                                                                  "batch_size", "grad_accum")}
+    if args.split_seed is None:  # the split follows --seed, as before --split_seed existed: older runs still resume
+        del settings["split_seed"]
+    if args.kd_impl == default_impl:  # likewise for runs made before --kd_impl
+        del settings["kd_impl"]
+    run_id = lambda s: sha256_json(dict(settings=s, upstream=upstream, world_batch=step_batch))
+    made = folder_manifest(args.out)  # a folder made before the split left the fingerprint: the same run, if its
+    then = made.get("args") or {}     # fingerprint is the old one, computed with the split it was made with
+    legacy = run_id(dict(settings, batch_size=then.get("batch_size"), grad_accum=then.get("grad_accum")))
+    return legacy if made.get("fingerprint") == legacy else run_id(settings)
+
+
+def open_run(args, model, opt, fingerprint, total, rank, world):
+    """The output folder (refused if another run's) and the checkpoint to resume from.
+    Returns (start step, the first evaluation kept in the checkpoint), or None when the student is already there."""
+    state = prepare_out(args.out, "student", fingerprint, args.force, rank, world)
+    if state == "done":
+        if rank == 0:
+            print(f"{args.out}: a complete student of the same run is already there; nothing to do")
+        return None
+    if rank == 0 and state == "fresh":
+        write_json(os.path.join(args.out, "manifest.json"), dict(phase="student", version=FORMAT_VERSION,
+                   fingerprint=fingerprint, args=vars(args), complete=False))
+    found = find_checkpoint(os.path.join(args.out, "ckpt"))
+    if found and not args.resume:
+        raise ValueError(f"{found}: a checkpoint is there; pass --resume to continue it or remove it")
+    if not found:
+        if args.resume and rank == 0:
+            print(f"--resume: no checkpoint in {args.out}, starting from step 0")
+        return 0, None
+    st = load_checkpoint(found, model, opt, fingerprint)
+    if rank == 0:
+        print(f"resuming from {found} at step {st['step']}/{total}")
+    return st["step"], st.get("first_eval")
+
+
+def step_micro_batches(batches, ws, args, rank, accum):
+    """This process's micro-batches of one step's windows ws (step_batch,), and the step's trainable rows. Windows of
+    similar length share a micro-batch, cut where the fewest tokens are padding (split_micro)."""
+    lengths = batches.lengths(ws)
+    order = np.argsort(lengths, kind="stable")
+    ws, cuts = ws[order], split_micro(lengths[order], args.grad_accum, args.batch_size)
+    micro = [ws[a:b] for a, b in zip(cuts[:-1], cuts[1:])][rank * accum:(rank + 1) * accum]
+    return micro, max(batches.count(ws), 1)  # the rows: the same on every process
+
+
+def wrap_model(model, compile, ddp, device):
+    """What the step calls: the model, compiled with --compile, inside DDP under torchrun."""
+    train_model = torch.compile(model) if compile else model
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    return train_model
+
+
+def summary_line(args, steps, step_batch, tokens, seconds, first_eval, last_eval):
+    held = ""
+    if first_eval and last_eval:
+        held = "; held-out " + ", ".join(f"{k.upper()} {first_eval[k]:.4f} -> {last_eval[k]:.4f}"
+                                         for k in ["kl", "ce"] if k in last_eval)
+    return f"train: {steps} steps of {step_batch} windows, {tokens:,} tokens, {seconds:.0f}s{held} -> {args.out}"
+
+
+def mfu_peak(args, model, windows, device, autocast, master):
+    """The MFU denominator (peak_flops), printed with where it comes from and the model's FLOPs per token."""
+    peak, peak_source = peak_flops(device, torch.bfloat16 if autocast else torch.float32, args.peak_flops)
+    if master:
+        mean_len = int(np.mean(windows[:, 3] - windows[:, 1]))
+        print(f"MFU against a peak of {peak / 1e12:.3g} TFLOP/s ({peak_source}); the model takes "
+              f"{model.config.flops_per_token(mean_len) / 1e6:,.1f} MFLOP per trained token at the mean window "
+              f"length {mean_len} (Qwen3Config.flops_per_token)", flush=True)
+    return peak
+
+
+def log_step(run, entry, start, t_start):
+    """One log line per step; a printed line every --log_every steps (and the first and last)."""
+    run.log.record(entry)
+    step, total = entry["step"], entry["total"]
+    if run.master and (step % run.args.log_every == 0 or step == total or step - 1 == start):
+        eta = (total - step) * (time.time() - t_start) / (step - start)
+        print(f"step {step}/{total} | phase {entry['phase']} | ce {entry['ce']:.4f} | kl {entry['kl']:.4f} | "
+              f"loss {entry['loss']:.4f} | alpha {entry['alpha']:.3f} | w_proof {entry['proof_weight']:.3f} | "
+              f"lr {entry['lr']:.2e} | gnorm {entry['grad_norm']:.3f} | {entry['tok_s']:,.0f} tok/s | "
+              f"MFU {entry['mfu']:.1%} | ETA {fmt_time(eta)}", flush=True)
+
+
+def finish(run, model, fingerprint, upstream, pools, schedule, alphas, tokens_done, first_eval, last_eval):
+    """The student folder, draws.npy, the complete manifest; the checkpoint is removed (the student supersedes it)."""
+    args = run.args
+    save_student(args.out, model, run.batches.cache, args.save_dtype)
+    run.log.close()
+    # the curriculum as drawn: draws.npy, how often each window was drawn, and per difficulty band a summary
+    save_npy(os.path.join(args.out, "draws.npy"),
+             np.bincount(schedule.ravel(), minlength=len(run.batches.windows)).astype(np.int32))
+    bands = [np.setdiff1d(pools[p], pools[p - 1] if p else []) for p in range(len(pools))]
+    curriculum = dict(pools=list(parse_pools(args.pools)), pool_windows=[len(p) for p in pools], ranked_over="training "
+                      "windows", bands=draws_summary(schedule, bands, alphas))
+    write_json(os.path.join(args.out, "manifest.json"), dict(
+        phase="student", version=FORMAT_VERSION, fingerprint=fingerprint, args=vars(args),
+        upstream=upstream, steps=run.total, tokens=tokens_done, first_eval=first_eval,
+        last_eval=last_eval, curriculum=curriculum, complete=True))
+    ckpt_dir = os.path.join(args.out, "ckpt")
+    for f in [ckpt_dir, ckpt_dir + ".tmp", ckpt_dir + ".old"]:
+        shutil.rmtree(f, ignore_errors=True)
+
+
+def main(args):
+    # --- 1. the flags, processes, device and the run's size ---------------------------------------------------
+    check_args(args)
+    default_impl, args.kd_impl = check_impl(args.kd_mode, None), check_impl(args.kd_mode, args.kd_impl)
     check_device(args.device)  # before any folder: cuda on a machine without it is one line, not a traceback
     rank, world, args.device = init_distributed(args.device)
     ddp, master = world > 1, rank == 0
@@ -898,80 +666,26 @@ def main(args):
     step_batch = args.batch_size * args.grad_accum  # windows per optimizer step, all processes together
 
     # --- 2. inputs, the held-out split and the curriculum schedule ---------------------------------------------
-    pool_fractions = parse_pools(args.pools)
-    if not 0 <= args.alpha_start < args.alpha_full <= 1:
-        raise ValueError(f"--alpha_start {args.alpha_start} and --alpha_full {args.alpha_full}: need 0 <= start < full "
-                         "<= 1 (fractions of training)")
     cache, weight, windows, difficulty, upstream = load_inputs(args)
     t_index = cache.temperature_index(args.temperature) if cache.has_teacher else 0
     batches = WindowBatches(cache, windows, None if weight is None else np.asarray(weight))
-    split_seed = args.seed if args.split_seed is None else args.split_seed
-    is_train = split_docs(cache.n_docs, args.val_fraction, split_seed)[windows[:, 0]]  # (W,) by document
-    train_w, val_w = np.flatnonzero(is_train), np.flatnonzero(~is_train)[:args.eval_windows]
-    if len(train_w) == 0:
-        raise ValueError(f"no training windows (all {len(windows)} held out: lower --val_fraction)")
-    # phase p draws from the easiest pool_fractions[p] of the training windows (nested pools, ranked over the
-    # training windows only: the held-out ones would shift the fractions), or from all of them
-    n_phases = len(pool_fractions)
-    if difficulty is None or args.no_curriculum:
-        pools = [train_w] * n_phases
-    else:
-        first = pool_phases(difficulty[train_w], pool_fractions)  # (len(train_w),) first pool of each window
-        pools = [train_w[first <= p] for p in range(n_phases)]
-    total = args.max_steps or math.ceil(args.epochs * len(train_w) / step_batch)
-    schedule = draw_schedule(pools, total, step_batch, args.seed)  # (total, step_batch) window indices
-    alphas = np.array([kd_alpha(s, total, args.kd_alpha, args.alpha_start, args.alpha_full) for s in range(total)])
+    val_w, pools, total, schedule, alphas = plan_curriculum(args, cache, windows, difficulty, step_batch)
 
     # --- 3. the student, its optimizer, the output folder, resume -----------------------------------------------
     model = build_student(args, cache, device)
     model.gradient_checkpointing = args.grad_ckpt
     opt = configure_optimizer(model, args.lr, args.weight_decay)
-    # what the run's result depends on: not how a step's windows are cut into micro-batches (world_batch below is
-    # the step), so a run stopped by an out-of-memory error resumes with a smaller --batch_size, a larger --grad_accum
-    settings = {k: v for k, v in vars(args).items() if k not in ("resume", "log_every", "eval_every", "ckpt_every",
-                                                                  "device", "compile", "out", "force", "peak_flops",
-                                                                  "batch_size", "grad_accum")}
-    if args.split_seed is None:  # the split follows --seed, as before --split_seed existed: older runs still resume
-        del settings["split_seed"]
-    run_id = lambda s: sha256_json(dict(settings=s, upstream=upstream, world_batch=step_batch))
-    fingerprint = run_id(settings)
-    made = folder_manifest(args.out)  # a folder made before the split left the fingerprint: the same run, if its
-    then = made.get("args") or {}     # fingerprint is the old one, computed with the split it was made with
-    legacy = run_id(dict(settings, batch_size=then.get("batch_size"), grad_accum=then.get("grad_accum")))
-    if made.get("fingerprint") == legacy:
-        fingerprint = legacy
-    state = prepare_out(args.out, "student", fingerprint, args.force, rank, world)
-    if state == "done":
-        if master:
-            print(f"{args.out}: a complete student of the same run is already there; nothing to do")
+    fingerprint = run_fingerprint(args, upstream, step_batch, default_impl)
+    opened = open_run(args, model, opt, fingerprint, total, rank, world)
+    if opened is None:
         return
-    if master and state == "fresh":
-        write_json(os.path.join(args.out, "manifest.json"), dict(phase="student", version=FORMAT_VERSION,
-                   fingerprint=fingerprint, args=vars(args), complete=False))
-    ckpt_dir = os.path.join(args.out, "ckpt")
-    found, start, first_eval = find_checkpoint(ckpt_dir), 0, None
-    if found and not args.resume:
-        raise ValueError(f"{found}: a checkpoint is there; pass --resume to continue it or remove it")
-    if found:
-        st = load_checkpoint(found, model, opt, fingerprint)
-        start, first_eval = st["step"], st.get("first_eval")
-        if master:
-            print(f"resuming from {found} at step {start}/{total}")
-    elif args.resume and master:
-        print(f"--resume: no checkpoint in {args.out}, starting from step 0")
-    train_model = torch.compile(model) if args.compile else model
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    start, first_eval = opened
+    train_model = wrap_model(model, args.compile, ddp, device)
     autocast = args.dtype == "bfloat16"
     log = RunLog(os.path.join(args.out, "train_log.jsonl"), start, enabled=master)
-    peak, peak_source = peak_flops(device, torch.bfloat16 if autocast else torch.float32, args.peak_flops)
-    if master:
-        mean_len = int(np.mean(windows[:, 3] - windows[:, 1]))
-        print(f"MFU against a peak of {peak / 1e12:.3g} TFLOP/s ({peak_source}); the model takes "
-              f"{model.config.flops_per_token(mean_len) / 1e6:,.1f} MFLOP per trained token at the mean window "
-              f"length {mean_len} (Qwen3Config.flops_per_token)", flush=True)
+    peak = mfu_peak(args, model, windows, device, autocast, master)
     run = Run(batches, val_w, args, t_index, device, autocast, log, master, total)
+    ckpt_dir = os.path.join(args.out, "ckpt")
     checkpoint = lambda step: save_checkpoint(ckpt_dir, model, opt, dict(step=step, fingerprint=fingerprint,
                                                                          total=total, first_eval=first_eval))
 
@@ -988,34 +702,21 @@ def main(args):
         lr = learning_rate(step, total, args.lr, args.min_lr, args.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
-        # this step's windows, split into micro-batches; this process takes its share of them
-        ws = schedule[step]  # (step_batch,)
-        # windows of similar length share a micro-batch, cut where the fewest tokens are padding (split_micro)
-        lengths = batches.lengths(ws)
-        order = np.argsort(lengths, kind="stable")
-        ws, cuts = ws[order], split_micro(lengths[order], args.grad_accum, args.batch_size)
-        micro = [ws[a:b] for a, b in zip(cuts[:-1], cuts[1:])][rank * accum:(rank + 1) * accum]
-        n_norm = max(batches.count(ws), 1)  # trainable rows of the whole step, the same on every process
+        # this step's windows, cut into micro-batches; this process forwards and backwards its share of them
+        micro, n_norm = step_micro_batches(batches, schedule[step], args, rank, accum)
         sums, flops = accumulate(run, train_model, micro, n_norm, alpha, w_proof, world)
         n = max(sums["rows"], 1)
         ce, kl = sums["ce"] / n, sums["kl"] / n  # per trainable row
+        # clip and AdamW, behind the NaN guard
         gnorm = guarded_update(model, opt, args.grad_clip, (ce, kl, sums["objective"]), lambda g: (
             f"at step {step + 1}/{total}: ce {ce:.6g}, kl {kl:.6g}, loss {sums['objective']:.6g}, grad norm {g:.6g} "
             f"(alpha {alpha:.3f}, lr {lr:.3g})"), step, ckpt_dir, checkpoint if master else None)
-        # one log line per step; a printed line every --log_every steps
         tokens_done += int(sums["tokens"])
-        rate = tokens_done / max(time.time() - t_start, 1e-9)
         dt = time.time() - t0
-        entry = dict(step=step + 1, total=total, phase=step_phase(step, total, n_phases), ce=ce, kl=kl,
-                     top1=sums["agree"] / n if cache.has_teacher else None, loss=sums["objective"], alpha=alpha,
-                     proof_weight=w_proof, lr=lr, grad_norm=gnorm, tok_s=rate, mfu=flops / dt / peak, rows=int(n),
-                     dt=dt)
-        log.record(entry)
-        if master and ((step + 1) % args.log_every == 0 or step + 1 == total or step == start):
-            eta = (total - step - 1) * (time.time() - t_start) / (step + 1 - start)
-            print(f"step {step + 1}/{total} | phase {entry['phase']} | ce {ce:.4f} | kl {kl:.4f} | "
-                  f"loss {entry['loss']:.4f} | alpha {alpha:.3f} | w_proof {w_proof:.3f} | lr {lr:.2e} | "
-                  f"gnorm {gnorm:.3f} | {rate:,.0f} tok/s | MFU {entry['mfu']:.1%} | ETA {fmt_time(eta)}", flush=True)
+        log_step(run, dict(step=step + 1, total=total, phase=step_phase(step, total, len(pools)), ce=ce, kl=kl,
+                           top1=sums["agree"] / n if cache.has_teacher else None, loss=sums["objective"], alpha=alpha,
+                           proof_weight=w_proof, lr=lr, grad_norm=gnorm, tok_s=tokens_done / max(time.time() - t_start,
+                           1e-9), mfu=flops / dt / peak, rows=int(n), dt=dt), start, t_start)
         # evaluation, then the checkpoint (so a resume from it keeps the evaluation of its step)
         if args.eval_every > 0 and (step + 1) % args.eval_every == 0 and step + 1 < total:
             run_eval(run, model, step + 1)
@@ -1025,26 +726,8 @@ def main(args):
     # --- 5. the student folder and the summary -----------------------------------------------------------------
     last_eval = run_eval(run, model, total)
     if master:
-        save_student(args.out, model, cache, args.save_dtype)
-        log.close()
-        # the curriculum as drawn: draws.npy, how often each window was drawn, and per difficulty band a summary
-        save_npy(os.path.join(args.out, "draws.npy"),
-                 np.bincount(schedule.ravel(), minlength=len(windows)).astype(np.int32))
-        bands = [np.setdiff1d(pools[p], pools[p - 1] if p else []) for p in range(n_phases)]
-        curriculum = dict(pools=list(pool_fractions), pool_windows=[len(p) for p in pools], ranked_over="training "
-                          "windows", bands=draws_summary(schedule, bands, alphas))
-        write_json(os.path.join(args.out, "manifest.json"), dict(
-            phase="student", version=FORMAT_VERSION, fingerprint=fingerprint, args=vars(args),
-            upstream=upstream, steps=total, tokens=tokens_done, first_eval=first_eval,
-            last_eval=last_eval, curriculum=curriculum, complete=True))
-        for f in [ckpt_dir, ckpt_dir + ".tmp", ckpt_dir + ".old"]:  # the run is complete: the student supersedes it
-            shutil.rmtree(f, ignore_errors=True)
-        held = ""
-        if first_eval and last_eval:
-            held = "; held-out " + ", ".join(f"{k.upper()} {first_eval[k]:.4f} -> {last_eval[k]:.4f}"
-                                             for k in ["kl", "ce"] if k in last_eval)
-        print(f"train: {total - start} steps of {step_batch} windows, {tokens_done:,} tokens, "
-              f"{time.time() - t_start:.0f}s{held} -> {args.out}")
+        finish(run, model, fingerprint, upstream, pools, schedule, alphas, tokens_done, first_eval, last_eval)
+        print(summary_line(args, total - start, step_batch, tokens_done, time.time() - t_start, first_eval, last_eval))
     if ddp:
         del train_model  # the DDP wrapper holds the process group (see close_distributed)
         close_distributed()
@@ -1056,7 +739,8 @@ def get_parser():
     p.add_argument("--config", default=None, help="config.json of a student trained from scratch")
     p.add_argument("--cache", default="out/cache", help="cache_teacher.py folder")
     p.add_argument("--topology", default=None, help="topology.py folder (jump weights)")
-    p.add_argument("--windows", default=None, help="windows.py folder (default: fixed 512-token windows, no curriculum)")
+    p.add_argument("--windows", default=None, help="windows.py folder (default: fixed 512-token windows, "
+                   "no curriculum)")
     p.add_argument("--out", default="out/student", help="output folder")
     # the model card's numbers
     p.add_argument("--kd_alpha", type=float, default=0.45, help="KD weight reached at --alpha_full (card: 0.45)")
@@ -1084,8 +768,11 @@ def get_parser():
     p.add_argument("--epochs", type=float, default=1.0, help="sets the steps: epochs x training windows draws (the "
                    "curriculum draws easy windows more often than hard ones; see draws.npy)")
     p.add_argument("--max_steps", type=int, default=0, help="optimizer steps (0: from --epochs)")
-    p.add_argument("--kd_mode", choices=["tail", "renorm"], default="tail", help="KL over top-k + tail bucket, or "
-                   "over the renormalised top-k (ablation)")
+    p.add_argument("--kd_mode", choices=list(DIVERGENCES), default="tail", help="the divergence, from kd.DIVERGENCES: "
+                   + "; ".join(f"{k}: {doc_line(f)}" for k, f in DIVERGENCES.items()))
+    p.add_argument("--kd_impl", choices=["fused", "plain"], default=None, help="the loss's implementation (kd.py): "
+                   "fused (fast, the gradient in closed form) or plain (autograd); default: fused where the mode "
+                   "has it")
     p.add_argument("--no_jumps", action="store_true", help="ablation: no 1.25x after topology jumps")
     p.add_argument("--no_proof_weight", action="store_true", help="ablation: explore/examine weighted 1.0")
     p.add_argument("--no_curriculum", action="store_true", help="ablation: every phase draws from all windows")

@@ -39,7 +39,8 @@ import topology
 from cache_teacher import TeacherCache
 from common import (FORMAT_VERSION, check_ranges, check_upstream, prepare_out, read_manifest, save_npy, sha256_json,
                     write_json)
-from topology import BLOCK, doc_last_rows, render_html, span_channels
+from pages import topology_page
+from topology import BLOCK, doc_last_rows, span_channels
 
 POOLS = (0.30, 0.55, 0.80, 1.00)  # the card's curriculum: phase p draws from the easiest POOLS[p] of the windows
 
@@ -100,7 +101,7 @@ def fixed_windows(cache, window=512, stride=512):
     """Fixed-stride windows of every document of a cache: (W, 4) stream rows (doc, start, loss_start, end)."""
     rows = [(d, a + s, a + l, a + e) for d in range(cache.n_docs) for a, b in [cache.doc_range(d)]
             for s, l, e in fixed_document(b - a, window, stride)]
-    return np.array(rows, dtype=np.int64).reshape(-1, 4)
+    return np.array(rows, dtype=np.int64).reshape(-1, 4)  # (W, 4), also when W = 0
 
 
 def window_difficulty(delta, jump, valid, disc, windows, block=BLOCK):
@@ -187,7 +188,7 @@ def main(args):
             wins, f = cut_document(smooth3(disc), jump, args.window, args.min_cut, (args.overlap_min, args.overlap_max))
             forced += f
             rows += [(d, a + s, a + l, a + e) for s, l, e in wins]
-        windows = np.array(rows, dtype=np.int64).reshape(-1, 4)
+        windows = np.array(rows, dtype=np.int64).reshape(-1, 4)  # (W, 4)
     if topo is not None:
         valid = ~doc_last_rows(cache.doc_offsets, 0, len(cache))
         difficulty = window_difficulty(np.asarray(topo.arrays["delta"]), np.asarray(topo.arrays["jump"]), valid,
@@ -197,12 +198,12 @@ def main(args):
         difficulty, phase = np.zeros(len(windows), np.float32), np.zeros(len(windows), np.uint8)
     for name, arr in dict(windows=windows, difficulty=difficulty, phase=phase).items():
         save_npy(os.path.join(args.out, name + ".npy"), arr)
-    lengths = windows[:, 3] - windows[:, 1]
-    overlaps = windows[:, 2] - windows[:, 1]
-    if topo is not None:
+    lengths = windows[:, 3] - windows[:, 1]  # (W,) tokens fed to the student
+    overlaps = windows[:, 2] - windows[:, 1]  # (W,) context-only tokens before the first trained row
+    if topo is not None:  # the topology picture, with the window cuts drawn into the tokens
         cuts = [(int(w[2]), f"window {i}: loss starts") for i, w in enumerate(windows) if w[2] > w[1]]
         cuts += [(int(w[1]), f"window {i}: context starts") for i, w in enumerate(windows)]
-        render_html(os.path.join(args.out, "report.html"), cache, topo.arrays, topo.report, cuts=sorted(cuts))
+        topology_page(os.path.join(args.out, "report.html"), cache, topo.arrays, topo.report, cuts=sorted(cuts))
     counts = dict(windows=len(windows), documents=cache.n_docs, forced_cuts=forced,
                   mean_length=float(lengths.mean()), max_length=int(lengths.max()),
                   overlap_min=int(overlaps[overlaps > 0].min()) if (overlaps > 0).any() else 0,
@@ -224,7 +225,8 @@ def get_parser():
     p.add_argument("--out", default="out/windows", help="output folder")
     p.add_argument("--window", type=int, default=512, help="longest window in tokens (card: 512)")
     p.add_argument("--min_cut", type=int, default=384, help="shortest window before a topology cut, tokens")
-    p.add_argument("--overlap_min", type=int, default=32, help="least context overlap with the previous window (card: 32)")
+    p.add_argument("--overlap_min", type=int, default=32, help="least context overlap with the previous window, "
+                   "tokens (card: 32)")
     p.add_argument("--overlap_max", type=int, default=128, help="most context overlap (card: 128)")
     p.add_argument("--pools", default=",".join(f"{f:.2f}" for f in POOLS), help="curriculum pools for phase.npy: "
                    "the easiest fraction of the windows each phase draws from (card: 30/55/80/100%%)")

@@ -14,7 +14,9 @@ import ablate
 from cache_teacher import TeacherCache
 from conftest import run_main
 from model import Qwen3, Qwen3Config
-from train import REPORT_CHARTS, WindowBatches, evaluate, render_report, step_phase, teacher_q
+from kd import teacher_q
+from pages import REPORT_CHARTS, training_page
+from train import WindowBatches, evaluate, step_phase
 
 # --- a small HTML tree, so the pages are checked as parsed documents, not as strings ----------------------------
 
@@ -175,7 +177,7 @@ def test_report_page_from_a_log():
     evals = [dict(eval_step=0, ce=7.5, kl=0.9876, top1=0.01, tail_gap=0.1),
              dict(eval_step=20, ce=3.25, kl=0.4321, top1=0.3, tail_gap=0.05, kl_jump=0.6543),
              dict(eval_step=40, ce=1.125, kl=0.1234, top1=0.7, tail_gap=0.01, kl_jump=0.2345)]
-    root = Tree(render_report(steps, evals, total, "run x", [("seed", 7)])).root
+    root = Tree(training_page(steps, evals, total, "run x", [("seed", 7)], step_phase)).root
     figs = figures(root)
     assert list(figs) == [k for k, _, _ in REPORT_CHARTS]
     for k, f in figs.items():

@@ -8,8 +8,8 @@ import pytest
 
 from cache_teacher import TeacherCache, write_cache
 from conftest import run_script
-from topology import (BLOCK, block_channels, deltas, discrepancy, doc_last_rows, jump_threshold, jumps_and_weights,
-                      tv_consecutive)
+from topology import (BLOCK, SIGNALS, block_channels, deltas, discrepancy, doc_last_rows, jump_threshold,
+                      jumps_and_weights, tv_consecutive)
 
 
 def analyse(f, doc_len=None, offsets=None, block=BLOCK):
@@ -217,7 +217,7 @@ def test_pass_outputs_and_report(topo, tiny_cache):
     assert np.allclose(load("block_edisc_density"), load("block_edisc") / 64, rtol=1e-6)  # the promised density
     assert delta[r["last"]].max() == 0 and not jump[r["last"]].any()
     rep = json.load(open(os.path.join(topo, "report.json")))
-    assert set(rep["signals"]) == {"entropy", "surprisal", "tv"}
+    assert list(rep["signals"]) == list(SIGNALS)  # every signal of the table, compared on this stream
     for s in rep["signals"].values():
         assert 0 <= s["firing_rate"] < 0.1 and s["delta_std"] > 0
     assert rep["jumps"] == int(jump.sum()) and 0 < rep["tail_mass"]["T=2"]["mean"] < 1
@@ -272,6 +272,25 @@ def test_signals_tv_and_surprisal_run(tmp_path, tiny_cache, tiny_teacher):
         assert np.abs(f[a:b - 1] - ref).max() < 1e-4 and f[b - 1] == f[b - 2]
     tv_steps = np.load(tmp_path / "tv" / "delta.npy")
     assert tv_steps.max() <= 1.0 + 1e-6 and tv_steps.mean() > 0.3  # consecutive distributions differ a lot
+
+
+def test_a_new_signal_is_one_function_and_one_entry(tmp_path, tiny_cache, monkeypatch):
+    """The extension point: a signal added to SIGNALS alone (here the teacher's top-1 minus top-2 log-prob) is a
+    --signal choice, drives the pass (f.npy equals it on TeacherCache.rows) and joins report.json's comparison.
+    Breaks if the pass or the report picks a signal's inputs by its name, or the flag's choices are a fixed list."""
+    import topology
+    from conftest import run_main
+    margin = lambda rows, last: rows["topk_logprobs"][:, 0] - rows["topk_logprobs"][:, 1]
+    monkeypatch.setitem(topology.SIGNALS, "example_margin", margin)
+    out = tmp_path / "example_margin"
+    run_main(topology, "--cache", tiny_cache, "--out", out, "--signal", "example_margin", "--report_positions", "2048")
+    cache = TeacherCache(tiny_cache)
+    rows = cache.rows(0, len(cache))
+    assert np.array_equal(np.load(out / "f.npy"), rows["topk_logprobs"][:, 0] - rows["topk_logprobs"][:, 1])
+    rep = json.load(open(out / "report.json"))
+    assert rep["signal"] == "example_margin"
+    assert list(rep["signals"]) == list(topology.SIGNALS)  # the new signal last, with the rest
+    assert rep["signals"]["example_margin"]["delta_std"] > 0
 
 
 def test_block_flag(tmp_path, tiny_cache):

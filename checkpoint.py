@@ -1,0 +1,184 @@
+"""
+Phase 4's files: the resumable checkpoint, the training log and the student folder (train.py writes them; demo.sh,
+ablate.py and bench.py read the student's manifest through read_student).
+
+  ckpt/              model.safetensors (fp32 master weights), optimizer.pt and rng.pt (tensors only, loaded with
+                     weights_only=True), state.json (step, run fingerprint; written last). Swapped in atomically:
+                     ckpt.tmp is written whole, the old one moved to ckpt.old, the new one renamed into place.
+  train_log.jsonl    one JSON line per optimizer step and per evaluation
+  the student        config.json, model.safetensors, generation_config.json, the cache's tokenizer files with the
+                     DualMind chat template: a Hugging Face folder that transformers loads
+"""
+
+import json
+import os
+import shutil
+
+import torch
+
+from common import chat_template, end_tokens, publish, read_manifest, write_json
+
+
+def unwrap(model):
+    """The model itself, out of its DDP and torch.compile wrappers (their state dicts prefix the names)."""
+    m = getattr(model, "module", model)  # DDP
+    return getattr(m, "_orig_mod", m)  # torch.compile
+
+
+def non_finite(tensors):
+    """The names in {name: tensor} of the tensors holding a nan or an inf (one host sync for all of them)."""
+    if not tensors:
+        return []
+    dev = next(iter(tensors.values())).device
+    # one flag per tensor, stacked, then one .tolist(): a GPU is synchronised once, not once per tensor
+    ok = torch.stack([torch.isfinite(t).all().to(dev) for t in tensors.values()]).tolist()
+    return [n for n, good in zip(tensors, ok) if not good]
+
+
+def save_checkpoint(folder, model, opt, state):
+    """Atomic: written into folder.tmp (state.json last), the previous checkpoint moved to folder.old, the new one
+    renamed into place, then folder.old removed: at any kill, one complete checkpoint exists (find_checkpoint).
+    A weight or optimizer tensor holding nan or inf is a ValueError and nothing is written: the checkpoint in
+    place stays the last finite one."""
+    from safetensors.torch import save_file
+    # a tied lm_head is the embedding: saved once, as transformers saves it
+    sd = {k: v.detach() for k, v in unwrap(model).state_dict().items()
+          if not (k == "lm_head.weight" and unwrap(model).config.tie_word_embeddings)}
+    moments = {f"optimizer {k} of {n}": v for n, p in unwrap(model).named_parameters() if p in opt.state
+               for k, v in opt.state[p].items() if torch.is_tensor(v)}
+    bad = non_finite({**sd, **moments})  # a nan saved would be resumed from: refuse it here
+    if bad:
+        raise ValueError(f"{folder}: not saved at step {state['step']}: {bad[:3]}{' ...' if len(bad) > 3 else ''} "
+                         "hold nan or inf")
+    # 1. the whole checkpoint into folder.tmp, state.json last (find_checkpoint trusts a folder that has it)
+    tmp = folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file({k: v.cpu().contiguous() for k, v in sd.items()}, os.path.join(tmp, "model.safetensors"))
+    torch.save(opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    torch.save(dict(torch=torch.get_rng_state()), os.path.join(tmp, "rng.pt"))
+    write_json(os.path.join(tmp, "state.json"), state)
+    # 2. the swap: the previous checkpoint to folder.old, the new one into place, then folder.old removed
+    old = folder + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(folder):
+        publish(folder, old)
+    publish(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def folder_manifest(out):
+    """out/manifest.json as a dict, or {} where there is none to read."""
+    try:
+        with open(os.path.join(out, "manifest.json")) as f:
+            m = json.load(f)
+        return m if isinstance(m, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def find_checkpoint(folder):
+    """The newest complete checkpoint among folder, folder.tmp (finished but not yet moved) and folder.old."""
+    best = None
+    for f in [folder, folder + ".tmp", folder + ".old"]:
+        path = os.path.join(f, "state.json")
+        if os.path.isfile(path):
+            with open(path) as fh:
+                step = json.load(fh)["step"]
+            best = max(best or (step, f), (step, f))
+    return best[1] if best else None
+
+
+def load_checkpoint(folder, model, opt, fingerprint):
+    """Weights, optimizer state and RNG of a checkpoint into model and opt; its state.json (a dict) is returned.
+    A checkpoint of another run (fingerprint) is a ValueError."""
+    from safetensors.torch import load_file
+    with open(os.path.join(folder, "state.json")) as f:
+        state = json.load(f)
+    if state["fingerprint"] != fingerprint:
+        raise ValueError(f"{folder}: checkpoint of a run with other inputs or settings; remove it or drop --resume")
+    # weights from safetensors; the optimizer's and RNG's tensors with weights_only=True: nothing is unpickled
+    sd = load_file(os.path.join(folder, "model.safetensors"), device=str(next(model.parameters()).device))
+    unwrap(model).load_state_dict(sd, strict=not unwrap(model).config.tie_word_embeddings)
+    opt.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True,
+                                   map_location=next(model.parameters()).device))
+    torch.set_rng_state(torch.load(os.path.join(folder, "rng.pt"), weights_only=True)["torch"])
+    return state
+
+
+class RunLog:
+    """train_log.jsonl, written by rank 0: one JSON line per optimizer step and one per evaluation.
+
+    Resuming from the checkpoint of step S keeps the lines up to step S and drops any later ones (they were
+    written after that checkpoint and are about to be written again), so the log never repeats a step."""
+
+    def __init__(self, path, start, enabled=True):
+        self.f, self.path = None, path
+        if not enabled:
+            return
+        kept = []
+        if start and os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        e = json.loads(line)
+                    except json.JSONDecodeError:  # a line cut short by a kill
+                        continue
+                    if e.get("step", e.get("eval_step", 0)) <= start:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+        with open(path + ".tmp", "w", encoding="utf-8") as f:  # the kept lines, swapped in atomically
+            f.writelines(kept)
+        publish(path + ".tmp", path)
+        self.f = open(path, "a", encoding="utf-8")
+
+    def record(self, entry):
+        if self.f:
+            self.f.write(json.dumps(entry) + "\n")
+            self.f.flush()
+
+    def close(self):
+        if self.f:
+            self.f.close()
+
+
+def read_log(path):
+    """train_log.jsonl -> (step lines, evaluation lines), lists of dicts; a line cut short by a kill is skipped."""
+    steps, evals = [], []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                e = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            (evals if "eval_step" in e else steps).append(e)
+    return steps, evals
+
+
+def save_student(out, model, cache, save_dtype):
+    """The final student in Hugging Face layout, with the cache's tokenizer files and end tokens and the DualMind chat
+    template (the tokenizer first: save_pretrained writes config.json last, so a folder with config.json is whole)."""
+    m = unwrap(model)
+    bad = non_finite(dict(m.named_parameters()))
+    if bad:  # the NaN guard stops a run before this; the student folder never holds a nan or an inf
+        raise ValueError(f"{out}: the student is not saved: {bad[:3]} hold nan or inf")
+    shutil.copyfile(cache.tokenizer_path, os.path.join(out, "tokenizer.json.tmp"))
+    publish(os.path.join(out, "tokenizer.json.tmp"), os.path.join(out, "tokenizer.json"))
+    # the cache's tokenizer_config.json (the teacher's), with the DualMind prompt as its chat template
+    src = os.path.join(cache.folder, "tokenizer_config.json")
+    if os.path.isfile(src):
+        with open(src, encoding="utf-8") as f:
+            cfg = json.load(f)
+    else:  # a cache written without one: the least AutoTokenizer needs
+        cfg = dict(tokenizer_class="PreTrainedTokenizerFast", eos_token=end_tokens(cache.tokenizer_path)[0][0])
+    write_json(os.path.join(out, "tokenizer_config.json"), dict(cfg, chat_template=chat_template()))
+    if not m.generation_config:  # a student from scratch: stop at the cache's end tokens
+        ends = dict(end_tokens(cache.tokenizer_path))
+        m.generation_config = dict(eos_token_id=sorted(ends.values()),
+                                   pad_token_id=ends.get("<|endoftext|>", min(ends.values())))
+    m.save_pretrained(out, dtype=getattr(torch, save_dtype))  # the fp32 master weights, cast tensor by tensor
+
+
+def read_student(folder):
+    """The manifest of a complete student folder (what demo.sh and ablate.py read): args, steps, tokens,
+    first_eval and last_eval (dicts of ce, kl, top1, tail_gap on the held-out windows)."""
+    return read_manifest(folder, "student")
