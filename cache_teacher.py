@@ -47,7 +47,8 @@ import numpy as np
 
 from common import (FORMAT_VERSION, DTYPES, ROLES, Progress, check_device, check_ranges, close_distributed,
                     dualmind_text, end_tokens, init_distributed, is_hub_id, load_tokenizer, prepare_out, publish,
-                    read_jsonl, read_manifest, save_npy, sha256_file, sha256_json, write_json)
+                    read_jsonl, read_manifest, record_to_blocks, save_npy, sha256_file, sha256_json, token_roles,
+                    write_json)
 
 try:  # the teacher pass needs torch; the cache reader (TeacherCache) does not: topology.py and windows.py run without
     import torch
@@ -101,108 +102,6 @@ def read_records(path):
         if not isinstance(rec, dict):
             raise ValueError(f"{path}:{i}: a record must be a JSON object, got {type(rec).__name__}")
         yield f"{path}:{i}", rec
-
-
-# -----------------------------------------------------------------------------
-# DualMind: the CoT restructuring (pure functions; the layout itself is common.dualmind_text)
-
-# Math that no segment boundary falls inside: display $$...$$ and \[...\] (across lines too), inline \(...\) and $...$
-MATH = re.compile(r"\$\$.+?\$\$|\\\[.+?\\\]|\\\(.+?\\\)|(?<![\\$])\$[^$\n]+?(?<!\\)\$", re.DOTALL)
-CLOSERS = "[\"'\u2019\u201d)\\]*_]*"  # closing quotes, brackets and markdown emphasis after a sentence's last mark
-# a sentence ends at . ! ? (and its closers) before whitespace; an ellipsis does not end one ("Hmm... let me")
-SENTENCE_END = re.compile(r"(?:(?<!\.)\.(?!\.)|[!?])" + CLOSERS + r"(?=\s)")
-# ... nor does the period of an abbreviation, or of a list number opening a line ("2. Substitute ...")
-ABBREVIATION = re.compile(r"\b(?:e\.g|i\.e|et al|cf|vs|etc|approx|eqs?|figs?|refs?|secs?|ch|resp)\." + CLOSERS + "$",
-                          re.IGNORECASE)
-LIST_NUMBER = re.compile(r"[ \t]*(?:[-*+][ \t]+)?\(?\d{1,3}\." + CLOSERS)
-# A segment that opens a verification passage: after markdown (a header, bold, a list marker) and up to two short
-# interjections ("Hmm,", "Okay, so", "Now,", "But"), an optional lead-in ("let me", "to", "as a quick") and then
-# check / verify / confirm / sanity / substitute back / plug back / however / wait, or a "**Verification**" header.
-TRIGGER = re.compile(
-    r"^[\s#>*_+-]*(?:\d{1,3}[.)]\s+)?[*_]*"
-    r"(?:(?:hmm+|okay|ok|now|but|so|wait|well|alright|actually|finally|then|and|also|right|yes)\b[^\w\s]*\s*){0,2}"
-    r"(?:(?:let me|let['\u2019]s|let us|to|as an?|i(?:['\u2019]ll| will| can| should)"
-    r"|we(?:['\u2019]ll| will| can| should))\s+)?"
-    r"(?:(?:one more|another|a|just|also|quick(?:ly)?|final|last|further|sanity)\s+){0,2}"
-    r"(?:(?:double|re|cross)[- ]?check(?:s|ing|ed)?|check(?:s|ing|ed)?|verif(?:y|ies|ying|ied|ication)"
-    r"|confirm(?:s|ing|ed|ation)?|sanity|(?<=me |.s |to )make sure|substitut\w*\s+back|plug\w*\s+back"
-    r"|however|wait)\b",
-    re.IGNORECASE)
-
-
-def segments(text):
-    """(start, end) character spans of the segments of `text`, in order: cut at sentence ends and at line breaks,
-    never inside math, after an abbreviation or inside a number; each span without its surrounding whitespace."""
-    math = [m.span() for m in MATH.finditer(text)]
-    inside = lambda p: any(a < p < b for a, b in math)  # a few dozen math spans per CoT: a scan is fine
-    line = lambda e: text[text.rfind("\n", 0, e) + 1:e]  # the line up to position e
-    cuts = [m.end() for m in SENTENCE_END.finditer(text)
-            if not ABBREVIATION.search(line(m.end())[-16:]) and not LIST_NUMBER.fullmatch(line(m.end()))]
-    cuts += [m.start() for m in re.finditer("\n", text)]
-    bounds = [0] + sorted(p for p in set(cuts) if not inside(p)) + [len(text)]
-    spans = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        piece = text[a:b]
-        if piece.strip():
-            lead = len(piece) - len(piece.lstrip())
-            spans.append((a + lead, a + len(piece.rstrip())))
-    return spans
-
-
-def is_trigger(segment):
-    """Does the segment open a verification passage ("Let me double-check", "Hmm, let me verify", "**Check:**")?"""
-    return TRIGGER.match(segment) is not None
-
-
-def examine_segment(text, spans):
-    """Index of the segment where <examine> starts, and how it was found: ("trigger", i) for the last trigger
-    segment starting past the first half of the text (in characters: the share of the reasoning, whatever its
-    line layout), else ("fallback", i) for the segment boundary nearest 70% of the characters. With two or more
-    segments examine is never empty; with one it is."""
-    n = len(spans)
-    late = [i for i, (a, b) in enumerate(spans) if i > 0 and 2 * a >= len(text) and is_trigger(text[a:b])]
-    if late:
-        return "trigger", late[-1]
-    if n < 2:
-        return "fallback", n
-    return "fallback", min(range(1, n), key=lambda i: abs(spans[i][0] - 0.7 * len(text)))
-
-
-def split_cot(cot):
-    """CoT -> (explore, examine), two slices of cot.strip(): <examine> starts at the last trigger segment past the
-    first half, else at the 70/30 boundary; only the whitespace between the two slices is dropped."""
-    text = cot.strip()
-    spans = segments(text)
-    _, i = examine_segment(text, spans)
-    if i >= len(spans):
-        return text, ""
-    return text[:spans[i - 1][1]], text[spans[i][0]:]
-
-
-def token_roles(offsets, spans):
-    """Role of each token = the role of the character it starts at (tokenizer offsets, no re-tokenising)."""
-    starts = np.array([s for s, _, _ in spans])
-    roles = np.array([r for _, _, r in spans], dtype=np.uint8)
-    first = np.array([o[0] for o in offsets], dtype=np.int64)
-    return roles[np.searchsorted(starts, first, side="right") - 1]
-
-
-def record_to_blocks(rec, where, fields):
-    """A record -> (question, explore, examine, response), with a clear error for a missing or empty field."""
-    def get(name):
-        if name not in rec:
-            raise ValueError(f"{where}: record has no field {name!r} (fields: {sorted(rec)})")
-        v = rec[name]
-        if not isinstance(v, str) or not v.strip():
-            raise ValueError(f"{where}: field {name!r} is empty or not text")
-        return v.strip()
-    q, resp = get(fields["question"]), get(fields["response"])
-    if fields["explore"] in rec:
-        examine = rec.get(fields["examine"]) or ""
-        if not isinstance(examine, str):
-            raise ValueError(f"{where}: field {fields['examine']!r} is not text")
-        return q, get(fields["explore"]), examine.strip(), resp
-    return (q, *split_cot(get(fields["cot"])), resp)
 
 
 # -----------------------------------------------------------------------------

@@ -326,7 +326,7 @@ def training_page(steps, evals, total, title, facts, phase_of, max_points=1500):
     """The page of one training run: each of REPORT_CHARTS against the step (the per-step line, the held-out
     evaluations as dots), curriculum phase boundaries and evaluations marked, and the evaluations as a table.
     steps / evals: train_log.jsonl's lines; facts: (name, value) pairs shown at the top; phase_of(step, total): the
-    curriculum phase of a step (train.step_phase). Returns HTML."""
+    curriculum phase of a step (windows.step_phase). Returns HTML."""
     thin = steps[::max(1, -(-len(steps) // max_points))] + steps[-1:]  # at most ~max_points per line
     bounds = [s for s in range(1, total) if phase_of(s, total) != phase_of(s - 1, total)]
     vlines = [(e["eval_step"], "#94a3b8", f"evaluation at step {e['eval_step']}", "2 3") for e in evals]

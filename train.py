@@ -56,7 +56,8 @@ from kd import DIVERGENCES, LOSS_CHUNK, ROW_STATS, check_impl, kd_loss, kd_stats
 from model import Qwen3, Qwen3Config
 from pages import training_page
 from topology import load as load_topology
-from windows import POOLS, fixed_windows, load as load_windows, parse_pools, pool_phases
+from windows import (POOLS, draw_schedule, draws_summary, fixed_windows, load as load_windows, parse_pools,
+                     pool_phases, step_phase)
 
 STEP_STATS = ("ce", "kl", "agree", "tail_gap", "rows", "tokens", "objective")  # what one optimizer step sums up
 
@@ -81,28 +82,6 @@ def learning_rate(step, total, peak=5e-6, floor=5e-7, warmup=30):
         return peak * (step + 1) / warmup
     f = (step - warmup) / max(total - 1 - warmup, 1)
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(f, 1.0)))
-
-
-def step_phase(step, total, n_phases=4):
-    """The curriculum phase of an optimizer step: n_phases (the card: four) phases of equal length."""
-    return min(step * n_phases // max(total, 1), n_phases - 1)
-
-
-def draw_schedule(pools, total, batch, seed):
-    """The windows of every optimizer step, (total, batch) indices. The steps of phase p draw uniformly from its
-    whole pool, pools[p] (nested: the easiest 30, 55, 80, 100% of the training windows): shuffled passes through
-    the pool, no window twice within a pass, a fresh shuffle when a pass is used up. So the easiest windows are
-    trained in every phase, also once alpha has reached its target. A pure function of its arguments: a resumed run
-    and every torchrun process compute the same schedule."""
-    phases = np.array([step_phase(s, total, len(pools)) for s in range(total)], dtype=np.int64)
-    out = []
-    for p, pool in enumerate(pools):
-        n = int((phases == p).sum()) * batch  # this phase's draws
-        assert len(pool) or not n, f"phase {p} has steps but an empty pool"
-        rng = np.random.default_rng([seed, p])
-        passes = [rng.permutation(pool) for _ in range(-(-n // max(len(pool), 1)))]
-        out.append(np.concatenate(passes)[:n] if n else np.zeros(0, np.int64))
-    return np.concatenate(out).astype(np.int64).reshape(total, batch)
 
 
 def split_micro(lengths, n_micro, batch_size):
@@ -134,20 +113,6 @@ def split_micro(lengths, n_micro, batch_size):
     for a in reversed(arg):
         cuts.append(int(a[cuts[-1]]))
     return np.array(cuts[::-1])
-
-
-def draws_summary(schedule, bands, alphas):
-    """How often the schedule draws the windows of each difficulty band, and at what alpha: bands is a list of
-    window-index arrays (band p = pool p minus pool p-1), alphas (total,) the KD weight of each step."""
-    steps = np.repeat(np.arange(len(schedule)), schedule.shape[1])  # (total * batch,) the step of each draw
-    drawn = schedule.ravel()
-    counts = np.bincount(drawn, minlength=max([int(drawn.max())] + [int(b.max()) for b in bands if len(b)]) + 1)
-    out = []
-    for band in bands:
-        hit = np.isin(drawn, band)
-        out.append(dict(windows=len(band), draws=int(hit.sum()), never_drawn=int((counts[band] == 0).sum()),
-                        mean_alpha=float(alphas[steps[hit]].mean()) if hit.any() else None))
-    return out
 
 
 # -----------------------------------------------------------------------------

@@ -10,7 +10,8 @@ Difficulty of a window = its discrepancy-energy density (0.5 sum disc^2 / length
 (the drift channel G = TV - J - A of topology.py summed over the window's 64-token blocks, / length); lower is
 easier. The curriculum has four phases of equal optimizer steps drawing from the easiest 30%, 55%, 80% and 100% of
 the training windows (--pools); train.py ranks its training windows by this difficulty, phase.npy here ranks all
-windows (held-out ones included) for the report.
+windows (held-out ones included) for the report. The draws of every optimizer step (draw_schedule, step_phase,
+draws_summary) are here too: the whole curriculum in one file, which train.py follows.
 
 A window (doc, start, loss_start, end) feeds tokens [start, end) to the student and trains rows
 [loss_start, end): row t predicts token t+1 (read from the stream, so a window's last row trains too),
@@ -135,6 +136,42 @@ def pool_phases(difficulty, pools=POOLS):
     rank[order] = np.arange(len(order))
     sizes = np.ceil(np.asarray(pools) * len(order) - 1e-9).astype(np.int64)
     return np.searchsorted(sizes, rank, side="right").astype(np.uint8)
+
+
+def step_phase(step, total, n_phases=4):
+    """The curriculum phase of an optimizer step: n_phases (the card: four) phases of equal length."""
+    return min(step * n_phases // max(total, 1), n_phases - 1)
+
+
+def draw_schedule(pools, total, batch, seed):
+    """The windows of every optimizer step, (total, batch) indices. The steps of phase p draw uniformly from its
+    whole pool, pools[p] (nested: the easiest 30, 55, 80, 100% of the training windows): shuffled passes through
+    the pool, no window twice within a pass, a fresh shuffle when a pass is used up. So the easiest windows are
+    trained in every phase, also once alpha has reached its target. A pure function of its arguments: a resumed run
+    and every torchrun process compute the same schedule."""
+    phases = np.array([step_phase(s, total, len(pools)) for s in range(total)], dtype=np.int64)
+    out = []
+    for p, pool in enumerate(pools):
+        n = int((phases == p).sum()) * batch  # this phase's draws
+        assert len(pool) or not n, f"phase {p} has steps but an empty pool"
+        rng = np.random.default_rng([seed, p])
+        passes = [rng.permutation(pool) for _ in range(-(-n // max(len(pool), 1)))]
+        out.append(np.concatenate(passes)[:n] if n else np.zeros(0, np.int64))
+    return np.concatenate(out).astype(np.int64).reshape(total, batch)
+
+
+def draws_summary(schedule, bands, alphas):
+    """How often the schedule draws the windows of each difficulty band, and at what alpha: bands is a list of
+    window-index arrays (band p = pool p minus pool p-1), alphas (total,) the KD weight of each step."""
+    steps = np.repeat(np.arange(len(schedule)), schedule.shape[1])  # (total * batch,) the step of each draw
+    drawn = schedule.ravel()
+    counts = np.bincount(drawn, minlength=max([int(drawn.max())] + [int(b.max()) for b in bands if len(b)]) + 1)
+    out = []
+    for band in bands:
+        hit = np.isin(drawn, band)
+        out.append(dict(windows=len(band), draws=int(hit.sum()), never_drawn=int((counts[band] == 0).sum()),
+                        mean_alpha=float(alphas[steps[hit]].mean()) if hit.any() else None))
+    return out
 
 
 # -----------------------------------------------------------------------------

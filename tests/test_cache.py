@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from cache_teacher import (TeacherCache, examine_segment, is_trigger, pack_ids18, record_to_blocks, segments, split_cot,
-                           tail_mass, token_roles, unpack_ids18)
-from common import ROLES, dualmind_text
+from cache_teacher import TeacherCache, pack_ids18, tail_mass, unpack_ids18
+from common import (ROLES, dualmind_text, examine_segment, is_trigger, record_to_blocks, segments, split_cot,
+                    token_roles)
 from conftest import DATA, ROOT, SHARED_TOKENIZER, make_teacher, run_main, run_script
 from model import Qwen3
 

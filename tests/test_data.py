@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from cache_teacher import examine_segment, is_trigger, segments, split_cot  # noqa: E402  (the kit's own rule)
+from common import examine_segment, is_trigger, segments, split_cot  # noqa: E402  (the kit's own rule)
 from data.synth import generate  # noqa: E402
 
 BUNDLED = os.path.join(ROOT, "data", "physics_cot.jsonl")
@@ -33,7 +33,7 @@ FIELDS = ("domain", "question", "CoT", "response")
 
 
 def sentences(text):
-    """The segments of the <examine> split (cache_teacher.segments): sentences and lines."""
+    """The segments of the <examine> split (common.segments): sentences and lines."""
     text = text.strip()
     return [text[a:b] for a, b in segments(text)]
 
