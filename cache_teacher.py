@@ -46,9 +46,9 @@ import time
 import numpy as np
 
 from common import (FORMAT_VERSION, DTYPES, ROLES, Progress, check_device, check_ranges, close_distributed,
-                    dualmind_text, end_tokens, init_distributed, is_hub_id, load_tokenizer, prepare_out, publish,
-                    read_jsonl, read_manifest, record_to_blocks, save_npy, sha256_file, sha256_json, token_roles,
-                    write_json)
+                    drop_empty_folder, dualmind_text, end_tokens, init_distributed, is_hub_id, load_tokenizer,
+                    prepare_out, publish, read_jsonl, read_manifest, record_to_blocks, save_npy, sha256_file,
+                    sha256_json, token_roles, write_json)
 
 try:  # the teacher pass needs torch; the cache reader (TeacherCache) does not: topology.py and windows.py run without
     import torch
@@ -582,8 +582,8 @@ def main(args):
     try:
         tokens, roles, doc_offsets, counts = tokenize_documents(args, tok, fields, end_id, max_len)
     except ValueError:  # a bad record: leave no empty folder behind
-        if rank == 0 and created and state == "fresh" and not os.listdir(out):
-            os.rmdir(out)
+        if rank == 0 and created and state == "fresh":
+            drop_empty_folder(out)
         raise
     N, D = len(tokens), len(doc_offsets) - 1
     manifest = dict(phase="cache", version=FORMAT_VERSION, fingerprint=fingerprint, inputs=inputs,

@@ -118,7 +118,45 @@ def prepare_out(out, phase, fingerprint, force=False, rank=0, world=1):
     return _prepare_out(out, phase, fingerprint, force)
 
 
+HELD_LOCKS = {}  # folder -> its open, locked .lock file: held until this process exits
+
+
+def lock_folder(out):
+    """One writer per output folder: an exclusive flock on out/.lock, held until the process exits (the kernel drops
+    it then, also after kill -9). A second process gets a ValueError naming the folder and the holder's pid."""
+    import fcntl
+    key = os.path.abspath(out)
+    if key in HELD_LOCKS:  # this process holds it already (main() run twice in one process, as the tests do)
+        return
+    os.makedirs(out, exist_ok=True)
+    f = open(os.path.join(out, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "unknown"
+        f.close()
+        raise ValueError(f"{out}: another process (pid {pid}) is writing this folder; wait for it to end or choose "
+                         "another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    HELD_LOCKS[key] = f
+
+
+def drop_empty_folder(out):
+    """Undo prepare_out for a run that failed before writing anything: the lock released, and the folder removed if
+    its lock file is all it holds (no empty folder is left behind)."""
+    held = HELD_LOCKS.pop(os.path.abspath(out), None)
+    if held:
+        held.close()
+    if os.path.isdir(out) and set(os.listdir(out)) <= {".lock"}:
+        shutil.rmtree(out)
+
+
 def _prepare_out(out, phase, fingerprint, force):
+    lock_folder(out)  # before the manifest is read: two runs never both decide to write here
     path = os.path.join(out, "manifest.json")
     if os.path.isfile(path) and not force:
         with open(path) as f:
@@ -128,9 +166,11 @@ def _prepare_out(out, phase, fingerprint, force):
                              f"(fingerprint {str(m.get('fingerprint'))[:12]}, now {fingerprint[:12]}); "
                              "choose another --out or pass --force to rebuild it")
         return "done" if m.get("complete") else "resume"
-    if os.path.isdir(out) and force:
-        shutil.rmtree(out)
-    os.makedirs(out, exist_ok=True)
+    if force:  # everything but the lock this process holds
+        for name in os.listdir(out):
+            p = os.path.join(out, name)
+            if name != ".lock":
+                shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
     return "fresh"
 
 

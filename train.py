@@ -40,6 +40,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -556,6 +557,33 @@ def step_micro_batches(batches, ws, args, rank, accum):
     return micro, max(batches.count(ws), 1)  # the rows: the same on every process
 
 
+def stop_requests():
+    """A job scheduler's SIGTERM (or Ctrl-C's SIGINT) is noted, not obeyed at once: the loop finishes its optimizer
+    step, writes a checkpoint and exits with one line saying how to resume; a second signal stops at once. Returns
+    (the signals' names as they arrive, a function that puts the previous handlers back)."""
+    got, before = [], {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def note(signum, frame):
+        got.append(signal.Signals(signum).name)
+        if len(got) > 1:  # a second signal stops at once, as it would have without this handler (Ctrl-C twice)
+            signal.signal(signum, before[signum])
+            os.kill(os.getpid(), signum)
+
+    for s in before:
+        signal.signal(s, note)
+    return got, lambda: [signal.signal(s, h) for s, h in before.items()]
+
+
+def stopped(got, ddp, device):
+    """Whether any process was asked to stop (all-reduced under torchrun, so every rank leaves at the same step)."""
+    if not ddp:
+        return bool(got)
+    import torch.distributed as dist
+    flag = torch.tensor([float(bool(got))], device=device)
+    dist.all_reduce(flag)
+    return flag.item() > 0
+
+
 def wrap_model(model, compile, ddp, device):
     """What the step calls: the model, compiled with --compile, inside DDP under torchrun."""
     train_model = torch.compile(model) if compile else model
@@ -584,8 +612,23 @@ def mfu_peak(args, model, windows, device, autocast, master):
     return peak
 
 
-def log_step(run, entry, start, t_start):
-    """One log line per step; a printed line every --log_every steps (and the first and last)."""
+def step_schedules(args, opt, alphas, step, total):
+    """This step's alpha, proof weight and learning rate (the lr set on the optimizer)."""
+    lr = learning_rate(step, total, args.lr, args.min_lr, args.warmup)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    return float(alphas[step]), proof_weight(step, total, *args.proof_weight), lr
+
+
+def log_step(run, step, n_phases, sums, values, mfu_flops, tokens_done, start, t0, t_start):
+    """One log line per step (its loss parts per trainable row, the schedules' `values`, tok/s and MFU); a printed
+    line every --log_every steps (and the first and last). mfu_flops: this step's model FLOPs over the peak."""
+    n, total, dt = max(sums["rows"], 1), run.total, time.time() - t0
+    entry = dict(step=step + 1, total=total, phase=step_phase(step, total, n_phases), ce=sums["ce"] / n,
+                 kl=sums["kl"] / n, top1=sums["agree"] / n if run.batches.cache.has_teacher else None,
+                 loss=sums["objective"], alpha=values["alpha"], proof_weight=values["proof_weight"], lr=values["lr"],
+                 grad_norm=values["grad_norm"], tok_s=tokens_done / max(time.time() - t_start, 1e-9),
+                 mfu=mfu_flops / dt, rows=int(n), dt=dt)
     run.log.record(entry)
     step, total = entry["step"], entry["total"]
     if run.master and (step % run.args.log_every == 0 or step == total or step - 1 == start):
@@ -659,14 +702,10 @@ def main(args):
         first_eval = run_eval(run, model, 0)
     t_start, tokens_done = time.time(), 0
     model.train()
+    (got, restore_handlers), stop = stop_requests(), False
     for step in range(start, total):
         t0 = time.time()
-        # the schedules of this step
-        alpha = float(alphas[step])
-        w_proof = proof_weight(step, total, *args.proof_weight)
-        lr = learning_rate(step, total, args.lr, args.min_lr, args.warmup)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        alpha, w_proof, lr = step_schedules(args, opt, alphas, step, total)
         # this step's windows, cut into micro-batches; this process forwards and backwards its share of them
         micro, n_norm = step_micro_batches(batches, schedule[step], args, rank, accum)
         sums, flops = accumulate(run, train_model, micro, n_norm, alpha, w_proof, world)
@@ -677,25 +716,29 @@ def main(args):
             f"at step {step + 1}/{total}: ce {ce:.6g}, kl {kl:.6g}, loss {sums['objective']:.6g}, grad norm {g:.6g} "
             f"(alpha {alpha:.3f}, lr {lr:.3g})"), step, ckpt_dir, checkpoint if master else None)
         tokens_done += int(sums["tokens"])
-        dt = time.time() - t0
-        log_step(run, dict(step=step + 1, total=total, phase=step_phase(step, total, len(pools)), ce=ce, kl=kl,
-                           top1=sums["agree"] / n if cache.has_teacher else None, loss=sums["objective"], alpha=alpha,
-                           proof_weight=w_proof, lr=lr, grad_norm=gnorm, tok_s=tokens_done / max(time.time() - t_start,
-                           1e-9), mfu=flops / dt / peak, rows=int(n), dt=dt), start, t_start)
+        log_step(run, step, len(pools), sums, dict(alpha=alpha, proof_weight=w_proof, lr=lr, grad_norm=gnorm),
+                 flops / peak, tokens_done, start, t0, t_start)
         # evaluation, then the checkpoint (so a resume from it keeps the evaluation of its step)
         if args.eval_every > 0 and (step + 1) % args.eval_every == 0 and step + 1 < total:
             run_eval(run, model, step + 1)
-        if master and args.ckpt_every > 0 and (step + 1) % args.ckpt_every == 0 and step + 1 < total:
+        stop = step + 1 < total and stopped(got, ddp, device)  # SIGTERM / SIGINT: save this step and leave
+        if master and (stop or args.ckpt_every > 0 and (step + 1) % args.ckpt_every == 0 and step + 1 < total):
             checkpoint(step + 1)
-
-    # --- 5. the student folder and the summary -----------------------------------------------------------------
-    last_eval = run_eval(run, model, total)
-    if master:
-        finish(run, model, fingerprint, upstream, pools, schedule, alphas, tokens_done, first_eval, last_eval)
-        print(summary_line(args, total - start, step_batch, tokens_done, time.time() - t_start, first_eval, last_eval))
+        if stop:
+            break
+    restore_handlers()
+    if not stop:  # --- 5. the student folder and the summary ----------------------------------------------------
+        last_eval = run_eval(run, model, total)
+        if master:
+            finish(run, model, fingerprint, upstream, pools, schedule, alphas, tokens_done, first_eval, last_eval)
+            print(summary_line(args, total - start, step_batch, tokens_done, time.time() - t_start, first_eval,
+                               last_eval))
     if ddp:
         del train_model  # the DDP wrapper holds the process group (see close_distributed)
         close_distributed()
+    if stop:
+        raise SystemExit(f"train.py: stopped by {got[0]} after step {step + 1}/{total}; the checkpoint is in "
+                         f"{ckpt_dir}: run the same command with --resume to go on")
 
 
 def get_parser():

@@ -574,3 +574,60 @@ def test_peak_flops_of_known_gpus(monkeypatch, name, peak):
     import train
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert train.peak_flops(torch.device("cuda"), torch.bfloat16) == (peak, f"{name} datasheet, dense bf16")
+
+
+# --- one writer per folder, and a clean stop on SIGTERM ------------------------------------------------------------
+
+
+def test_second_writer_is_refused(tmp_path, tiny_cache, tiny_topology, tiny_windows, student_config):
+    """While a train.py run writes --out, a second run into the same folder is refused with one line naming the folder
+    and the first run's pid (and the first ends normally); another phase's folder held by this process refuses
+    topology.py the same way."""
+    from conftest import assert_one_line_error
+    out = tmp_path / "one"
+    args = train_args(out, tiny_cache, tiny_topology, tiny_windows, student_config, "--max_steps", 30, "--eval_every",
+                      0)
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *map(str, args)], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not ((out / "train_log.jsonl").exists() and logged(out)[0]) and time.time() - t0 < 300:
+        time.sleep(0.01)
+    r = run_script("train.py", *args, check=False)
+    assert_one_line_error(r, "train.py", str(out), f"pid {p.pid}", "another process")
+    assert p.wait() == 0, p.stderr.read()[-2000:]
+    import common
+    held = tmp_path / "topo"
+    common.lock_folder(str(held))
+    try:
+        r = run_script("topology.py", "--cache", tiny_cache, "--out", held, check=False)
+        assert_one_line_error(r, "topology.py", str(held), f"pid {os.getpid()}")
+    finally:
+        common.HELD_LOCKS.pop(os.path.abspath(held)).close()
+
+
+def test_sigterm_checkpoints_and_resume_is_identical(tmp_path, tiny_cache, tiny_topology, tiny_windows,
+                                                     student_config):
+    """SIGTERM (a job scheduler's warning) after step 4 with --ckpt_every 3: the step in flight finishes, a checkpoint
+    of it is written, the run exits non-zero with one line saying how to resume, and --resume ends byte-identical to
+    an uninterrupted run (before, the steps after the last periodic checkpoint were lost without a word)."""
+    base = lambda out: train_args(out, tiny_cache, tiny_topology, tiny_windows, student_config, "--max_steps", 12,
+                                  "--ckpt_every", 3, "--eval_every", 4, "--eval_windows", 2)
+    run_script("train.py", *base(tmp_path / "straight"))
+    out = tmp_path / "term"
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *map(str, base(out))], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while time.time() - t0 < 300:
+        if (out / "train_log.jsonl").exists() and max(logged(out)[0], default=0) >= 4:
+            break
+        time.sleep(0.005)
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=300)[1].strip()
+    assert p.returncode != 0 and "\n" not in err and "stopped by SIGTERM" in err and "--resume" in err, err[-2000:]
+    stopped_at = json.load(open(out / "ckpt" / "state.json"))["step"]
+    assert stopped_at >= 4 and f"after step {stopped_at}/12" in err  # the step in flight, not the checkpoint of 3
+    assert max(logged(out)[0]) == stopped_at
+    run_script("train.py", *base(out), "--resume")
+    a, b = final_weights(tmp_path / "straight"), final_weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "straight" / "model.safetensors").read_bytes()
