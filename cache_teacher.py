@@ -45,10 +45,10 @@ import time
 
 import numpy as np
 
-from common import (FORMAT_VERSION, DTYPES, ROLES, Progress, check_device, check_ranges, close_distributed,
+from common import (FORMAT_VERSION, DTYPES, ROLES, Progress, check_device, check_ranges, checksums, close_distributed,
                     drop_empty_folder, dualmind_text, end_tokens, init_distributed, is_hub_id, load_tokenizer,
                     prepare_out, publish, read_jsonl, read_manifest, record_to_blocks, save_npy, sha256_file,
-                    sha256_json, token_roles, write_json)
+                    sha256_json, token_roles, verify_checksums, write_json)
 
 try:  # the teacher pass needs torch; the cache reader (TeacherCache) does not: topology.py and windows.py run without
     import torch
@@ -218,9 +218,11 @@ def unpack_ids18(packed):
 class TeacherCache:
     """Memory-mapped view of a complete cache folder. rows(a, b) returns a dict of numpy arrays for rows [a, b)."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, verify=True):
         self.folder = folder
         self.manifest = read_manifest(folder, "cache")
+        if verify:  # every file against the checksum written with it (--no_verify skips this)
+            verify_checksums(folder, self.manifest)
         self.fingerprint = self.manifest["fingerprint"]
         self.has_teacher = self.manifest["teacher"] is not None
         self.k = self.manifest["args"]["k"]
@@ -539,6 +541,8 @@ def publish_cache(out, manifest, has_teacher):
                                                topk_ids="uint8 (18-bit packed)", topk_logprobs="float16",
                                                lse="float32", target_logprob="float32", entropy="float32"),
                     teacher_bytes_per_position=bytes_per_pos)
+    arrays = ["tokens", "roles", "doc_offsets"] + (TEACHER_ARRAYS if has_teacher else [])
+    manifest["sha256"] = checksums(out, [n + ".npy" for n in arrays] + ["tokenizer.json"])  # readers verify these
     write_json(os.path.join(out, "manifest.json"), manifest)
     return bytes_per_pos
 

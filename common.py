@@ -78,6 +78,32 @@ def sha256_json(obj):
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
+def checksums(folder, names):
+    """{file name: sha256} of files a phase wrote, for its manifest's "sha256" entry (readers verify them)."""
+    return {n: sha256_file(os.path.join(folder, n)) for n in names}
+
+
+def verify_folder(folder):
+    """verify_checksums for a model folder: a student written by train.py has a manifest with checksums; a Hugging
+    Face folder without one loads as it is."""
+    path = os.path.join(folder, "manifest.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            verify_checksums(folder, json.load(f))
+
+
+def verify_checksums(folder, manifest):
+    """Hash again every file the manifest's "sha256" entry lists: a ValueError names the first one missing or changed
+    since its phase wrote it (a bad disk, a bad copy, an edit). A folder written before checksums passes as it is."""
+    for name, digest in (manifest.get("sha256") or {}).items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise ValueError(f"{path}: missing (listed in {folder}/manifest.json); rebuild the folder")
+        if sha256_file(path) != digest:
+            raise ValueError(f"{path}: checksum mismatch, the file changed after it was written; rebuild it, or pass "
+                             "--no_verify to read it anyway")
+
+
 def read_manifest(folder, phase, needed_by=""):
     """The manifest of a complete phase folder, or a ValueError saying what to run."""
     path = os.path.join(folder, "manifest.json")

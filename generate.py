@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from common import BLOCKS, check_device, check_ranges, dualmind_prompt, load_tokenizer, read_jsonl
+from common import BLOCKS, check_device, check_ranges, dualmind_prompt, load_tokenizer, read_jsonl, verify_folder
 from model import Qwen3, resolve_folder
 
 # -----------------------------------------------------------------------------
@@ -145,8 +145,10 @@ def dualmind_check(text):
 # main
 
 
-def load(model_name, device, dtype):
+def load(model_name, device, dtype, verify=True):
     folder = resolve_folder(model_name)
+    if verify:  # a student from train.py: its weights against the checksums in its manifest
+        verify_folder(folder)
     tok, _ = load_tokenizer(folder)  # first: a missing or truncated tokenizer.json fails before the weights load
     model = Qwen3.from_pretrained(folder, dtype=dtype, device=device).eval()
     eos = model.generation_config.get("eos_token_id", model.config.eos_token_id)
@@ -186,7 +188,7 @@ def main(args):
                  repetition_penalty="(0, inf)", seed="[0, inf)")
     prompts = read_prompts(args)
     check_device(args.device)
-    model, tok, eos = load(args.model, args.device, getattr(torch, args.dtype))
+    model, tok, eos = load(args.model, args.device, getattr(torch, args.dtype), verify=not args.no_verify)
     ctx = model.config.max_position_embeddings
     step_fn = torch.compile(decode_step) if args.compile else None
     stream = args.prompts_jsonl is None and not args.quiet
@@ -251,6 +253,8 @@ def get_parser():
                    else "bfloat16", help="weights and activations")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1")
+    p.add_argument("--no_verify", action="store_true", help="skip the checksums of the input folders' files (a "
+                   "disk you trust; a mismatch otherwise stops the run naming the file)")
     return p
 
 

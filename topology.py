@@ -349,7 +349,7 @@ def signal_summary(f, delta, valid, sigma=3.0):
 def main(args):
     check_ranges(args, K="[1, inf)", sigma="(0, inf)", amplify="(0, inf)", chunk="[1, inf)", threads="[1, inf)",
                  report_positions="[1, inf)", log_every="[0, inf]", block="[1, inf)")
-    cache = TeacherCache(args.cache)
+    cache = TeacherCache(args.cache, verify=not args.no_verify)
     if not cache.has_teacher:
         raise ValueError(f"{args.cache}: a cache made with --teacher none has no teacher distributions to analyse")
     settings = dict(signal=args.signal, K=args.K, sigma=args.sigma, amplify=args.amplify, block=args.block,
@@ -443,6 +443,8 @@ def get_parser():
     p.add_argument("--out", default="out/topology", help="output folder")
     p.add_argument("--signal", default="entropy", choices=list(SIGNALS), help="the per-position signal f, from "
                    "SIGNALS: " + "; ".join(f"{k}: {doc_line(f)}" for k, f in SIGNALS.items()))
+    p.add_argument("--no_verify", action="store_true", help="skip the checksums of the input folders' files (a "
+                   "disk you trust; a mismatch otherwise stops the run naming the file)")
     p.add_argument("--K", type=int, default=8, help="reach of the discrepancy operator, in tokens")
     p.add_argument("--sigma", type=float, default=3.0, help="jump threshold: mean + sigma x std of delta (card: 3)")
     p.add_argument("--amplify", type=float, default=1.25, help="loss multiplier after a jump (card: 1.25x)")

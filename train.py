@@ -51,8 +51,9 @@ import torch
 from cache_teacher import TeacherCache
 from checkpoint import (RunLog, find_checkpoint, folder_manifest, load_checkpoint, non_finite, read_log,
                         save_checkpoint, save_student, unwrap)
-from common import (FORMAT_VERSION, REASONING, ROLES, atomic_write, check_device, check_ranges, close_distributed,
-                    doc_line, fmt_time, init_distributed, pad_right, prepare_out, save_npy, sha256_json, write_json)
+from common import (FORMAT_VERSION, REASONING, ROLES, atomic_write, check_device, check_ranges, checksums,
+                    close_distributed, doc_line, fmt_time, init_distributed, pad_right, prepare_out, save_npy,
+                    sha256_json, verify_folder, write_json)
 from kd import DIVERGENCES, LOSS_CHUNK, ROW_STATS, check_impl, kd_loss, kd_stats, teacher_q
 from model import Qwen3, Qwen3Config
 from pages import training_page
@@ -253,7 +254,7 @@ def load_inputs(args):
     """Cache, topology jump weights and windows, checked to belong together.
     Returns (cache, jump weight (N,) or None, windows (W, 4), difficulty (W,) or None when the windows have none
     (fixed-stride windows: no curriculum), upstream fingerprints)."""
-    cache = TeacherCache(args.cache)
+    cache = TeacherCache(args.cache, verify=not args.no_verify)
     if not os.path.isfile(cache.tokenizer_path):
         raise ValueError(f"{args.cache}: no tokenizer.json (the student is saved with the cache's tokenizer)")
     if args.kd_alpha > 0 and not cache.has_teacher:
@@ -290,6 +291,8 @@ def build_student(args, cache, device):
         with torch.device(device):
             model = Qwen3(cfg).init_weights(args.seed).to(device)
     else:
+        if not args.no_verify and os.path.isdir(args.init):  # a student of an earlier run: against its checksums
+            verify_folder(args.init)
         model = Qwen3.from_pretrained(args.init, dtype=torch.float32, device=device)  # FP32 master weights
     tok_vocab = int(np.asarray(cache.tokens).max()) + 1
     need = max(tok_vocab, cache.manifest.get("teacher_vocab_size") or 0)
@@ -511,7 +514,7 @@ def run_fingerprint(args, upstream, step_batch, default_impl):
     step), so a run stopped by an out-of-memory error resumes with a smaller --batch_size, a larger --grad_accum."""
     settings = {k: v for k, v in vars(args).items() if k not in ("resume", "log_every", "eval_every", "ckpt_every",
                                                                   "device", "compile", "out", "force", "peak_flops",
-                                                                  "batch_size", "grad_accum")}
+                                                                  "batch_size", "grad_accum", "no_verify")}
     if args.split_seed is None:  # the split follows --seed, as before --split_seed existed: older runs still resume
         del settings["split_seed"]
     if args.kd_impl == default_impl:  # likewise for runs made before --kd_impl
@@ -653,7 +656,9 @@ def finish(run, model, fingerprint, upstream, pools, schedule, alphas, tokens_do
     write_json(os.path.join(args.out, "manifest.json"), dict(
         phase="student", version=FORMAT_VERSION, fingerprint=fingerprint, args=vars(args),
         upstream=upstream, steps=run.total, tokens=tokens_done, first_eval=first_eval,
-        last_eval=last_eval, curriculum=curriculum, complete=True))
+        last_eval=last_eval, curriculum=curriculum, complete=True,
+        sha256=checksums(args.out, sorted(f for f in os.listdir(args.out) if f.endswith(".safetensors") or f in
+                                          ("config.json", "model.safetensors.index.json")))))
     ckpt_dir = os.path.join(args.out, "ckpt")
     for f in [ckpt_dir, ckpt_dir + ".tmp", ckpt_dir + ".old"]:
         shutil.rmtree(f, ignore_errors=True)
@@ -789,6 +794,8 @@ def get_parser():
     p.add_argument("--eval_every", type=int, default=50, help="evaluate every N steps (0: start and end only, "
                    "-1: never)")
     p.add_argument("--ckpt_every", type=int, default=50, help="resumable checkpoint every N steps (0: never)")
+    p.add_argument("--no_verify", action="store_true", help="skip the checksums of the input folders' files (a "
+                   "disk you trust; a mismatch otherwise stops the run naming the file)")
     p.add_argument("--resume", action="store_true", help="continue from --out/ckpt")
     p.add_argument("--force", action="store_true", help="delete --out and start over")
     p.add_argument("--log_every", type=int, default=1, help="print a step line every N steps")

@@ -197,7 +197,7 @@ def load(folder, cache_folder, topology_folder=None, needed_by=""):
 def main(args):
     check_ranges(args, window="[1, inf)", min_cut="[1, inf)", overlap_min="[1, inf)", overlap_max="[1, inf)",
                  stride="[1, inf)")
-    cache = TeacherCache(args.cache)
+    cache = TeacherCache(args.cache, verify=not args.no_verify)
     if args.topology is None and not args.fixed_stride:
         raise ValueError("--topology is needed (or --fixed_stride for the plain-KD ablation)")
     topo = topology.load(args.topology, args.cache, needed_by="windows.py") if args.topology else None
@@ -270,6 +270,8 @@ def get_parser():
     p.add_argument("--fixed_stride", action="store_true", help="plain-KD ablation: fixed-stride windows, no topology")
     p.add_argument("--stride", type=int, default=512, help="stride of --fixed_stride windows, tokens")
     p.add_argument("--force", action="store_true", help="delete --out and start over")
+    p.add_argument("--no_verify", action="store_true", help="skip the checksums of the input folders' files (a "
+                   "disk you trust; a mismatch otherwise stops the run naming the file)")
     return p
 
 

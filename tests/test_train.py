@@ -358,7 +358,7 @@ def test_folder_from_before_the_split_left_the_fingerprint_is_kept(tmp_path, tin
     m = json.load(open(out / "manifest.json"))
     then = {k: v for k, v in m["args"].items() if k not in ("resume", "log_every", "eval_every", "ckpt_every", "device",
                                                             "compile", "out", "force", "peak_flops", "split_seed",
-                                                            "kd_impl")}  # that code had no --kd_impl either
+                                                            "kd_impl", "no_verify")}  # nor these flags
     m["fingerprint"] = sha256_json(dict(settings=then, upstream=m["upstream"],
                                         world_batch=m["args"]["batch_size"] * m["args"]["grad_accum"]))
     (out / "manifest.json").write_text(json.dumps(m))
@@ -558,9 +558,10 @@ def test_bad_inputs(tmp_path, tiny_cache, tiny_topology, tiny_windows, student_c
     notok = tmp_path / "notok"
     shutil.copytree(tiny_cache, notok)
     os.remove(notok / "tokenizer.json")
-    fails(*good(cache=notok), match="no tokenizer.json")
+    fails(*good(cache=notok), match="tokenizer.json: missing")  # the cache's checksums list it
+    fails(*good(cache=notok), "--no_verify", match="no tokenizer.json")  # train.py's own check, without them
     r = run_script("train.py", *good(cache=notok), check=False)
-    assert r.returncode != 0 and r.stderr.startswith("train.py: error:") and "no tokenizer.json" in r.stderr
+    assert r.returncode != 0 and r.stderr.startswith("train.py: error:") and "tokenizer.json: missing" in r.stderr
 
 
 @pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),

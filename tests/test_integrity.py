@@ -1,0 +1,48 @@
+"""Nothing silently wrong on disk: the files between phases carry checksums in their manifests, and readers refuse a
+file that changed since it was written, naming it (issue 25's flipped-bytes rows)."""
+
+import os
+import shutil
+
+from conftest import assert_one_line_error, run_script
+from test_train import train_args
+
+
+def flip(path, n=8, byte=None):
+    """Overwrite n bytes in the middle of a file (same size): each byte inverted, or set to `byte`."""
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.seek(size // 2)
+        old = f.read(n)
+        f.seek(size // 2)
+        f.write(bytes([byte] * n) if byte is not None else bytes(b ^ 0xFF for b in old))
+
+
+def test_flipped_bytes_in_the_cache_are_refused(tmp_path, tiny_cache):
+    """8 bytes flipped in entropy.npy or topk_logprobs.npy (same size, so the array still loads): topology.py exits
+    with one line naming the file (before, it ran on entropies of 1e20); --no_verify reads it anyway."""
+    for name in ["entropy.npy", "topk_logprobs.npy"]:
+        cache = tmp_path / f"cache_{name}"
+        shutil.copytree(tiny_cache, cache)
+        flip(cache / name)
+        r = run_script("topology.py", "--cache", cache, "--out", tmp_path / f"topo_{name}", check=False)
+        assert_one_line_error(r, "topology.py", str(cache / name), "checksum mismatch", "--no_verify")
+        assert not (tmp_path / f"topo_{name}" / "manifest.json").exists()
+    run_script("topology.py", "--cache", cache, "--out", tmp_path / "topo_anyway", "--no_verify")
+
+
+def test_flipped_bytes_in_a_student_are_refused(tmp_path, tiny_cache, tiny_topology, tiny_windows, student_config):
+    """64 bytes of 0xFF inside a trained student's model.safetensors: generate.py and train.py --init refuse it with
+    one line naming the file (before, generate.py answered one token and exited 0)."""
+    student = tmp_path / "student"
+    run_script("train.py", *train_args(student, tiny_cache, tiny_topology, tiny_windows, student_config,
+                                       "--max_steps", 1))
+    run_script("generate.py", "--model", student, "--prompt", "What is a force?", "--max_new_tokens", 2)
+    flip(student / "model.safetensors", 64, 0xFF)
+    r = run_script("generate.py", "--model", student, "--prompt", "What is a force?", "--max_new_tokens", 2,
+                   check=False)
+    assert_one_line_error(r, "generate.py", str(student / "model.safetensors"), "checksum mismatch")
+    args = train_args(tmp_path / "again", tiny_cache, tiny_topology, tiny_windows, student_config, "--max_steps", 1)
+    args[args.index("--init") + 1] = str(student)
+    r = run_script("train.py", *args, check=False)
+    assert_one_line_error(r, "train.py", str(student / "model.safetensors"), "checksum mismatch")
