@@ -47,8 +47,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from cache_teacher import TeacherCache, tail_mass, unpack_ids18
-from common import (FORMAT_VERSION, Progress, check_ranges, check_upstream, doc_line, prepare_out, publish,
-                    read_manifest, sha256_json, write_json)
+from common import (FORMAT_VERSION, Progress, check_ranges, check_upstream, checksums, doc_line, prepare_out,
+                    publish, read_manifest, sha256_json, verify_checksums, write_json)
 from pages import topology_page
 
 BLOCK = 64  # the card's gap-energy window, in tokens (--block)
@@ -326,12 +326,14 @@ def run_pass(cache, kind, chunk, K, sigma, amplify, out, prog=None, threads=1, b
 Topology = namedtuple("Topology", "folder manifest fingerprint block arrays report")
 
 
-def load(folder, cache_folder, needed_by=""):
+def load(folder, cache_folder, needed_by="", verify=True):
     """topology.load(folder, cache folder) -> Topology, refused if incomplete or built from another cache: its
     manifest, block (rows per block of the block_* arrays, --block), report.json, and `arrays`, the memory-mapped
     OUTPUTS by name (arrays["disc"], arrays["jump"], arrays["weight"], arrays["block_drift"], ...)."""
     m = read_manifest(folder, "topology", needed_by=needed_by)
     check_upstream(m, cache_folder, "cache", folder)  # built from this very cache
+    if verify:  # each file against its checksum: a missing, cut or changed file is one line naming it
+        verify_checksums(folder, m)
     arrays = {n: np.load(os.path.join(folder, n + ".npy"), mmap_mode="r") for n in OUTPUTS}
     with open(os.path.join(folder, "report.json")) as fh:
         report = json.load(fh)
@@ -375,7 +377,8 @@ def main(args):
                     upstream=dict(cache=cache.fingerprint), args=vars(args), threshold=threshold,
                     counts=dict(positions=N, documents=cache.n_docs, jumps=n_jumps, blocks=-(-N // args.block)),
                     dtypes=dict(f="float32", delta="float32", disc="float32", jump="bool", weight="float32",
-                                blocks="float32"), complete=True)
+                                blocks="float32"), complete=True,
+                    sha256=checksums(out, [n + ".npy" for n in OUTPUTS] + ["report.json"]))
     write_json(os.path.join(out, "manifest.json"), manifest)
     print(f"topology: {N:,} positions, signal {args.signal}, {n_jumps:,} jumps ({n_jumps / max(nvalid, 1):.2%}, "
           f"threshold {threshold:.4g}), {N / max(elapsed, 1e-9):,.0f} positions/s -> {out}")

@@ -261,12 +261,13 @@ def load_inputs(args):
         raise ValueError(f"{args.cache}: made with --teacher none, so --kd_alpha must be 0 (got {args.kd_alpha})")
     weight, topo_fp, win_fp = None, None, None
     if args.topology and not args.no_jumps:
-        topo = load_topology(args.topology, args.cache, needed_by="train.py")
+        topo = load_topology(args.topology, args.cache, needed_by="train.py", verify=not args.no_verify)
         weight, topo_fp = topo.arrays["weight"], topo.fingerprint
     elif not args.no_jumps and cache.has_teacher and args.kd_alpha > 0:
         raise ValueError("--topology is needed for the jump weights (or pass --no_jumps)")
     if args.windows:
-        w = load_windows(args.windows, args.cache, args.topology if topo_fp else None, needed_by="train.py")
+        w = load_windows(args.windows, args.cache, args.topology if topo_fp else None, needed_by="train.py",
+                         verify=not args.no_verify)
         windows, win_fp = w.windows, w.fingerprint
         difficulty = w.difficulty if w.manifest.get("curriculum") else None
     else:  # plain fixed-stride windows, no curriculum

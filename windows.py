@@ -38,8 +38,8 @@ import numpy as np
 
 import topology
 from cache_teacher import TeacherCache
-from common import (FORMAT_VERSION, check_ranges, check_upstream, prepare_out, read_manifest, save_npy, sha256_json,
-                    write_json)
+from common import (FORMAT_VERSION, check_ranges, check_upstream, checksums, prepare_out, read_manifest, save_npy,
+                    sha256_json, verify_checksums, write_json)
 from pages import topology_page
 from topology import BLOCK, doc_last_rows, span_channels
 
@@ -181,10 +181,12 @@ def draws_summary(schedule, bands, alphas):
 Windows = namedtuple("Windows", "windows phase difficulty fingerprint manifest")
 
 
-def load(folder, cache_folder, topology_folder=None, needed_by=""):
+def load(folder, cache_folder, topology_folder=None, needed_by="", verify=True):
     """windows.load(folder, cache folder[, topology folder]) -> Windows(windows (W, 4) int64, phase (W,) uint8,
     difficulty (W,) float32, fingerprint, manifest), refused if incomplete or built from another cache/topology."""
     m = read_manifest(folder, "windows", needed_by=needed_by)
+    if verify:  # each file against its checksum: a missing, cut or changed file is one line naming it
+        verify_checksums(folder, m)
     check_upstream(m, cache_folder, "cache", folder)
     if topology_folder and m["upstream"]["topology"] is not None:  # fixed-stride windows have no topology
         check_upstream(m, topology_folder, "topology", folder)
@@ -200,7 +202,9 @@ def main(args):
     cache = TeacherCache(args.cache, verify=not args.no_verify)
     if args.topology is None and not args.fixed_stride:
         raise ValueError("--topology is needed (or --fixed_stride for the plain-KD ablation)")
-    topo = topology.load(args.topology, args.cache, needed_by="windows.py") if args.topology else None
+    topo = None
+    if args.topology:
+        topo = topology.load(args.topology, args.cache, needed_by="windows.py", verify=not args.no_verify)
     pools = parse_pools(args.pools)
     if args.fixed_stride and not 0 < args.stride <= args.window:
         raise ValueError(f"--stride {args.stride}: must be in (0, --window {args.window}] (no row may be skipped)")
@@ -249,7 +253,8 @@ def main(args):
     write_json(os.path.join(args.out, "manifest.json"), dict(
         phase="windows", version=FORMAT_VERSION, fingerprint=fingerprint, settings=settings, upstream=upstream,
         args=vars(args), counts=counts, curriculum=topo is not None,
-        dtypes=dict(windows="int64", difficulty="float32", phase="uint8"), complete=True))
+        dtypes=dict(windows="int64", difficulty="float32", phase="uint8"), complete=True,
+        sha256=checksums(args.out, ["windows.npy", "difficulty.npy", "phase.npy"])))
     print(f"windows: {len(windows):,} windows over {cache.n_docs:,} documents, mean {lengths.mean():.0f} tokens, "
           f"overlap {counts['overlap_min']}-{counts['overlap_max']}, pools {counts['per_phase']}, "
           f"{forced} forced cuts -> {args.out}")

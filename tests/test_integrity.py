@@ -46,3 +46,24 @@ def test_flipped_bytes_in_a_student_are_refused(tmp_path, tiny_cache, tiny_topol
     args[args.index("--init") + 1] = str(student)
     r = run_script("train.py", *args, check=False)
     assert_one_line_error(r, "train.py", str(student / "model.safetensors"), "checksum mismatch")
+
+
+def test_missing_and_cut_files_are_one_line(tmp_path, tiny_cache, tiny_topology):
+    """f.npy missing from a topology folder, block_tv.npy cut to half, a cache array cut to half: the next phase
+    stops with one line naming the file (before: a raw FileNotFoundError, or 'mmap length is greater than file
+    size' naming no file)."""
+    for name, how in [("f.npy", "missing"), ("block_tv.npy", "cut")]:
+        topo = tmp_path / f"topo_{name}"
+        shutil.copytree(tiny_topology, topo)
+        if how == "missing":
+            os.remove(topo / name)
+        else:
+            os.truncate(topo / name, os.path.getsize(topo / name) // 2)
+        r = run_script("windows.py", "--cache", tiny_cache, "--topology", topo, "--out", tmp_path / f"win_{name}",
+                       check=False)
+        assert_one_line_error(r, "windows.py", str(topo / name), "missing" if how == "missing" else "checksum")
+    cache = tmp_path / "cache_cut"
+    shutil.copytree(tiny_cache, cache)
+    os.truncate(cache / "lse.npy", os.path.getsize(cache / "lse.npy") // 2)
+    r = run_script("topology.py", "--cache", cache, "--out", tmp_path / "topo_cut", check=False)
+    assert_one_line_error(r, "topology.py", str(cache / "lse.npy"), "checksum mismatch")
