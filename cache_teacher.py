@@ -232,6 +232,42 @@ class TeacherCache:
         self.arrays = {n: load(n) for n in TEACHER_ARRAYS} if self.has_teacher else {}
         self.n_docs = len(self.doc_offsets) - 1
         self.tokenizer_path = os.path.join(folder, "tokenizer.json")
+        if verify:  # and the values against what the format promises (a writer's bug, not only a bad disk)
+            self.check_bounds()
+
+    def check_bounds(self, chunk=1 << 20):
+        """What the format promises, checked cheaply, `chunk` rows at a time: offsets increasing from 0 to N, roles
+        0-3, and with a teacher finite log-probs <= 0 sorted descending, entropy in [0, ln V], finite lse, ids < V.
+        A ValueError names the file, the row and the value."""
+        def fail(name, bad, a, what, values):
+            i = int(np.flatnonzero(bad)[0])
+            v = values[i] if np.ndim(values[i]) == 0 else "[" + ", ".join(f"{x:.4g}" for x in values[i][:4]) + ", ...]"
+            raise ValueError(f"{self.folder}/{name}.npy: row {a + i}: {v} {what}")
+        off, N = np.asarray(self.doc_offsets), len(self.tokens)
+        if off[0] != 0 or off[-1] != N or np.any(np.diff(off) <= 0):
+            raise ValueError(f"{self.folder}/doc_offsets.npy: not increasing from 0 to {N} positions")
+        V = self.manifest.get("teacher_vocab_size")
+        for a in range(0, N, chunk):
+            rows = slice(a, min(a + chunk, N))
+            roles = np.asarray(self.roles[rows])
+            if np.any(roles > 3):
+                fail("roles", roles > 3, a, "is not a role (0-3)", roles)
+            if not self.has_teacher:
+                continue
+            lp = np.asarray(self.arrays["topk_logprobs"][rows], dtype=np.float32)  # (r, k)
+            bad = ~np.isfinite(lp).all(1) | (lp > 0).any(1) | (np.diff(lp, axis=1) > 0).any(1)
+            if bad.any():
+                fail("topk_logprobs", bad, a, "is not finite, <= 0 and sorted descending", lp)
+            ent = np.asarray(self.arrays["entropy"][rows])
+            if V and np.any(~((ent >= 0) & (ent <= np.log(V) + 1e-3))):
+                fail("entropy", ~((ent >= 0) & (ent <= np.log(V) + 1e-3)), a, f"is outside [0, ln V = {np.log(V):.4f}]",
+                     ent)
+            lse = np.asarray(self.arrays["lse"][rows])
+            if not np.isfinite(lse).all():
+                fail("lse", ~np.isfinite(lse).all(1), a, "is not finite", lse)
+            ids = unpack_ids18(self.arrays["topk_ids"][rows])  # (r, k)
+            if V and np.any(ids >= V):
+                fail("topk_ids", (ids >= V).any(1), a, f"holds an id >= the vocabulary {V}", ids)
 
     def __len__(self):
         return len(self.tokens)

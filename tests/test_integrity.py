@@ -67,3 +67,22 @@ def test_missing_and_cut_files_are_one_line(tmp_path, tiny_cache, tiny_topology)
     os.truncate(cache / "lse.npy", os.path.getsize(cache / "lse.npy") // 2)
     r = run_script("topology.py", "--cache", cache, "--out", tmp_path / "topo_cut", check=False)
     assert_one_line_error(r, "topology.py", str(cache / "lse.npy"), "checksum mismatch")
+
+
+def test_values_out_of_bounds_are_refused(tmp_path, tiny_cache):
+    """A value the format rules out, written with a matching checksum (a writer's bug, not a bad disk): an entropy
+    above ln V, a positive log-prob. topology.py stops with one line naming the file, the row and the value."""
+    import json
+    import numpy as np
+    from common import checksums
+    for name, row, value in [("entropy", 5, 1.2e20), ("topk_logprobs", 7, 0.5)]:
+        cache = tmp_path / f"cache_{name}"
+        shutil.copytree(tiny_cache, cache)
+        a = np.load(cache / f"{name}.npy")
+        a[row] = value
+        np.save(cache / f"{name}.npy", a)
+        m = json.load(open(cache / "manifest.json"))
+        m["sha256"] = checksums(str(cache), list(m["sha256"]))  # the checksums agree: only the bounds can tell
+        (cache / "manifest.json").write_text(json.dumps(m))
+        r = run_script("topology.py", "--cache", cache, "--out", tmp_path / f"topo_{name}", check=False)
+        assert_one_line_error(r, "topology.py", str(cache / f"{name}.npy"), f"row {row}:")
