@@ -193,10 +193,12 @@ def _prepare_out(out, phase, fingerprint, force):
                              "choose another --out or pass --force to rebuild it")
         return "done" if m.get("complete") else "resume"
     if force:  # everything but the lock this process holds
-        for name in os.listdir(out):
+        for name in set(os.listdir(out)) - {".lock"}:
             p = os.path.join(out, name)
-            if name != ".lock":
-                shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p)
+            else:
+                os.remove(p)
     return "fresh"
 
 
