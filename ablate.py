@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from cache_teacher import TeacherCache
-from common import BLOCKS, USER, atomic_write, check_ranges, dualmind_prompt, fmt_time, write_json
+from common import BLOCKS, USER, atomic_write, check_ranges, cli, dualmind_prompt, fmt_time, write_json
 import train
 import windows
 from generate import complete, dualmind_check, load as load_model
@@ -363,7 +363,4 @@ def get_parser():
 
 
 if __name__ == "__main__":
-    try:
-        main(get_parser().parse_args())
-    except ValueError as e:
-        sys.exit(f"ablate.py: error: {e}")
+    cli("ablate.py", main, get_parser, "rerun the same command (it skips the runs already complete)")

@@ -37,18 +37,19 @@ import argparse
 import glob
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
-import sys
 import time
 
 import numpy as np
 
-from common import (FORMAT_VERSION, DTYPES, ROLES, Progress, check_device, check_ranges, checksums, close_distributed,
-                    drop_empty_folder, dualmind_text, end_tokens, init_distributed, is_hub_id, load_tokenizer,
-                    prepare_out, publish, read_jsonl, read_manifest, record_to_blocks, save_npy, sha256_file,
-                    sha256_json, token_roles, verify_checksums, write_json)
+from common import (FORMAT_VERSION, DTYPES, ROLES, Progress, check_device, check_free_space, check_ranges, check_rows,
+                    checksums, cli, close_distributed, disk_full_is_oserror, drop_empty_folder, dualmind_text,
+                    end_tokens, init_distributed, is_hub_id, load_tokenizer, prepare_out, publish, read_jsonl,
+                    read_manifest, record_to_blocks, save_npy, sha256_file, sha256_json, stop_requests, token_roles,
+                    verify_checksums, write_json)
 
 try:  # the teacher pass needs torch; the cache reader (TeacherCache) does not: topology.py and windows.py run without
     import torch
@@ -239,10 +240,7 @@ class TeacherCache:
         """What the format promises, checked cheaply, `chunk` rows at a time: offsets increasing from 0 to N, roles
         0-3, and with a teacher finite log-probs <= 0 sorted descending, entropy in [0, ln V], finite lse, ids < V.
         A ValueError names the file, the row and the value."""
-        def fail(name, bad, a, what, values):
-            i = int(np.flatnonzero(bad)[0])
-            v = values[i] if np.ndim(values[i]) == 0 else "[" + ", ".join(f"{x:.4g}" for x in values[i][:4]) + ", ...]"
-            raise ValueError(f"{self.folder}/{name}.npy: row {a + i}: {v} {what}")
+        fail = lambda name, bad, a, what, values: check_rows(f"{self.folder}/{name}.npy", bad, values, what, a)
         off, N = np.asarray(self.doc_offsets), len(self.tokens)
         if off[0] != 0 or off[-1] != N or np.any(np.diff(off) <= 0):
             raise ValueError(f"{self.folder}/doc_offsets.npy: not increasing from 0 to {N} positions")
@@ -398,11 +396,28 @@ def progress_files(out):
     return glob.glob(os.path.join(out, "progress.*.json"))
 
 
+def partial_shapes(N, k, temps):
+    """{name: (shape, dtype)} of the teacher arrays for N positions."""
+    return dict(topk_ids=((N, k // 4 * 9), np.uint8), topk_logprobs=((N, k), np.float16),
+                lse=((N, len(temps)), np.float32), target_logprob=((N,), np.float32), entropy=((N,), np.float32))
+
+
+def check_space(out, N, D, k, temps, has_teacher):
+    """Before any file is written: the disk of `out` has room for the whole cache, less what an interrupted run has
+    already allocated there (its .partial.npy files)."""
+    need = N * 5 + (D + 1) * 8  # tokens (uint32), roles (uint8), doc_offsets (int64)
+    for n, (shape, dt) in partial_shapes(N, k, temps).items() if has_teacher else []:
+        path = os.path.join(out, n + ".partial.npy")
+        have = os.stat(path).st_blocks * 512 if os.path.isfile(path) else 0  # blocks really on disk
+        need += max(math.prod(shape) * np.dtype(dt).itemsize - have, 0)
+    check_free_space(out, need, "the cache")
+
+
 def open_partials(out, N, k, temps, rank, world):
     """The teacher arrays as shared memory-mapped .partial.npy files, created by rank 0 unless a whole one of the
-    right shape is there from an interrupted run (then its rows and the progress files are kept)."""
-    shapes = dict(topk_ids=((N, k // 4 * 9), np.uint8), topk_logprobs=((N, k), np.float16),
-                  lse=((N, len(temps)), np.float32), target_logprob=((N,), np.float32), entropy=((N,), np.float32))
+    right shape is there from an interrupted run (then its rows and the progress files are kept). Their blocks are
+    allocated on disk here, so a full disk is an OSError now, never a SIGBUS from a write into the mapping later."""
+    shapes = partial_shapes(N, k, temps)
     paths = {n: os.path.join(out, n + ".partial.npy") for n in shapes}
     if rank == 0:
         for n, (shape, dt) in shapes.items():
@@ -415,6 +430,8 @@ def open_partials(out, N, k, temps, rank, world):
                 np.lib.format.open_memmap(paths[n], mode="w+", dtype=dt, shape=shape).flush()
                 for p in progress_files(out):  # a fresh array: no batch of it is done
                     os.remove(p)
+            with open(paths[n], "r+b") as f, disk_full_is_oserror(paths[n]):
+                os.posix_fallocate(f.fileno(), 0, os.path.getsize(paths[n]))
     if world > 1:
         torch.distributed.barrier()  # the files exist before any rank opens them
     return {n: np.load(p, mmap_mode="r+") for n, p in paths.items()}
@@ -438,12 +455,21 @@ def run_teacher(args, folder, tokens, doc_offsets, temps, rank, world):
     prog = Progress("cache" + (f" rank {rank}" if world > 1 else ""), total, every=args.log_every,
                     enabled=not args.stream_layers)  # the streamed pass reports per layer instead
 
+    # SIGTERM / SIGINT: the in-memory pass stops after its current batch, with that batch saved; the streamed pass
+    # saves its hidden states after every layer, so it is left to stop at once and a rerun resumes from that save
+    got, restore = ([], lambda: None) if args.stream_layers else stop_requests()
+    n_mine = len(mine) + len(my_done)  # this rank's batches, done or not
+
     def on_done(b, n):
         for arr in arrays.values():
             arr.flush()  # rows on disk before the progress file says so: a kill -9 redoes at most this batch
         my_done.append(b)
         write_json(os.path.join(out, f"progress.{rank}.json"), my_done)
         prog.update(n)
+        if got:
+            raise SystemExit(f"cache_teacher.py: stopped by {got[0]} after {len(my_done)}/{n_mine} "
+                             f"batches{f' of rank {rank}' if world > 1 else ''}, saved in {out}: run the same command "
+                             "to go on")
 
     work = [(b, batches[b]) for b in mine]
     if args.stream_layers:  # one decoder layer at a time (stream.py): the same bytes, a teacher of any size
@@ -454,6 +480,7 @@ def run_teacher(args, folder, tokens, doc_offsets, temps, rank, world):
                        on_done, args.log_every, args.stream_save_every)
     else:
         cache_batches(model, tokens, doc_offsets, work, arrays, k, temps, args.chunk, args.device, on_done)
+    restore()
 
 
 # -----------------------------------------------------------------------------
@@ -632,6 +659,7 @@ def main(args):
                     end_token=end_name, counts=dict(counts, positions=N, documents=D),
                     teacher_vocab_size=teacher_cfg.vocab_size if teacher_cfg else None, complete=False)
     if rank == 0:
+        check_space(out, N, D, args.k, temps, teacher_folder is not None)  # one line now, not a full disk later
         write_token_files(out, tokens, roles, doc_offsets, tok_file, manifest)
 
     # --- the teacher pass, then the cache published by rank 0 -----------------------------------------
@@ -684,7 +712,4 @@ def get_parser():
 
 
 if __name__ == "__main__":
-    try:
-        main(get_parser().parse_args())
-    except ValueError as e:
-        sys.exit(f"cache_teacher.py: error: {e}")
+    cli("cache_teacher.py", main, get_parser, "rerun the same command (it resumes from the batches on disk)")

@@ -10,13 +10,15 @@ ablate.py and bench.py read the student's manifest through read_student).
                      DualMind chat template: a Hugging Face folder that transformers loads
 """
 
+import glob
 import json
 import os
 import shutil
 
 import torch
 
-from common import chat_template, end_tokens, publish, read_manifest, write_json
+from common import (chat_template, check_free_space, disk_full_is_oserror, end_tokens, publish, read_manifest,
+                    write_json)
 
 
 def unwrap(model):
@@ -50,14 +52,21 @@ def save_checkpoint(folder, model, opt, state):
     if bad:
         raise ValueError(f"{folder}: not saved at step {state['step']}: {bad[:3]}{' ...' if len(bad) > 3 else ''} "
                          "hold nan or inf")
-    # 1. the whole checkpoint into folder.tmp, state.json last (find_checkpoint trusts a folder that has it)
+    # 1. the whole checkpoint into folder.tmp, state.json last (find_checkpoint trusts a folder that has it); on a
+    # full disk folder.tmp is removed and the checkpoint in place stays the last complete one
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    save_file({k: v.cpu().contiguous() for k, v in sd.items()}, os.path.join(tmp, "model.safetensors"))
-    torch.save(opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
-    torch.save(dict(torch=torch.get_rng_state()), os.path.join(tmp, "rng.pt"))
-    write_json(os.path.join(tmp, "state.json"), state)
+    try:
+        with disk_full_is_oserror(tmp):
+            check_free_space(tmp, sum(v.nbytes for v in {**sd, **moments}.values()) + (1 << 20), "the checkpoint")
+            save_file({k: v.cpu().contiguous() for k, v in sd.items()}, os.path.join(tmp, "model.safetensors"))
+            torch.save(opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
+            torch.save(dict(torch=torch.get_rng_state()), os.path.join(tmp, "rng.pt"))
+            write_json(os.path.join(tmp, "state.json"), state)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     # 2. the swap: the previous checkpoint to folder.old, the new one into place, then folder.old removed
     old = folder + ".old"
     shutil.rmtree(old, ignore_errors=True)
@@ -161,6 +170,8 @@ def save_student(out, model, cache, save_dtype):
     bad = non_finite(dict(m.named_parameters()))
     if bad:  # the NaN guard stops a run before this; the student folder never holds a nan or an inf
         raise ValueError(f"{out}: the student is not saved: {bad[:3]} hold nan or inf")
+    size = sum(p.numel() for p in m.parameters()) * getattr(torch, save_dtype).itemsize
+    check_free_space(out, size + (1 << 20), "the student")  # one line before any file, rather than a short write
     shutil.copyfile(cache.tokenizer_path, os.path.join(out, "tokenizer.json.tmp"))
     publish(os.path.join(out, "tokenizer.json.tmp"), os.path.join(out, "tokenizer.json"))
     # the cache's tokenizer_config.json (the teacher's), with the DualMind prompt as its chat template
@@ -175,7 +186,13 @@ def save_student(out, model, cache, save_dtype):
         ends = dict(end_tokens(cache.tokenizer_path))
         m.generation_config = dict(eos_token_id=sorted(ends.values()),
                                    pad_token_id=ends.get("<|endoftext|>", min(ends.values())))
-    m.save_pretrained(out, dtype=getattr(torch, save_dtype))  # the fp32 master weights, cast tensor by tensor
+    try:  # a full disk anyway: no .tmp is left; a folder without config.json and a complete manifest is not trusted
+        with disk_full_is_oserror(out):
+            m.save_pretrained(out, dtype=getattr(torch, save_dtype))  # the fp32 master weights, cast one by one
+    except BaseException:
+        for f in glob.glob(os.path.join(out, "*.tmp")):
+            os.remove(f)
+        raise
 
 
 def read_student(folder):

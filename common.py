@@ -17,11 +17,13 @@ The HTML pages and their charts live in pages.py.
 """
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 
@@ -38,10 +40,15 @@ DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names accepted by --d
 def atomic_write(path, mode="w"):
     """Open `path.tmp` for writing; on a clean exit, flush it to disk and rename it to `path`."""
     tmp = path + ".tmp"
-    with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # a full disk, a kill: no .tmp left behind
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
 
 
@@ -60,6 +67,32 @@ def save_npy(path, array):
 def publish(src, dst):
     """Rename a finished file or folder into its final name (atomic on one filesystem)."""
     os.replace(src, dst)
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def check_free_space(folder, need, what):
+    """An OSError(ENOSPC) before any work when `folder`'s disk has less than `need` bytes free for `what`."""
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise OSError(errno.ENOSPC, f"{what} needs {need / 1e9:.3g} GB, {free / 1e9:.3g} GB free there", folder)
+
+
+@contextlib.contextmanager
+def disk_full_is_oserror(path):
+    """A write into `path` that fails because its disk is full comes out as OSError(ENOSPC) naming `path`, whatever
+    raised it: safetensors raises its own error, and torch.save ("unexpected pos") and np.save ("N requested and M
+    written") report a short write with no errno."""
+    try:
+        yield
+    except Exception as e:
+        code = getattr(e, "errno", None)
+        short = code is None and any(s in str(e) for s in ("unexpected pos", "requested and"))  # a short write
+        if not (code in DISK_FULL or "os error 28" in str(e) or short):
+            raise
+        why = e.strerror if code in DISK_FULL else os.strerror(errno.ENOSPC)  # check_free_space's says how much
+        raise OSError(errno.ENOSPC, why, getattr(e, "filename", None) or path) from None
 
 
 # -----------------------------------------------------------------------------
@@ -102,6 +135,14 @@ def verify_checksums(folder, manifest):
         if sha256_file(path) != digest:
             raise ValueError(f"{path}: checksum mismatch, the file changed after it was written; rebuild it, or pass "
                              "--no_verify to read it anyway")
+
+
+def check_rows(path, bad, values, what, first=0):
+    """A ValueError naming the file, the first row where `bad` (one flag per row) holds, and its value(s)."""
+    if np.any(bad):
+        i = int(np.flatnonzero(bad)[0])
+        v = values[i] if np.ndim(values[i]) == 0 else "[" + ", ".join(f"{x:.4g}" for x in values[i][:4]) + ", ...]"
+        raise ValueError(f"{path}: row {first + i}: {v} {what}")
 
 
 def read_manifest(folder, phase, needed_by=""):
@@ -266,6 +307,41 @@ def is_hub_id(spec):
     the Hub."""
     return (not os.path.exists(spec) and spec.count("/") == 1 and not spec.startswith((".", "/"))
             and not os.path.isdir(spec.split("/")[0]) and not spec.lower().endswith(FILE_SUFFIXES))
+
+
+# -----------------------------------------------------------------------------
+# A script's entry point and its stops: bad input, a full disk and SIGTERM end with one line and a non-zero exit
+
+
+def cli(script, main, get_parser, rerun):
+    """Run main(args) as `python script`: a ValueError (bad input) or a full disk is one line `script: error: ...`
+    and exit status 1; `rerun` says how to go on once there is space."""
+    try:
+        main(get_parser().parse_args())
+    except ValueError as e:
+        sys.exit(f"{script}: error: {e}")
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        sys.exit(f"{script}: error: the disk is full ({e.strerror}: {e.filename}); nothing half-written is kept: "
+                 f"free some space and {rerun}")
+
+
+def stop_requests():
+    """A job scheduler's SIGTERM (or Ctrl-C's SIGINT) is noted, not obeyed at once: the caller finishes its step, saves
+    its progress and exits with one line saying how to resume; a second signal stops at once. Returns
+    (the signals' names as they arrive, a function that puts the previous handlers back)."""
+    got, before = [], {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def note(signum, frame):
+        got.append(signal.Signals(signum).name)
+        if len(got) > 1:  # a second signal stops at once, as it would have without this handler (Ctrl-C twice)
+            signal.signal(signum, before[signum])
+            os.kill(os.getpid(), signum)
+
+    for s in before:
+        signal.signal(s, note)
+    return got, lambda: [signal.signal(s, h) for s, h in before.items()]
 
 
 # -----------------------------------------------------------------------------

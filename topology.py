@@ -39,7 +39,6 @@ Run
 import argparse
 import json
 import os
-import sys
 import time
 from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
@@ -47,8 +46,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from cache_teacher import TeacherCache, tail_mass, unpack_ids18
-from common import (FORMAT_VERSION, Progress, check_ranges, check_upstream, checksums, doc_line, prepare_out,
-                    publish, read_manifest, sha256_json, verify_checksums, write_json)
+from common import (FORMAT_VERSION, Progress, check_ranges, check_rows, check_upstream, checksums, cli, doc_line,
+                    prepare_out, publish, read_manifest, sha256_json, verify_checksums, write_json)
 from pages import topology_page
 
 BLOCK = 64  # the card's gap-energy window, in tokens (--block)
@@ -335,6 +334,9 @@ def load(folder, cache_folder, needed_by="", verify=True):
     if verify:  # each file against its checksum: a missing, cut or changed file is one line naming it
         verify_checksums(folder, m)
     arrays = {n: np.load(os.path.join(folder, n + ".npy"), mmap_mode="r") for n in OUTPUTS}
+    for n, a in arrays.items():  # the format's one promise on values: every float is finite
+        if verify and a.dtype.kind == "f":
+            check_rows(os.path.join(folder, n + ".npy"), ~np.isfinite(a), a, "is not finite")
     with open(os.path.join(folder, "report.json")) as fh:
         report = json.load(fh)
     return Topology(folder, m, m["fingerprint"], m["settings"]["block"], arrays, report)
@@ -463,7 +465,4 @@ def get_parser():
 
 
 if __name__ == "__main__":
-    try:
-        main(get_parser().parse_args())
-    except ValueError as e:
-        sys.exit(f"topology.py: error: {e}")
+    cli("topology.py", main, get_parser, "rerun the same command")

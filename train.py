@@ -40,8 +40,6 @@ import json
 import math
 import os
 import shutil
-import signal
-import sys
 import time
 from dataclasses import dataclass
 
@@ -51,9 +49,9 @@ import torch
 from cache_teacher import TeacherCache
 from checkpoint import (RunLog, find_checkpoint, folder_manifest, load_checkpoint, non_finite, read_log,
                         save_checkpoint, save_student, unwrap)
-from common import (FORMAT_VERSION, REASONING, ROLES, atomic_write, check_device, check_ranges, checksums,
+from common import (FORMAT_VERSION, REASONING, ROLES, atomic_write, check_device, check_ranges, checksums, cli,
                     close_distributed, doc_line, fmt_time, init_distributed, pad_right, prepare_out, save_npy,
-                    sha256_json, verify_folder, write_json)
+                    sha256_json, stop_requests, verify_folder, write_json)
 from kd import DIVERGENCES, LOSS_CHUNK, ROW_STATS, check_impl, kd_loss, kd_stats, teacher_q
 from model import Qwen3, Qwen3Config
 from pages import training_page
@@ -561,23 +559,6 @@ def step_micro_batches(batches, ws, args, rank, accum):
     return micro, max(batches.count(ws), 1)  # the rows: the same on every process
 
 
-def stop_requests():
-    """A job scheduler's SIGTERM (or Ctrl-C's SIGINT) is noted, not obeyed at once: the loop finishes its optimizer
-    step, writes a checkpoint and exits with one line saying how to resume; a second signal stops at once. Returns
-    (the signals' names as they arrive, a function that puts the previous handlers back)."""
-    got, before = [], {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def note(signum, frame):
-        got.append(signal.Signals(signum).name)
-        if len(got) > 1:  # a second signal stops at once, as it would have without this handler (Ctrl-C twice)
-            signal.signal(signum, before[signum])
-            os.kill(os.getpid(), signum)
-
-    for s in before:
-        signal.signal(s, note)
-    return got, lambda: [signal.signal(s, h) for s, h in before.items()]
-
-
 def stopped(got, ddp, device):
     """Whether any process was asked to stop (all-reduced under torchrun, so every rank leaves at the same step)."""
     if not ddp:
@@ -818,7 +799,4 @@ def get_parser():
 
 
 if __name__ == "__main__":
-    try:
-        main(get_parser().parse_args())
-    except ValueError as e:
-        sys.exit(f"train.py: error: {e}")
+    cli("train.py", main, get_parser, "run the same command with --resume (it goes on from the last checkpoint)")

@@ -31,15 +31,14 @@ Run
 
 import argparse
 import os
-import sys
 from collections import namedtuple
 
 import numpy as np
 
 import topology
 from cache_teacher import TeacherCache
-from common import (FORMAT_VERSION, check_ranges, check_upstream, checksums, prepare_out, read_manifest, save_npy,
-                    sha256_json, verify_checksums, write_json)
+from common import (FORMAT_VERSION, check_ranges, check_rows, check_upstream, checksums, cli, prepare_out,
+                    read_manifest, save_npy, sha256_json, verify_checksums, write_json)
 from pages import topology_page
 from topology import BLOCK, doc_last_rows, span_channels
 
@@ -193,6 +192,16 @@ def load(folder, cache_folder, topology_folder=None, needed_by="", verify=True):
     arr = {n: np.load(os.path.join(folder, n + ".npy")) for n in ["windows", "phase", "difficulty"]}
     if len(arr["windows"]) == 0:
         raise ValueError(f"{folder}/windows.npy: no windows")
+    if verify:  # the values the format promises: each window inside its document, difficulty finite
+        off = np.load(os.path.join(cache_folder, "doc_offsets.npy"))  # (D + 1,) the documents' first stream rows
+        doc, start, loss_start, end = arr["windows"].T
+        inside = (doc >= 0) & (doc < len(off) - 1)
+        d = np.where(inside, doc, 0)
+        inside &= (off[d] <= start) & (start <= loss_start) & (loss_start < end) & (end <= off[d + 1])
+        check_rows(os.path.join(folder, "windows.npy"), ~inside, arr["windows"], "is not inside its document "
+                   "(doc, start, loss_start, end)")
+        check_rows(os.path.join(folder, "difficulty.npy"), ~np.isfinite(arr["difficulty"]), arr["difficulty"],
+                   "is not finite")
     return Windows(arr["windows"], arr["phase"], arr["difficulty"], m["fingerprint"], m)
 
 
@@ -281,7 +290,4 @@ def get_parser():
 
 
 if __name__ == "__main__":
-    try:
-        main(get_parser().parse_args())
-    except ValueError as e:
-        sys.exit(f"windows.py: error: {e}")
+    cli("windows.py", main, get_parser, "rerun the same command")
