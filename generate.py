@@ -136,8 +136,7 @@ def dualmind_check(text):
         o, c = text.find(f"<{b}>"), text.find(f"</{b}>")
         spans[b] = (o, c) if 0 <= o < c else None
     present = {b: spans[b] is not None for b in BLOCKS}
-    found = [spans[b] for b in BLOCKS if spans[b]]
-    ok = all(present.values()) and all(a[1] < b[0] for a, b in zip(found, found[1:]))
+    ok = all(present.values()) and all(spans[a][1] < spans[b][0] for a, b in zip(BLOCKS, BLOCKS[1:]))
     return dict(present=present, ok=ok)
 
 

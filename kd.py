@@ -1,25 +1,22 @@
 """
 The distillation loss of Phase 4, in one place: the math, a plain reference implementation, and the fused fast path.
 
-The math. At a trainable row (predicting one token) with loss multiplier m, the student's logits u (V,), the
-teacher's cached top-k ids K, and a temperature T:
+At a trainable row with loss multiplier m, the student's logits u (V,), the teacher's cached top-k ids K and a
+temperature T:
     loss = m * ((1 - alpha) * CE(u, target) + alpha * T^2 * D(p_T || q_T))
 where p_T and q_T are the student's and the teacher's distributions at T coarsened to k + 1 buckets: the k cached
-ids, and one tail bucket holding the rest of the vocabulary (the teacher's tail mass Q_T comes from the cached
-logsumexp, so no teacher logit outside the top-k is needed). D is a divergence of the two bucket distributions:
+ids and one tail bucket for the rest of the vocabulary (the teacher's tail mass Q_T comes from the cached logsumexp).
+D is a divergence of the two bucket distributions:
     tail    KL_{k+1}(q || p) = sum_b q_b (log q_b - log p_b)                      (the card's KD, the default)
     renorm  KL(q~ || p~), both renormalised over the k ids, tail dropped            (the usual top-k KD, an ablation)
 train.py passes w_ce = m (1 - alpha) / n and w_kd = m alpha T^2 / n per row, n = the step's trainable rows.
 
-The rows are 151,936 wide for Qwen3, so the logits of a micro-batch (2 x 512 x 151,936 x 4 B = 0.6 GB) never exist
-at once: both paths apply the lm_head `chunk` rows at a time.
-  plain   kd_plain: per chunk, the k + 1 bucket log-probs of both sides, D from the DIVERGENCES table, and autograd
-          for the gradient (each chunk checkpointed: its logits are recomputed in the backward, not kept). This is
-          the reference, and the place to add a divergence: one function of (student, teacher) bucket log-probs
-          (R, k + 1) -> (R,), plus one entry in DIVERGENCES. Run it with train.py --kd_mode NAME --kd_impl plain.
-  fused   ChunkedKDLoss: the gradient of the logits written in closed form during the forward (Liger-style), in
-          fp32 row blocks that stay in a CPU's cache, one exp per element. About 2x faster and leaner; written
-          for the built-in modes only (FUSED). tests/test_kd.py checks it against kd_plain and a dense brute force.
+Both paths apply the lm_head `chunk` rows at a time, so a micro-batch's (rows, vocabulary) logits never exist at once.
+  plain   kd_plain: the bucket log-probs of both sides, D from DIVERGENCES, autograd (each chunk checkpointed). The
+          reference, and the place to add a divergence: a function of (student, teacher) bucket log-probs
+          (R, k + 1) -> (R,) in DIVERGENCES, run with train.py --kd_mode NAME --kd_impl plain.
+  fused   ChunkedKDLoss: the logits' gradient in closed form during the forward (Liger-style), in fp32 row blocks
+          that stay in a CPU's cache, one exp per element; the built-in modes only (FUSED).
 """
 
 import torch
@@ -28,10 +25,8 @@ from torch.utils.checkpoint import checkpoint
 from cache_teacher import EXP_FLOOR, teacher_log_q
 
 ROW_STATS = ("ce", "kl", "agree", "tail_gap")  # per-row statistics both paths return, summed per step
-LOSS_CHUNK = 1024  # rows per lm_head matmul in the loss: 2 x 512 at once. On a CPU, chunks of 256 made the step
-# 12% slower (K = 256 matmuls run below the peak, and each chunk's bf16 grad_W is converted to fp32 and added)
-BLOCK_ELEMENTS = 1 << 20  # fp32 logits worked out together by the fused path (4 MiB, which stays in a CPU's L2/L3
-# cache): 6 rows of Qwen3's 151,936-wide vocabulary, 496 rows of the demo's 2,112
+LOSS_CHUNK = 1024  # rows per lm_head matmul in the loss (2 x 512): smaller chunks run the matmuls below the peak
+BLOCK_ELEMENTS = 1 << 20  # fp32 logits worked out together by the fused path: 4 MiB, which stays in a CPU's cache
 
 
 def teacher_q(topk_logprobs, lse, t_index, T):
@@ -110,28 +105,24 @@ def kd_plain(h, W, targets, w_ce, w_kd, teacher, T, mode, chunk):
 # The fused path: the gradient of the logits formed in the forward
 
 
-def kd_rows(u, targets, ids, lq, Q, T, mode, w_ce=None, w_kd=None, work=None):
-    """Per-row CE, KL, top-1 agreement and tail gap from student logits u (r, V) fp32 (overwritten);
-    with w_ce/w_kd (r,) also G = d(sum w_ce CE + w_kd KL)/du (r, V), returned in u's buffer. `work`, optional, is
-    a second (r, V) fp32 buffer for e_T (reused by the caller across blocks: no allocation per block).
-
-    With p the student and q the teacher, both at temperature T, and P, Q their masses outside the k cached ids:
+def kd_rows(u, targets, ids, lq, Q, T, mode, w_ce, w_kd, work):
+    """Per-row ROW_STATS from student logits u (r, V) fp32 (overwritten); with w_ce/w_kd (r,) also
+    G = d(sum w_ce CE + w_kd KL)/du (r, V) in u's buffer. `work`: a second (r, V) fp32 buffer, for e_T.
+    With p the student and q the teacher at temperature T, and P, Q their masses outside the k cached ids:
       KL_{k+1} = sum_K q (log q - log p) + Q (log Q - log P)
       dKL/du_j = (p_j - q_j) / T on the k ids,  p_j (1 - Q/P) / T elsewhere (the tail bucket shared in proportion)
     renorm: gradient (p~_j - q~_j) / T on the ids, 0 elsewhere. CE at T=1: gradient p_1 - onehot(target).
-
-    One exp per element (at T=2: e_T = exp((u - max) / 2), then e = e_T^2) and about eight passes over the row, where
-    log_softmax, logsumexp and softmax would each make two or three passes and an exp of their own:
+    One exp per element (e = e_T^2 at T=2) and about eight passes over the row:
       p_1 = e / s_1,  p_T = e_T / s_T  (s = the row sums),  log p_T(j) = (u_j - max) / T - log s_T.
     """
     m, top1 = u.max(-1)  # (r,) row max and the student's top-1 id, in one pass
     u_t = u.gather(1, targets[:, None])[:, 0]  # (r,) logit of the real next token
     uK = None if ids is None else u.gather(1, ids)  # (r, k) logits on the teacher's ids
     u.sub_(m[:, None])  # u - max <= 0
-    # exp inputs are clamped at EXP_FLOOR (cache_teacher.py says why: 10-30x faster on a CPU, invisible in sums)
+    # exp inputs are clamped at EXP_FLOOR (cache_teacher.py says why)
     eT = None
     if ids is not None and T == 2.0:  # one exp: e_T = exp((u - max) / 2), and e = e_T^2 is a multiply
-        eT = torch.mul(u, 0.5, out=work).clamp_min_(EXP_FLOOR).exp_()  # (r, V), in `work` when given
+        eT = torch.mul(u, 0.5, out=work).clamp_min_(EXP_FLOOR).exp_()  # (r, V), in `work`
         e = torch.mul(eT, eT, out=u)  # (r, V) e = exp(u - max), in u's buffer
     else:
         if ids is not None and T != 1.0:
@@ -151,9 +142,11 @@ def kd_rows(u, targets, ids, lq, Q, T, mode, w_ce=None, w_kd=None, work=None):
         eT = e
     # the student's tail mass as a sum over the ids outside the top-k, not as 1 - sum (no cancellation)
     eTK = eT.gather(1, ids)  # (r, k)
-    tail_sum = eT.scatter(1, ids, 0.0).sum(-1) if t_is_1 else eT.scatter_(1, ids, 0.0).sum(-1)  # (r,)
-    if not t_is_1:
-        eT.scatter_(1, ids, eTK)  # restore the k entries
+    if t_is_1:
+        tail_sum = eT.scatter(1, ids, 0.0).sum(-1)  # (r,) on a copy: e is needed whole below
+    else:
+        tail_sum = eT.scatter_(1, ids, 0.0).sum(-1)  # (r,) in place, then the k entries restored
+        eT.scatter_(1, ids, eTK)
     sT = tail_sum + eTK.sum(-1)  # (r,) the row sum of e_T
     log_sT = sT.log()
     lpK = (uK - m[:, None]) / T - log_sT[:, None]  # (r, k) student log p_T on the teacher's ids
@@ -179,7 +172,8 @@ def kd_rows(u, targets, ids, lq, Q, T, mode, w_ce=None, w_kd=None, work=None):
         tail_coef = torch.zeros_like(s1)
         on_ids = (w_kd / T)[:, None] * (lp_n.exp() - lq_n.exp())  # (r, k)
     # two passes over the row: at T = 1 one multiply of e by (w_ce / s1 + tail_coef), else e and e_T apart
-    G = e.mul_((w_ce / s1 + tail_coef)[:, None]) if t_is_1 else e.mul_((w_ce / s1)[:, None])
+    coef = w_ce / s1 + tail_coef if t_is_1 else w_ce / s1  # (r,)
+    G = e.mul_(coef[:, None])
     if not t_is_1 and mode == "tail":
         G.addcmul_(eT, tail_coef[:, None])
     G.scatter_add_(1, ids, on_ids)
@@ -187,12 +181,10 @@ def kd_rows(u, targets, ids, lq, Q, T, mode, w_ce=None, w_kd=None, work=None):
     return stats, G
 
 
-def kd_chunks(h, W, targets, teacher, T, mode, chunk, w_ce=None, w_kd=None, block=None):
-    """The fused path's chunk loop, for the loss and the evaluation. Per `chunk` rows it forms the logits z = h W^T
-    (c, V) in the autocast dtype, works out the statistics `block` rows at a time in fp32 (so the passes over a row
-    block hit the cache, not main memory; default BLOCK_ELEMENTS / V rows, all of them on a GPU) and, with weights,
-    writes G into z in place. Yields (row slice, per-row stats, z). h (R, C), W (V, C); teacher None or (ids, lq, Q)."""
-    block = block or (chunk if h.is_cuda else max(1, BLOCK_ELEMENTS // W.shape[0]))
+def kd_chunks(h, W, targets, teacher, T, mode, chunk, w_ce=None, w_kd=None):
+    """The fused path's chunk loop: per `chunk` rows the logits z = h W^T (c, V), their statistics in fp32 row blocks
+    that stay in a CPU's cache and, with weights, G written into z. Yields (row slice, per-row stats, z)."""
+    block = chunk if h.is_cuda else max(1, BLOCK_ELEMENTS // W.shape[0])  # rows worked out together
     bufs = None
     for s in range(0, h.shape[0], chunk):
         z = h[s:s + chunk] @ W.t()  # (c, V) logits in the autocast dtype

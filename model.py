@@ -12,13 +12,8 @@ and what save_pretrained writes loads in transformers.AutoModelForCausalLM.
     m.setup_cache(batch_size=1, max_seq_len=4096)     # static KV cache, then m(idx, input_pos=positions)
     m.save_pretrained("out/student")                  # config.json, generation_config.json, safetensors
 
-Numerics follow transformers: RMSNorm statistics in fp32, cast back, then times the weight; RoPE angles
-and cos/sin in fp32, cast to the activation dtype; attention through scaled_dot_product_attention with
-scale head_dim**-0.5; MoE router softmax in fp32 over all experts, top-k, optional renormalisation, then the
-experts all at once as one grouped matmul with no host sync (the default wherever torch has the op), or in a loop
-with the outputs summed in ascending expert order, as transformers does (m.set_moe_impl("loop" | "grouped" | "auto")).
-One departure: whenever BF16 autocast is on for CPU tensors (train.py's training and evaluation on a CPU), attention
-runs in fp32, faster there at small head dims and exacter; a model run in its own dtype is not affected.
+Numerics follow transformers (RMSNorm and RoPE angles in fp32, MoE router softmax in fp32 over all experts). One
+departure: under BF16 autocast on a CPU (train.py there), attention runs in fp32, faster at small head dims and exacter.
 """
 
 import functools
@@ -98,10 +93,7 @@ class Qwen3Config:
         else:
             kw["num_experts"] = 0
         kw.setdefault("tie_word_embeddings", False)
-        try:
-            return cls(**kw)
-        except TypeError as e:
-            raise ValueError(f"{source}: {e}") from None
+        return cls(**kw)  # every key is a field, and every field has a default
 
     @classmethod
     def from_json(cls, path):
@@ -115,8 +107,7 @@ class Qwen3Config:
         return cls.from_dict(d, source=path)
 
     def matmul_params(self):
-        """Weights that one token multiplies (the embedding lookup is no matmul; MoE: the router and the top-k
-        experts it runs, not all experts)."""
+        """Weights that one token multiplies: no embedding lookup; for MoE the router and the top-k experts."""
         C, D = self.hidden_size, self.head_dim
         attn = C * D * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)  # q, o and k, v projections
         n = 0
@@ -127,9 +118,8 @@ class Qwen3Config:
         return n + self.vocab_size * C  # the lm_head
 
     def flops_per_token(self, seq_len, backward=True):
-        """Model FLOPs per token at sequence length seq_len (nanoGPT's and PaLM's count): a forward is 2 FLOPs per
-        matmul weight plus attention's QK^T and AV, 2 x 2 x seq_len x heads x head_dim per layer (the full square,
-        as PaLM counts it); a backward costs twice the forward. So training is 6 N + 12 L T H D per token."""
+        """Model FLOPs per token at sequence length seq_len, PaLM's count: training is 6 N + 12 L T H D per token,
+        a forward 2 N plus attention's QK^T and AV over the full square; a backward costs twice the forward."""
         fwd = 2 * self.matmul_params() + 4 * self.num_hidden_layers * seq_len * self.num_attention_heads * self.head_dim
         return 3 * fwd if backward else fwd
 
@@ -141,16 +131,10 @@ class Qwen3Config:
     def to_hf_dict(self):
         """The config.json transformers reads (both the <5 top-level rope keys and v5 rope_parameters)."""
         d = asdict(self)
-        d["architectures"] = [SUPPORTED_TYPES[self.model_type]]
-        d["hidden_act"] = "silu"
-        d["attention_bias"] = False
-        d["attention_dropout"] = 0.0
-        d["use_sliding_window"] = False
-        d["sliding_window"] = None
-        d["max_window_layers"] = self.num_hidden_layers
-        d["rope_scaling"] = None
-        d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
-        d["use_cache"] = True
+        d.update(architectures=[SUPPORTED_TYPES[self.model_type]], hidden_act="silu", attention_bias=False,
+                 attention_dropout=0.0, use_sliding_window=False, sliding_window=None,
+                 max_window_layers=self.num_hidden_layers, rope_scaling=None,
+                 rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta}, use_cache=True)
         if self.model_type == "qwen3":
             for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
                       "decoder_sparse_step", "mlp_only_layers"):
@@ -238,9 +222,7 @@ class Attention(nn.Module):
         attend = functools.partial(F.scaled_dot_product_attention, attn_mask=mask, is_causal=mask is None,
                                    scale=self.head_dim ** -0.5, enable_gqa=self.n_kv != self.n_head)
         if x.is_cpu and torch.is_autocast_enabled("cpu"):
-            # training on a CPU (BF16 autocast): attention in fp32, which torch's CPU flash kernel runs faster than
-            # bf16 at small head dims (measured on 2 cores, the demo teacher's 8 x 8 heads x 300 x 32, forward and
-            # backward: 30 ms against 38 ms; equal at head_dim 128) and which rounds less
+            # BF16 autocast on a CPU: attention in fp32, faster in torch's CPU flash kernel at small head dims
             with torch.autocast("cpu", enabled=False):
                 y = attend(q.float(), k.float(), v.float())
         else:
@@ -249,8 +231,7 @@ class Attention(nn.Module):
 
 
 class SiluMul(torch.autograd.Function):
-    """silu(g) * u, keeping only g and u for the backward (silu is recomputed there): the forward is the same
-    computation as F.silu(g) * u, and training stores one (B, T, intermediate) tensor less per MLP."""
+    """silu(g) * u, saving only g and u for the backward (silu recomputed there): one (B, T, I) tensor less."""
 
     @staticmethod
     def forward(ctx, g, u):
@@ -279,8 +260,7 @@ class MLP(nn.Module):
 
 @functools.lru_cache(maxsize=None)
 def grouped_mm_runs(device_type, dtype):
-    """Whether torch's grouped matmul (F.grouped_mm, torch >= 2.10: CPU, and CUDA from sm80) runs for this device
-    type and dtype, with its backward; probed once on a small problem with an empty group."""
+    """Whether F.grouped_mm (torch >= 2.10) and its backward run for this device type and dtype; probed once."""
     if not hasattr(F, "grouped_mm"):
         return False
     with torch.inference_mode(False), torch.enable_grad():  # the probe's backward also runs under no_grad
@@ -296,16 +276,11 @@ def grouped_mm_runs(device_type, dtype):
 
 
 class SparseMoeBlock(nn.Module):
-    """Top-k routed experts, run one of two equal ways (`impl`):
-      loop     each expert once on the tokens routed to it, in ascending expert order (one host sync per layer
-               to read the counts, and E small matmuls)
-      grouped  one sort of the (token, expert) pairs, then torch's grouped matmul over all experts at once:
-               no Python loop, no host sync
-      auto     grouped wherever torch has the op for the device and dtype (torch >= 2.10: CPU, and CUDA from sm80;
-               on a CPU too it is 1.1-2.4x faster at Qwen3-30B-A3B's shapes: README, "The real shapes"), else loop
-    The experts' weights live in three stacked tensors, gate and up (E, I, C), down (E, C, I), and each expert's
-    Parameter is a view of one row: the Hub names and per-expert gradients stay, and the grouped matmul reads the
-    weights in place, with no copy and no second set in memory."""
+    """Top-k routed experts, run one of two equal ways (`impl`): "loop", each expert on its tokens in ascending
+    order, as transformers sums them (one host sync); "grouped", one sort of the (token, expert) pairs and torch's
+    grouped matmul over all experts (no sync); "auto", grouped wherever torch runs it, else loop.
+    The weights live in three stacked tensors, gate and up (E, I, C), down (E, C, I); each expert's Parameter is a
+    view of one row, so the Hub names stay and the grouped matmul reads the weights in place."""
 
     def __init__(self, cfg, impl="auto"):
         super().__init__()
@@ -322,9 +297,8 @@ class SparseMoeBlock(nn.Module):
         return [[getattr(e, n).weight for e in self.experts] for n in ("gate_proj", "up_proj", "down_proj")]
 
     def stack_experts(self, device=None, dtype=None):
-        """Copy the experts' weights into fresh stacked tensors (on `device`, in `dtype` if given; meta weights are
-        left unfilled, to be loaded in place) and make each expert's Parameter a view of its row. A no-op when they
-        already are: what from_pretrained, conversions and loads call, and the grouped path checks."""
+        """Copy the experts' weights into fresh stacked tensors (on `device`, in `dtype`; meta ones left unfilled) and
+        make each expert's Parameter a view of its row. A no-op when they already are."""
         groups = self.expert_weights()
         if device is None and dtype is None and self.rows == [p.data_ptr() for ps in groups for p in ps]:
             return
@@ -366,10 +340,7 @@ class SparseMoeBlock(nn.Module):
         dev = x.device.type
         autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
         dt = torch.get_autocast_dtype(dev) if autocast else self.stacked[0].dtype
-        impl = self.impl
-        if impl == "auto":
-            impl = "grouped" if grouped_mm_runs(dev, dt) else "loop"
-        if impl == "grouped":
+        if self.impl == "grouped" or (self.impl == "auto" and grouped_mm_runs(dev, dt)):
             return self.grouped(x, experts, order, token_of, weights, dt).view(B, T, C)
         return self.loop(x, experts, order, token_of, weights).view(B, T, C)
 
@@ -463,7 +434,7 @@ class Qwen3(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def setup_cache(self, batch_size, max_seq_len, dtype=None, device=None):
+    def setup_cache(self, batch_size, max_seq_len):
         """Preallocate a KV cache for decoding; forward then needs input_pos."""
         if max_seq_len > self.config.max_position_embeddings:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds max_position_embeddings "
@@ -471,10 +442,10 @@ class Qwen3(nn.Module):
         w = self.model.embed_tokens.weight
         for blk in self.model.layers:
             a = blk.self_attn
-            a.kv_cache = KVCache(batch_size, a.n_kv, max_seq_len, a.head_dim, dtype or w.dtype, device or w.device)
+            a.kv_cache = KVCache(batch_size, a.n_kv, max_seq_len, a.head_dim, w.dtype, w.device)
         self.max_seq_len = max_seq_len
         # decoding reads these by position instead of recomputing them every token (the same values, row by row)
-        pos = torch.arange(max_seq_len, device=device or w.device)
+        pos = torch.arange(max_seq_len, device=w.device)
         self.rope_table = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, w.dtype)  # 2 x (S, D)
         self.causal_table = pos[:, None] >= pos[None, :]  # (S, S): position i attends to cached j <= i
 
@@ -485,11 +456,8 @@ class Qwen3(nn.Module):
         self.rope_table = self.causal_table = None
 
     def forward(self, idx, input_pos=None, hidden_only=False):
-        """idx (B, T) -> logits (B, T, V) in the model dtype, or final-normed hidden states (B, T, C).
-
-        input_pos (T,) int64: absolute positions of the T tokens (default 0..T-1). With a KV cache the
-        tokens attend to every cached position <= their own; without one, causally among themselves.
-        """
+        """idx (B, T) -> logits (B, T, V) in the model dtype, or final-normed hidden states (B, T, C). input_pos (T,):
+        the tokens' positions (default 0..T-1); with a KV cache they attend to every cached position <= their own."""
         B, T = idx.shape
         if input_pos is None:
             if self.max_seq_len:
@@ -499,14 +467,12 @@ class Qwen3(nn.Module):
                                  f"{self.config.max_position_embeddings}")
             input_pos = torch.arange(T, device=idx.device)
         x = self.model.embed_tokens(idx)  # (B, T, C)
+        # (T, S) bool: what each token may attend to in the cache; None = causal over the T tokens
+        mask = self.causal_table[input_pos] if self.max_seq_len else None
         if self.max_seq_len and self.rope_table[0].dtype == x.dtype:  # decoding: the tables of setup_cache
             cos, sin = self.rope_table[0][input_pos], self.rope_table[1][input_pos]  # (T, D) each
-            mask = self.causal_table[input_pos]  # (T, S) bool: what each token may attend to in the cache
         else:
             cos, sin = rope_cos_sin(input_pos, self.config.head_dim, self.config.rope_theta, x.dtype)
-            mask = None  # None = causal over the T tokens
-            if self.max_seq_len:
-                mask = input_pos[:, None] >= torch.arange(self.max_seq_len, device=idx.device)[None, :]  # (T, S)
         for blk in self.model.layers:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(blk, x, cos, sin, input_pos, mask, use_reentrant=False)
@@ -520,11 +486,8 @@ class Qwen3(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, dtype=None, device="cpu"):
-        """Load a local folder or a Hub repo id. dtype None keeps the checkpoint's config dtype.
-
-        The model is built on the meta device and each tensor is read from the memory-mapped safetensors
-        straight onto `device`, so host memory peaks near one copy of the weights.
-        """
+        """Load a local folder or a Hub repo id (dtype None: the config's), built on meta and read from the
+        memory-mapped safetensors straight onto `device`: host memory peaks near one copy of the weights."""
         folder = resolve_folder(name_or_path)
         config, index, optional = cls.check_pretrained(folder)  # names and shapes checked from the headers first
         dtype = dtype or DTYPES.get(config.torch_dtype, torch.float32)
@@ -532,8 +495,6 @@ class Qwen3(nn.Module):
             model = cls(config)
         model.load_weights(index, [k for k in index if k not in optional], dtype, device)
         model.tie_weights()  # assign=True replaced the Parameter objects
-        meta = [n for n, p in model.named_parameters() if p.is_meta]
-        assert not meta, f"parameters left unloaded: {meta[:5]}"
         gen_path = os.path.join(folder, "generation_config.json")
         if os.path.isfile(gen_path):
             with open(gen_path) as fh:
@@ -542,8 +503,7 @@ class Qwen3(nn.Module):
 
     def load_weights(self, index, keys, dtype, device):
         """Read the tensors `keys` of a checkpoint_index into this model, built on meta, one layer at a time: a MoE
-        layer's stacked expert tensors are allocated on `device` and filled in place straight from the memory-mapped
-        files (no second copy of the layer on the device); every other tensor is read onto `device` and assigned."""
+        layer's stacked experts are allocated on `device` and filled in place, every other tensor is assigned."""
         by_layer = {}
         for k in keys:
             by_layer.setdefault(k.split(".")[2] if k.startswith("model.layers.") else "", []).append(k)
@@ -558,13 +518,11 @@ class Qwen3(nn.Module):
                     params[k].copy_(t)
             sd = load_tensors(index, [k for k in names if k not in rows], dtype, device)
             self.load_state_dict(sd, strict=False, assign=True)  # everything else: the tensors themselves
-            del sd
 
     @classmethod
     def check_pretrained(cls, folder):
-        """(config, checkpoint_index, optional names) of a model folder, from config.json and the safetensors headers
-        alone (no tensor is read): a ValueError names a missing, unexpected, misshapen or truncated tensor, before
-        a caller spends time or memory on anything else."""
+        """(config, checkpoint_index, optional names) of a model folder from config.json and the safetensors headers
+        alone: a ValueError names a missing, unexpected, misshapen or truncated tensor before any tensor is read."""
         config = Qwen3Config.from_json(os.path.join(folder, "config.json"))
         with torch.device("meta"):
             expected = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
@@ -610,10 +568,6 @@ class Qwen3(nn.Module):
 # -----------------------------------------------------------------------------
 # Checkpoint helpers
 
-HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-                "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"]
-
-
 def resolve_folder(name_or_path):
     """A local folder as is; otherwise a Hub repo id fetched (or found in the local cache) by huggingface_hub."""
     if os.path.isdir(name_or_path):
@@ -624,7 +578,9 @@ def resolve_folder(name_or_path):
         raise ValueError(f"{name_or_path}: not a model folder and not a Hub repo id of the form org/name")
     from huggingface_hub import snapshot_download
     try:
-        return snapshot_download(name_or_path, allow_patterns=HUB_PATTERNS)
+        return snapshot_download(name_or_path, allow_patterns=[
+            "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+            "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"])
     except Exception as e:  # offline with no cached copy, unknown repo, no network, ...
         why = " ".join(str(e).split())  # one line
         raise ValueError(f"{name_or_path}: no such local folder, and not found on the Hugging Face Hub or in its "
@@ -653,7 +609,7 @@ def weight_files(folder):
 
 def read_header(path):
     """The header of a safetensors file, {name: {"dtype", "shape", "data_offsets"}}, checked against the file size:
-    a ValueError names the file when it is truncated or corrupt. Reads the header only, never the tensors."""
+    a ValueError names the file when it is truncated or corrupt."""
     size = os.path.getsize(path)
     with open(path, "rb") as fh:
         head = fh.read(8)
@@ -672,9 +628,8 @@ def read_header(path):
 
 
 def checkpoint_index(folder, expected, optional=()):
-    """{name: (file, shape, bytes in the file)} of every tensor of a checkpoint, from the safetensors headers alone,
-    checked against the model's {name: shape}: a ValueError names the missing, unexpected and misshapen tensors.
-    Names in `optional` may be absent (a tied lm_head)."""
+    """{name: (file, shape, bytes in the file)} of a checkpoint from its headers, checked against the model's
+    {name: shape}: a ValueError names the missing, unexpected and misshapen tensors (`optional` may be absent)."""
     found = {}
     for path in weight_files(folder):
         for k, v in read_header(path).items():
@@ -692,8 +647,7 @@ def checkpoint_index(folder, expected, optional=()):
 
 
 def load_tensors(index, names, dtype, device):
-    """{name: tensor} for `names` of a checkpoint_index, read from the memory-mapped safetensors straight onto
-    `device` and cast to `dtype`, one file open at a time (a subset reads only its own bytes)."""
+    """{name: tensor} for `names` of a checkpoint_index, read from the memory-mapped files onto `device` in `dtype`."""
     from safetensors import SafetensorError, safe_open
     by_file = {}
     for k in names:
@@ -718,4 +672,4 @@ def write_json(path, obj):
 
 
 def _few(names, n=5):
-    return "[]" if not names else f"{names[:n]}{f' and {len(names) - n} more' if len(names) > n else ''}"
+    return f"{names[:n]}{f' and {len(names) - n} more' if len(names) > n else ''}"

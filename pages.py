@@ -1,12 +1,7 @@
 """
-The kit's HTML pages, out of the phases' way: self-contained files (one style block, inline SVG, no script, nothing
-fetched) that a browser opens from disk. Each phase calls its page function. Of the kit, this file imports only
-common.py (and the tokenizers library when a topology page decodes its tokens).
-
-  charts            svg_chart (one small inline-SVG chart: lines, dots, means, ranges), html_page (a page around a body)
-  topology_page     topology.py's and windows.py's report.html: a document's tokens coloured by discrepancy
-  ablation_page     ablate.py's ablation.html: the table and a chart per metric
-  training_page     train.py's report.html: the run's curves against the step, redrawn at each evaluation
+The kit's HTML pages: self-contained files (inline SVG, no script, nothing fetched) that a browser opens from disk.
+topology_page is topology.py's and windows.py's report.html, ablation_page ablate.py's ablation.html, training_page
+train.py's report.html; svg_chart draws their charts.
 """
 
 import html
@@ -104,15 +99,10 @@ def chart_data(fr, series, xcats, yrange):
 
 def svg_chart(series, *, width=480, height=210, log=False, vlines=(), hlines=(), xcats=None, xlabel="",
               yrange=None):
-    """One small chart as an inline <svg> string.
-
-    series: dicts with x, y (sequences; None or NaN points are skipped), color, label, and kind: 'line', 'dots',
-      'mean' (a short horizontal bar at each point) or 'range' (a vertical segment, y holding (low, high) pairs);
-      tips (optional, one string per point) become the points' tooltips.
-    vlines: (x, color, label, dash) vertical markers (dash: an SVG stroke-dasharray, "" for a solid line);
-    hlines: (y, color, label) horizontal reference lines, dashed.
-    xcats: names of the categories x = 0, 1, ... (an axis of variants instead of steps). log: log-scale y.
-    yrange: (low, high) of the y axis (a rate: (0, 1)); by default the data's range."""
+    """One small chart as an inline <svg> string. series: dicts with x, y (None or NaN points skipped), color, label,
+    tips (optional tooltips) and kind: 'line', 'dots', 'mean' (a short bar) or 'range' (y holding (low, high) pairs).
+    vlines: (x, color, label, dash) markers; hlines: (y, color, label) dashed lines; xcats: names of the categories
+    x = 0, 1, ...; log: log-scale y; yrange: (low, high) of the y axis, by default the data's range."""
     fr = chart_frame(series, width, height, log, vlines, hlines, xcats, yrange)
     left, top, pw, ph, X, Y = fr.left, fr.top, fr.pw, fr.ph, fr.X, fr.Y
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
@@ -172,8 +162,8 @@ ROLE_COLORS = ["#999999", "#2b6cb0", "#c05621", "#2f855a"]  # prompt, explore, e
 
 
 def topology_page(path, cache, arr, report, cuts=None, doc=None, max_tokens=700):
-    """Write report.html: one document's tokens coloured by discrepancy (jumps boxed, roles underlined, window cuts as
-    bars), the signal with its jumps, and the block channels. arr, report: the topology's; cuts: (row, title) pairs."""
+    """Write report.html: one document's tokens coloured by discrepancy (jumps boxed, roles underlined, cuts as bars),
+    the signal with its jumps, and the block channels. arr, report: the topology's; cuts: (row, title) pairs."""
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(cache.tokenizer_path) if os.path.isfile(cache.tokenizer_path) else None
     if doc is None:  # the document with the most jumps per token: the most to look at
@@ -256,15 +246,9 @@ orange examine, green response){cut_note}. Hover a token for its values.</p>
 # ablate.py's ablation.html
 
 
-def nowrap(text):
-    """A table cell that breaks only between 'mean ± std' and '(difference)', never inside a number."""
-    return " (".join(f'<span style="white-space:nowrap">{html.escape(t)}</span>' for t in text.split(" ("))
-
-
 def ablation_page(result, labels, metrics, cell):
-    """ablation.html: the table, then a chart per metric: a dot per seed, the mean as a bar, +- std as a segment,
-    full TKD's mean as a dashed line. Returns the page. result: ablation.json's content; labels: variant -> its name;
-    metrics: metric -> (name, higher is better); cell(summary entry, digits): the table's text for one number."""
+    """ablation.html: the table, then a chart per metric (a dot per seed, the mean, +- std, full TKD's mean dashed).
+    labels: variant -> its name; metrics: metric -> (name, higher is better); cell(summary entry, digits) -> text."""
     summary, runs, cfg = result["summary"], result["runs"], result["config"]
     variants = list(summary)
     seeds = cfg["seeds"]
@@ -292,6 +276,9 @@ def ablation_page(result, labels, metrics, cell):
         figs.append(f'<figure data-metric="{k}"><figcaption>{name} <span class="note">'
                     f'({"higher" if higher else "lower"} is better; red dashed: full TKD)</span></figcaption>'
                     f'{chart}</figure>')
+    # a table cell breaks only between 'mean ± std' and '(difference)', never inside a number
+    nowrap = lambda text: " (".join(f'<span style="white-space:nowrap">{html.escape(t)}</span>'
+                                    for t in text.split(" ("))
     rows = "".join(  # the table: a row per variant, a cell per metric (red where beyond two standard errors)
         f"<tr><td>{labels[v]}</td>" + "".join(
             f'<td{" class=sig" if summary[v][k]["sig"] else ""}>'
@@ -323,10 +310,8 @@ EVAL_COLUMNS = ("ce", "kl", "top1", "tail_gap", "kl_jump", "kl_reasoning", "kl_r
 
 
 def training_page(steps, evals, total, title, facts, phase_of, max_points=1500):
-    """The page of one training run: each of REPORT_CHARTS against the step (the per-step line, the held-out
-    evaluations as dots), curriculum phase boundaries and evaluations marked, and the evaluations as a table.
-    steps / evals: train_log.jsonl's lines; facts: (name, value) pairs shown at the top; phase_of(step, total): the
-    curriculum phase of a step (windows.step_phase). Returns HTML."""
+    """One training run's page: REPORT_CHARTS against the step, phase boundaries and evaluations marked, and the
+    evaluations as a table. steps, evals: train_log.jsonl's lines; facts: (name, value) pairs; phase_of(step, total)."""
     thin = steps[::max(1, -(-len(steps) // max_points))] + steps[-1:]  # at most ~max_points per line
     bounds = [s for s in range(1, total) if phase_of(s, total) != phase_of(s - 1, total)]
     vlines = [(e["eval_step"], "#94a3b8", f"evaluation at step {e['eval_step']}", "2 3") for e in evals]

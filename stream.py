@@ -2,20 +2,11 @@
 The layer-streamed teacher pass of cache_teacher.py --stream_layers: a teacher of any size, one decoder layer at a time.
 
 Stage 0 embeds every batch, stage s = 1..L runs every batch through decoder layer s-1, and the head stage applies the
-final norm and cache_teacher's lm_head statistics (write_stats). Each weight is read once (a tied embedding twice).
-Batches, padding, positions and kernels are the in-memory pass's, so the bytes written are the same: tested in fp32 on
-CPU, and in bf16 on a GPU where one is present (no forward kernel there sums atomically).
-
-Memory on the device: the largest piece of the teacher (one decoder layer with all its experts: 1.25 GB for the card's
-teacher in bf16) plus the hidden states (B, L, C) of every batch, padding included (about 14 GB for the card's data),
-while both fit the budget; beyond it the hidden states spill to two scratch files and are read back for each layer.
-A batch's activations and one lm_head chunk come on top.
-
-Resume: the states are saved (fsync'd) to one of the two scratch files after every layer, or every save_every layers
-while they stay on the device; state.{rank}.json names the last saved stage, and a kill -9 resumes from there.
-
-cache_teacher.py checks the teacher against the budget before any work (stream_pieces, check_budget, stream_budget),
-then calls stream_batches with its rank's batches (each rank its own scratch files) instead of cache_batches.
+final norm and cache_teacher's write_stats. Batches, padding, positions and kernels are the in-memory pass's, so the
+bytes written are the same. The device holds the largest piece of the teacher plus the hidden states (B, L, C) of
+every batch while both fit the budget; beyond it the states spill to two scratch files, read back for each layer.
+The states are saved after every layer (or every save_every layers while on the device), and a kill -9 resumes
+from the last save (state.{rank}.json).
 """
 
 import ctypes
@@ -38,12 +29,10 @@ def batch_input(tokens, doc_offsets, docs):
 
 
 def stream_pieces(folder, dtype):
-    """Check a checkpoint from its safetensors headers alone (a ValueError names any missing tensor before any work)
-    and list what the streamed pass holds at once: (config, index, [(what, tensor names, bytes in dtype)]) for the
-    embedding, each decoder layer (for MoE all its experts) and the final norm with the lm_head."""
+    """(config, index, [(what, tensor names, bytes in dtype)]) of a checkpoint checked from its headers alone: the
+    pieces in stage order, 0 the embedding, s = 1..L decoder layer s-1 (all its experts), then the head stage."""
     cfg, index, _ = Qwen3.check_pretrained(folder)
     head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-    # the pieces in stage order: 0 the embedding, s = 1..L decoder layer s-1, then the head stage
     groups = ([("embedding", ["model.embed_tokens.weight"])] +
               [(f"decoder layer model.layers.{i}", [k for k in index if k.startswith(f"model.layers.{i}.")])
                for i in range(cfg.num_hidden_layers)] +
@@ -76,16 +65,10 @@ def stream_budget(gb, device):
 
 
 def host_memory_follows_tensors():
-    """Make the process's resident memory follow its live tensors: glibc malloc (where this Python runs on it) gives
-    each block of 8 MiB or more its own mapping, returned to the system when freed, and the free pages it keeps in
-    its heap are returned after each stage (the returned trim function, called by the streamed pass).
-
-    Why: by default glibc raises its mmap threshold to the size of each large block freed (up to 32 MiB), so after
-    the first layer the activations and hidden states under 32 MiB come from the heap instead; freed there between
-    long-lived tensors (the kept hidden states), their pages stay resident. Measured on a 1 GB fp32 16-layer teacher:
-    the streamed process grew by about a layer per layer, to 1.4x the checkpoint, while its live tensors never
-    exceeded one layer, the hidden states and a batch's activations. 8 MiB, not less: every fresh mapping costs page
-    faults, and a 1 MiB threshold made the streamed pass 1.3x slower on a CPU (bench.py's model); 8 MiB did not."""
+    """Make resident memory follow the live tensors under glibc: blocks of 8 MiB or more get their own mapping, and
+    the returned trim function hands the heap's free pages back after each stage. Else glibc raises its mmap
+    threshold as large blocks are freed, and freed activations stay resident between the kept hidden states
+    (BENCHMARKS.md, issue 21). 8 MiB, not less: every fresh mapping costs page faults."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 8 << 20)  # M_MMAP_THRESHOLD, fixed (which also stops its dynamic raise)
@@ -95,10 +78,9 @@ def host_memory_follows_tensors():
 
 
 class ScratchStates:
-    """The hidden states (B, L, C) of each batch between two stages, in two scratch files of raw `dtype` bytes: `slot`
-    holds the last saved stage's outputs, and a save writes the other file, so a kill mid-save leaves the last one
-    intact. With `resident`, the states also stay on the device and reads come from there. Positioned I/O, not
-    mmap: the page cache holds the files, not the process's memory."""
+    """The hidden states (B, L, C) of each batch between two stages, in two scratch files of raw bytes: `slot` holds
+    the last saved stage, a save writes the other (a kill mid-save leaves the last intact). With `resident` they also
+    stay on the device. Positioned I/O, not mmap: the page cache holds the files, not the process's memory."""
 
     def __init__(self, folder, rank, shapes, dtype, device, resident, slot):
         self.dtype, self.device, self.slot, self.written = dtype, device, slot, 0
@@ -149,8 +131,7 @@ class ScratchStates:
 
 
 def resume_state(state_path, shapes, dtype):
-    """The scratch state to start from, written back before any work: the saved one if its hidden states cover every
-    batch left to do (same shapes, same dtype), else a fresh one with no stage done."""
+    """The saved scratch state if it covers every batch left (same shapes and dtype), else a fresh one; written back."""
     state = dict(shapes=shapes, dtype=str(dtype), stages_done=0, slot=0)
     if os.path.isfile(state_path):
         with open(state_path) as f:
@@ -163,8 +144,8 @@ def resume_state(state_path, shapes, dtype):
 
 
 def run_stage(model, s, batches, store, save, first_input, tag, what, log_every):
-    """Stage s over every batch: the embedding (s = 0) of first_input(docs), or decoder layer s-1 of the states
-    that stage s-1 left in `store`; the outputs go back into `store`. Returns the stage's module."""
+    """Stage s over every batch: the embedding (s = 0) of first_input(docs), or decoder layer s-1 of the states in
+    `store`; the outputs go back into `store`. Returns the stage's module."""
     cfg, device = model.config, store.device  # the device the states and this stage's weights are on
     stage = model.model.embed_tokens if s == 0 else model.model.layers[s - 1]
     last = time.time()
@@ -186,12 +167,9 @@ def run_stage(model, s, batches, store, save, first_input, tag, what, log_every)
 
 def stream_batches(folder, batches, tokens, doc_offsets, write_rows, dtype, device, budget, scratch, rank=0,
                    on_done=None, log_every=10.0, save_every=1):
-    """The teacher pass one stage at a time over `batches` [(b, docs)], with at most one decoder layer of weights on
-    the device. The head stage hands each batch's final-normed hidden states to write_rows(lm_head, h (B, L, C),
-    ids (B, L), docs) -> positions written (cache_teacher.write_stats, as the in-memory pass does). The hidden states
-    are saved to scratch after every layer (every `save_every` layers while they stay on the device), and a rerun
-    resumes from the last save.
-    Returns dict(read=checkpoint bytes read, written=scratch bytes written, resident=states kept on the device)."""
+    """The teacher pass one stage at a time over `batches` [(b, docs)]; the head stage calls write_rows(lm_head,
+    h (B, L, C) final-normed, ids (B, L), docs) -> positions written. Returns dict(read=checkpoint bytes read,
+    written=scratch bytes written, resident=states kept on the device)."""
     if not batches:
         return dict(read=0, written=0, resident=True)
     cfg, index, pieces = stream_pieces(folder, dtype)
