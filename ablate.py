@@ -63,8 +63,8 @@ import windows
 from generate import complete, dualmind_check, load as load_model
 from pages import ablation_page
 from topology import load as load_topology
-from train import LOSS_CHUNK, WindowBatches, evaluate, split_docs
-from windows import load as load_windows
+from train import LOSS_CHUNK, evaluate, split_docs
+from windows import WindowBatches, load as load_windows
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # variant -> (train.py flags, fixed-stride windows?, label in the table)

@@ -53,7 +53,7 @@ per process (measured).
 
   student  one optimizer step of train.py, Qwen3-1.7B shapes (GPU; 0.6B on CPU): micro-batch 2 x 512 x 16 accumulated
            (1 on CPU), BF16 autocast, FP32 master weights + AdamW, eager and --compile: tok/s, MFU (Qwen3Config.
-           flops_per_token over train.peak_flops: the datasheet's dense bf16 peak of a known GPU, 989 TFLOP/s for an
+           flops_per_token over common.peak_flops: the datasheet's dense bf16 peak of a known GPU, 989 TFLOP/s for an
            H100, else a bf16 matmul measured here) and peak memory beside 16 B per parameter; the largest micro-batch
            that fits, without and with --grad_ckpt (doubling until out of memory; GPU only).   Target: MFU >= 40%
            with --compile.
@@ -91,11 +91,11 @@ HW = {}  # filled once per run by hardware(): peak FLOP/s per dtype, copy and ma
 
 
 def hardware(device):
-    """Matmul peak in fp32 and bf16 (train.measure_matmul_flops, the MFU denominator train.py uses too), and memory
+    """Matmul peak in fp32 and bf16 (common.measure_matmul_flops, the MFU denominator train.py uses too), and memory
     bandwidth two ways: a 512 MiB copy (read + write) and a 256 MiB fp32 matrix-vector product (what decoding does)."""
     if HW:
         return HW
-    from train import measure_matmul_flops
+    from common import measure_matmul_flops
     dev = torch.device(device)
     sync = sync_of(dev)
     for name, dt in [("fp32", torch.float32), ("bf16", torch.bfloat16)]:
@@ -465,7 +465,7 @@ TRAIN_CFG = dict(MODEL_CFG, vocab_size=151936)  # Qwen3's real vocabulary: where
 def train_batch(device, B=2, L=512, k=64, seed=0, vocab=TRAIN_CFG["vocab_size"]):
     """A micro-batch of B x L tokens, every row but the last trainable, with a random top-k teacher (k distinct ids per
     row: a random first id, then a fixed stride)."""
-    from train import batch_tensors
+    from windows import batch_tensors
     g = torch.Generator().manual_seed(seed)
     V = vocab
     idx = torch.randint(0, V, (B, L), generator=g)
@@ -1063,7 +1063,7 @@ def real_main(args):
         rows = args.only.split(",") if args.only else plan["rows"]
         if set(rows) - set(REAL_ROWS):
             raise ValueError(f"--only {args.only}: with --real, choose among {', '.join(REAL_ROWS)}")
-        from train import peak_flops
+        from common import peak_flops
         peak, res["peak_source"] = peak_flops(torch.device(args.device), torch.bfloat16)
         res["peak_bf16_flops"], res["seconds"] = peak, {}
         run = dict(student=lambda: real_student(plan, args.device, peak),

@@ -244,7 +244,7 @@ def _prepare_out(out, phase, fingerprint, force):
 
 
 # -----------------------------------------------------------------------------
-# Progress and torchrun
+# Progress, torchrun and the MFU denominator
 
 
 def fmt_time(s):
@@ -269,6 +269,44 @@ class Progress:
             eta = (self.total - self.done) / max(rate, 1e-9)
             print(f"[{self.name}] {self.done:,}/{self.total:,} {self.unit} | {rate:,.0f} {self.unit}/s | "
                   f"ETA {fmt_time(eta)}{extra}", file=sys.stderr, flush=True)
+
+
+# dense bf16 peak of known GPUs, FLOP/s (vendor datasheets, without sparsity). The first key found in the device's
+# name wins, so a name that contains another (H100 PCIe, H100) comes first
+PEAK_FLOPS = {"H200 NVL": 835e12, "H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12,
+              "A100": 312e12, "L40S": 362e12, "L40": 181e12, "A6000": 155e12, "4090": 165e12, "3090": 71e12,
+              "A10": 125e12, "L4": 121e12, "V100": 125e12}
+
+
+def measure_matmul_flops(device, dtype, n=2048, reps=3):
+    """This device's matmul speed in FLOP/s: the best of `reps` (n x n) @ (n x n) products in `dtype`."""
+    import torch
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def peak_flops(device, dtype, flag=0.0):
+    """The MFU denominator and where it comes from: --peak_flops when given; on a GPU the datasheet's dense bf16
+    figure of a known model (PEAK_FLOPS); otherwise (CPU, or an unknown GPU) a large matmul measured here and now."""
+    if flag > 0:
+        return flag, "--peak_flops"
+    if device.type == "cuda":
+        import torch
+        name = torch.cuda.get_device_name(device)
+        for key, v in PEAK_FLOPS.items():
+            if key in name:
+                return v, f"{name} datasheet, dense bf16"
+    return measure_matmul_flops(device, dtype), f"measured: a 2048^3 {str(dtype).removeprefix('torch.')} matmul"
 
 
 def init_distributed(device):

@@ -49,15 +49,15 @@ import torch
 from cache_teacher import TeacherCache
 from checkpoint import (RunLog, find_checkpoint, folder_manifest, load_checkpoint, non_finite, read_log,
                         save_checkpoint, save_student, unwrap)
-from common import (FORMAT_VERSION, REASONING, ROLES, atomic_write, check_device, check_ranges, checksums, cli,
-                    close_distributed, doc_line, fmt_time, init_distributed, pad_right, prepare_out, save_npy,
-                    sha256_json, stop_requests, verify_folder, write_json)
+from common import (FORMAT_VERSION, atomic_write, check_device, check_ranges, checksums, cli, close_distributed,
+                    doc_line, fmt_time, init_distributed, peak_flops, prepare_out, save_npy, sha256_json, stop_requests,
+                    verify_folder, write_json)
 from kd import DIVERGENCES, LOSS_CHUNK, ROW_STATS, check_impl, kd_loss, kd_stats, teacher_q
 from model import Qwen3, Qwen3Config
 from pages import training_page
 from topology import load as load_topology
-from windows import (POOLS, draw_schedule, draws_summary, fixed_windows, load as load_windows, parse_pools,
-                     pool_phases, step_phase)
+from windows import (POOLS, WindowBatches, draw_schedule, draws_summary, fixed_windows, load as load_windows,
+                     parse_pools, pool_phases, split_micro, step_phase)
 
 STEP_STATS = ("ce", "kl", "agree", "tail_gap", "rows", "tokens", "objective")  # what one optimizer step sums up
 
@@ -84,95 +84,8 @@ def learning_rate(step, total, peak=5e-6, floor=5e-7, warmup=30):
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(f, 1.0)))
 
 
-def split_micro(lengths, n_micro, batch_size):
-    """Cut points of one step's windows, sorted by length (ascending), into n_micro micro-batches of consecutive
-    windows with the fewest padded tokens (sum over micro-batches of windows x longest window). No micro-batch pads
-    more tokens than the plain split's largest (batch_size x the step's longest window), so memory stays what
-    --batch_size sets. The step's gradient is the same however it is cut (each micro-batch's loss is divided by the
-    whole step's rows); only the padding changes: on the demo's documents 11% of the tokens in equal micro-batches
-    of 8, 3% here. Exact: a dynamic programme over cut points, O(n_micro x n^2) (milliseconds for 32 windows).
-    Returns (n_micro + 1,) ints, 0 ... len(lengths); a ValueError when no cut respects the cap."""
-    L = np.asarray(lengths, dtype=np.int64)
-    n = len(L)
-    assert 1 <= n_micro <= n and np.all(np.diff(L) >= 0), (n_micro, L)
-    cap = batch_size * int(L[-1])
-    s, i = np.arange(n + 1)[:, None], np.arange(n + 1)[None, :]
-    cost = np.where(i > s, (i - s) * L[np.maximum(i - 1, 0)], np.inf)  # windows s..i-1 as one micro-batch
-    cost[cost > cap] = np.inf
-    best = np.full(n + 1, np.inf)
-    best[0] = 0.0
-    arg = []
-    for _ in range(n_micro):  # best[i]: fewest tokens for the first i windows in j micro-batches
-        total = best[:, None] + cost
-        arg.append(total.argmin(0))
-        best = total.min(0)
-    if not np.isfinite(best[n]):
-        raise ValueError(f"no cut of {n} windows into {n_micro} micro-batches keeps each within {batch_size} x the "
-                         f"longest window ({cap} tokens)")
-    cuts = [n]
-    for a in reversed(arg):
-        cuts.append(int(a[cuts[-1]]))
-    return np.array(cuts[::-1])
-
-
 # -----------------------------------------------------------------------------
-# Data: windows -> padded micro-batches with their trainable rows
-
-
-def batch_tensors(device, idx, sel, targets, reasoning, jump_w, topk_ids=None, topk_logprobs=None, lse=None,
-                  lengths=None):
-    """The micro-batch dict micro_step reads, as tensors on `device` (bench.py builds its batches with it too).
-
-    idx (B, L) int64 tokens; sel (R,) trainable rows as flat indices into B*L; targets (R,) next tokens;
-    reasoning (R,) bool (explore/examine target); jump_w (R,) topology multiplier; the teacher's cached top-k
-    for the same rows: topk_ids (R, k), topk_logprobs (R, k) at T=1, lse (R, nT); lengths: each sequence's real
-    tokens (default: all L), what tok/s and MFU count, padding not included."""
-    arrays = dict(idx=idx, sel=sel, targets=targets, reasoning=reasoning, jump_w=jump_w, topk_ids=topk_ids,
-                  topk_logprobs=topk_logprobs, lse=lse)
-    out = {k: torch.as_tensor(np.ascontiguousarray(v) if isinstance(v, np.ndarray) else v).to(device)
-           for k, v in arrays.items() if v is not None}
-    B, L = out["idx"].shape
-    out["lengths"] = [int(n) for n in lengths] if lengths is not None else [L] * B
-    out["ntok"] = sum(out["lengths"])
-    return out
-
-
-class WindowBatches:
-    """The windows of a run over the cache; batch() turns window indices into a padded micro-batch."""
-
-    def __init__(self, cache, windows, jump_weight=None):
-        self.cache, self.windows, self.jump_weight = cache, windows, jump_weight
-        self.doc_end = np.asarray(cache.doc_offsets)[windows[:, 0] + 1]  # (W,) end row of each window's document
-
-    def rows_of(self, w):
-        """Stream rows trained in window w: [loss_start, end), minus the document's last row and prompt targets."""
-        d, s, l, e = self.windows[w]
-        t = np.arange(l, min(e, self.doc_end[w] - 1))  # row t predicts token t + 1, which must exist
-        return t[self.cache.roles[t + 1] != ROLES["prompt"]]  # loss never falls on the prompt
-
-    def count(self, ws):
-        return sum(len(self.rows_of(w)) for w in ws)
-
-    def lengths(self, ws):
-        """(len(ws),) tokens of each window."""
-        return self.windows[ws, 3] - self.windows[ws, 1]
-
-    def batch(self, ws, device):
-        lengths = self.lengths(ws)
-        L = int(lengths.max())
-        sel, rows = [], []
-        for b, w in enumerate(ws):
-            t = self.rows_of(w)
-            sel.append(b * L + (t - self.windows[w, 1]))  # flat index into (B, L)
-            rows.append(t)
-        sel, rows = np.concatenate(sel), np.concatenate(rows)  # (R,) each
-        teacher = self.cache.rows_at(rows) if self.cache.has_teacher else {}
-        return batch_tensors(
-            device, idx=pad_right([self.cache.tokens[s:e] for _, s, _, e in self.windows[ws]], L), sel=sel,
-            targets=self.cache.tokens[rows + 1].astype(np.int64),
-            reasoning=np.isin(self.cache.roles[rows + 1], REASONING), lengths=lengths,
-            jump_w=self.jump_weight[rows] if self.jump_weight is not None else np.ones(len(rows), np.float32),
-            **teacher)
+# One micro-batch: forward and loss; the held-out evaluation
 
 
 def micro_step(model, batch, *, alpha, w_proof, temperature, t_index, kd_mode, n_norm, chunk, use_jumps=True,
@@ -299,42 +212,6 @@ def build_student(args, cache, device):
         raise ValueError(f"student vocabulary {model.config.vocab_size} is smaller than the teacher's ids / tokens "
                          f"(need {need}; cache {args.cache})")
     return model
-
-
-# dense bf16 peak of known GPUs, FLOP/s (vendor datasheets, without sparsity). The first key found in the device's
-# name wins, so a name that contains another (H100 PCIe, H100) comes first
-PEAK_FLOPS = {"H200 NVL": 835e12, "H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12,
-              "A100": 312e12, "L40S": 362e12, "L40": 181e12, "A6000": 155e12, "4090": 165e12, "3090": 71e12,
-              "A10": 125e12, "L4": 121e12, "V100": 125e12}
-
-
-def measure_matmul_flops(device, dtype, n=2048, reps=3):
-    """This device's matmul speed in FLOP/s: the best of `reps` (n x n) @ (n x n) products in `dtype`."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(reps):
-        sync()
-        t0 = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
-
-
-def peak_flops(device, dtype, flag=0.0):
-    """The MFU denominator and where it comes from: --peak_flops when given; on a GPU the datasheet's dense bf16
-    figure of a known model (PEAK_FLOPS); otherwise (CPU, or an unknown GPU) a large matmul measured here and now."""
-    if flag > 0:
-        return flag, "--peak_flops"
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, v in PEAK_FLOPS.items():
-            if key in name:
-                return v, f"{name} datasheet, dense bf16"
-    return measure_matmul_flops(device, dtype), f"measured: a 2048^3 {str(dtype).removeprefix('torch.')} matmul"
 
 
 def configure_optimizer(model, lr, weight_decay):

@@ -11,7 +11,8 @@ Difficulty of a window = its discrepancy-energy density (0.5 sum disc^2 / length
 easier. The curriculum has four phases of equal optimizer steps drawing from the easiest 30%, 55%, 80% and 100% of
 the training windows (--pools); train.py ranks its training windows by this difficulty, phase.npy here ranks all
 windows (held-out ones included) for the report. The draws of every optimizer step (draw_schedule, step_phase,
-draws_summary) are here too: the whole curriculum in one file, which train.py follows.
+draws_summary) are here too: the whole curriculum in one file, which train.py follows; and the windows as training
+batches (WindowBatches: tokens, trainable rows and the teacher's cached rows; split_micro: a step cut by length).
 
 A window (doc, start, loss_start, end) feeds tokens [start, end) to the student and trains rows
 [loss_start, end): row t predicts token t+1 (read from the stream, so a window's last row trains too),
@@ -37,8 +38,8 @@ import numpy as np
 
 import topology
 from cache_teacher import TeacherCache
-from common import (FORMAT_VERSION, check_ranges, check_rows, check_upstream, checksums, cli, prepare_out,
-                    read_manifest, save_npy, sha256_json, verify_checksums, write_json)
+from common import (FORMAT_VERSION, REASONING, ROLES, check_ranges, check_rows, check_upstream, checksums, cli,
+                    pad_right, prepare_out, read_manifest, save_npy, sha256_json, verify_checksums, write_json)
 from pages import topology_page
 from topology import BLOCK, doc_last_rows, span_channels
 
@@ -203,6 +204,98 @@ def load(folder, cache_folder, topology_folder=None, needed_by="", verify=True):
         check_rows(os.path.join(folder, "difficulty.npy"), ~np.isfinite(arr["difficulty"]), arr["difficulty"],
                    "is not finite")
     return Windows(arr["windows"], arr["phase"], arr["difficulty"], m["fingerprint"], m)
+
+
+# -----------------------------------------------------------------------------
+# The windows as training batches (train.py, ablate.py and bench.py read them through these)
+
+
+def split_micro(lengths, n_micro, batch_size):
+    """Cut points of one step's windows, sorted by length (ascending), into n_micro micro-batches of consecutive
+    windows with the fewest padded tokens (sum over micro-batches of windows x longest window). No micro-batch pads
+    more tokens than the plain split's largest (batch_size x the step's longest window), so memory stays what
+    --batch_size sets. The step's gradient is the same however it is cut (each micro-batch's loss is divided by the
+    whole step's rows); only the padding changes: on the demo's documents 11% of the tokens in equal micro-batches
+    of 8, 3% here. Exact: a dynamic programme over cut points, O(n_micro x n^2) (milliseconds for 32 windows).
+    Returns (n_micro + 1,) ints, 0 ... len(lengths); a ValueError when no cut respects the cap."""
+    L = np.asarray(lengths, dtype=np.int64)
+    n = len(L)
+    assert 1 <= n_micro <= n and np.all(np.diff(L) >= 0), (n_micro, L)
+    cap = batch_size * int(L[-1])
+    s, i = np.arange(n + 1)[:, None], np.arange(n + 1)[None, :]
+    cost = np.where(i > s, (i - s) * L[np.maximum(i - 1, 0)], np.inf)  # windows s..i-1 as one micro-batch
+    cost[cost > cap] = np.inf
+    best = np.full(n + 1, np.inf)
+    best[0] = 0.0
+    arg = []
+    for _ in range(n_micro):  # best[i]: fewest tokens for the first i windows in j micro-batches
+        total = best[:, None] + cost
+        arg.append(total.argmin(0))
+        best = total.min(0)
+    if not np.isfinite(best[n]):
+        raise ValueError(f"no cut of {n} windows into {n_micro} micro-batches keeps each within {batch_size} x the "
+                         f"longest window ({cap} tokens)")
+    cuts = [n]
+    for a in reversed(arg):
+        cuts.append(int(a[cuts[-1]]))
+    return np.array(cuts[::-1])
+
+
+def batch_tensors(device, idx, sel, targets, reasoning, jump_w, topk_ids=None, topk_logprobs=None, lse=None,
+                  lengths=None):
+    """The micro-batch dict micro_step reads, as tensors on `device` (bench.py builds its batches with it too).
+
+    idx (B, L) int64 tokens; sel (R,) trainable rows as flat indices into B*L; targets (R,) next tokens;
+    reasoning (R,) bool (explore/examine target); jump_w (R,) topology multiplier; the teacher's cached top-k
+    for the same rows: topk_ids (R, k), topk_logprobs (R, k) at T=1, lse (R, nT); lengths: each sequence's real
+    tokens (default: all L), what tok/s and MFU count, padding not included. Imports torch when called."""
+    import torch
+    arrays = dict(idx=idx, sel=sel, targets=targets, reasoning=reasoning, jump_w=jump_w, topk_ids=topk_ids,
+                  topk_logprobs=topk_logprobs, lse=lse)
+    out = {k: torch.as_tensor(np.ascontiguousarray(v) if isinstance(v, np.ndarray) else v).to(device)
+           for k, v in arrays.items() if v is not None}
+    B, L = out["idx"].shape
+    out["lengths"] = [int(n) for n in lengths] if lengths is not None else [L] * B
+    out["ntok"] = sum(out["lengths"])
+    return out
+
+
+class WindowBatches:
+    """The windows of a run over the cache; batch() turns window indices into a padded micro-batch."""
+
+    def __init__(self, cache, windows, jump_weight=None):
+        self.cache, self.windows, self.jump_weight = cache, windows, jump_weight
+        self.doc_end = np.asarray(cache.doc_offsets)[windows[:, 0] + 1]  # (W,) end row of each window's document
+
+    def rows_of(self, w):
+        """Stream rows trained in window w: [loss_start, end), minus the document's last row and prompt targets."""
+        d, s, l, e = self.windows[w]
+        t = np.arange(l, min(e, self.doc_end[w] - 1))  # row t predicts token t + 1, which must exist
+        return t[self.cache.roles[t + 1] != ROLES["prompt"]]  # loss never falls on the prompt
+
+    def count(self, ws):
+        return sum(len(self.rows_of(w)) for w in ws)
+
+    def lengths(self, ws):
+        """(len(ws),) tokens of each window."""
+        return self.windows[ws, 3] - self.windows[ws, 1]
+
+    def batch(self, ws, device):
+        lengths = self.lengths(ws)
+        L = int(lengths.max())
+        sel, rows = [], []
+        for b, w in enumerate(ws):
+            t = self.rows_of(w)
+            sel.append(b * L + (t - self.windows[w, 1]))  # flat index into (B, L)
+            rows.append(t)
+        sel, rows = np.concatenate(sel), np.concatenate(rows)  # (R,) each
+        teacher = self.cache.rows_at(rows) if self.cache.has_teacher else {}
+        return batch_tensors(
+            device, idx=pad_right([self.cache.tokens[s:e] for _, s, _, e in self.windows[ws]], L), sel=sel,
+            targets=self.cache.tokens[rows + 1].astype(np.int64),
+            reasoning=np.isin(self.cache.roles[rows + 1], REASONING), lengths=lengths,
+            jump_w=self.jump_weight[rows] if self.jump_weight is not None else np.ones(len(rows), np.float32),
+            **teacher)
 
 
 def main(args):

@@ -16,7 +16,8 @@ from conftest import run_main
 from model import Qwen3, Qwen3Config
 from kd import teacher_q
 from pages import REPORT_CHARTS, training_page
-from train import WindowBatches, evaluate
+from train import evaluate
+from windows import WindowBatches
 from windows import step_phase
 
 # --- a small HTML tree, so the pages are checked as parsed documents, not as strings ----------------------------

@@ -18,8 +18,8 @@ from common import ROLES
 from conftest import ROOT, run_main, run_script
 from checkpoint import find_checkpoint
 from kd import teacher_q
-from train import WindowBatches, kd_alpha, learning_rate, micro_step, proof_weight, split_micro
-from windows import draw_schedule, draws_summary, step_phase
+from train import kd_alpha, learning_rate, micro_step, proof_weight
+from windows import WindowBatches, draw_schedule, draws_summary, split_micro, step_phase
 from model import Qwen3, Qwen3Config
 
 # --- schedules -----------------------------------------------------------------------------------------------
