@@ -48,7 +48,8 @@ per process (measured).
     python bench.py --real --device cuda                         # every row below, at the card's shapes
     python bench.py --real --device cuda --only teacher,parity   # some rows
     python bench.py --real --device cpu                          # the student row at Qwen3-0.6B shapes (~14 GB)
-    torchrun --nproc_per_node=8 bench.py --real --device cuda    # DDP step vs one process: same losses (NCCL)
+    torchrun --nproc_per_node=8 bench.py --real --device cuda    # DDP and FSDP steps vs one process (NCCL): the
+                                                                 # same losses; FSDP's tok/s, MFU, peak GB per GPU
     python bench.py --tiny                                       # the same code at test size on CPU (the tests)
 
   student  one optimizer step of train.py, Qwen3-1.7B shapes (GPU; 0.6B on CPU): micro-batch 2 x 512 x 16 accumulated
@@ -502,7 +503,8 @@ def kd_step(model, opt, batches, n_norm, world=1):
     from train import micro_step
     total = 0.0
     for i, b in enumerate(batches):
-        with model.no_sync() if world > 1 and i < len(batches) - 1 else contextlib.nullcontext():
+        last = i == len(batches) - 1 or not hasattr(model, "no_sync")  # FSDP reduce-scatters after every one
+        with model.no_sync() if world > 1 and not last else contextlib.nullcontext():
             loss, _ = micro_step(model, b, alpha=0.45, w_proof=1.5, temperature=2.0, t_index=1, kd_mode="tail",
                                  n_norm=n_norm, chunk=LOSS_CHUNK, autocast=True)
             (loss * world).backward()  # DDP averages over processes; each loss is a share of the step's sum
@@ -965,30 +967,49 @@ def real_parity(plan, device):
 
 
 def real_distributed(plan, args, steps=2, lr=1e-3):
-    """Under torchrun: two optimizer steps of the student with DDP, each process taking its share of the micro-batches,
-    against the same two steps in one process (each process first computes that reference alone, then frees it).
+    """Under torchrun: two optimizer steps of the student with DDP, and with FSDP (train.py --fsdp: bf16 compute),
+    each process taking its share of the micro-batches, against the same two steps in one process (each process first
+    computes that reference alone, then frees it); FSDP's second step timed (tok/s, MFU, peak memory per GPU).
     lr is high enough that the second step's loss shows the first step's gradients."""
     from torch.nn.parallel import DistributedDataParallel as DDP
-    from common import close_distributed, init_distributed
-    from train import configure_optimizer
+    from common import close_distributed, init_distributed, peak_flops
+    from model import Qwen3Config
+    from train import configure_optimizer, shard_model
     rank, world, device = init_distributed(args.device)
+    cuda, sync = device.startswith("cuda"), sync_of(device)
     if plan["accum"] % world:
         raise ValueError(f"{world} processes do not divide the {plan['accum']} micro-batches of a step")
     batches = [train_batch(device, B=plan["batch"], L=plan["seq"], vocab=SHAPES[plan["student"]]["vocab_size"],
                            seed=s) for s in range(plan["accum"])]
     n_norm = sum(len(b["sel"]) for b in batches)
-    losses = {}
-    for name, procs in [("one_process", 1), ("ddp", world)]:
-        model = random_model(plan["student"], device, torch.float32).train()
+    losses, seconds = {}, []
+    for name, procs in [("one_process", 1), ("ddp", world), ("fsdp", world)]:
+        model = random_model(plan["student"], "cpu" if name == "fsdp" else device, torch.float32).train()
+        if name == "fsdp":  # as train.py --fsdp: sharded on the host, then each process's shards to its device
+            model = shard_model(model, "bfloat16").to(device)
         opt = configure_optimizer(model, lr, 1e-3)
-        step_model = model if procs == 1 else DDP(model, device_ids=[torch.device(device).index]
-                                                  if device.startswith("cuda") else None)
+        step_model = model if procs == 1 or name == "fsdp" else DDP(model, device_ids=[torch.device(device).index]
+                                                                    if cuda else None)
         mine = batches if procs == 1 else batches[rank::world]
-        losses[name] = [kd_step(step_model, opt, mine, n_norm, procs) for _ in range(steps)]
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        losses[name] = []
+        for _ in range(steps):
+            sync()
+            t0 = time.perf_counter()
+            losses[name].append(kd_step(step_model, opt, mine, n_norm, procs))
+            sync()
+            seconds.append(time.perf_counter() - t0)  # the last one: FSDP's second step
         del step_model, model, opt
-    one, ddp = losses["one_process"], losses["ddp"]
+    one, ddp, fsdp = losses["one_process"], losses["ddp"], losses["fsdp"]
+    tokens = plan["batch"] * plan["seq"] * plan["accum"]  # a step, every process together
+    flops = tokens * Qwen3Config(**SHAPES[plan["student"]]).flops_per_token(plan["seq"])
+    peak = peak_flops(torch.device(device), torch.bfloat16)[0]
     out = dict(world=world, backend=torch.distributed.get_backend(), steps=steps, lr=lr, **losses,
-               max_rel_diff=max(abs(a - b) / abs(a) for a, b in zip(one, ddp)))
+               max_rel_diff=max(abs(a - b) / abs(a) for a, b in zip(one, ddp)),
+               fsdp_max_rel_diff=max(abs(a - b) / abs(a) for a, b in zip(one, fsdp)),
+               fsdp_tok_s=tokens / seconds[-1], fsdp_mfu=flops / seconds[-1] / (peak * world),
+               fsdp_peak_gb_per_gpu=torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None)
     close_distributed()
     return out if rank == 0 else None
 
@@ -1045,6 +1066,10 @@ def real_table(res):
         lines.append((f"torchrun x {g['world']} ({g['backend']}) vs one process, {g['steps']} steps",
                       f"losses {', '.join(f'{x:.6f}' for x in g['ddp'])} | max rel diff {g['max_rel_diff']:.1e}",
                       "<= 1e-4"))
+        mem = f"{g['fsdp_peak_gb_per_gpu']:.1f} GB per GPU" if g["fsdp_peak_gb_per_gpu"] else "peak memory: GPU only"
+        lines.append((f"FSDP x {g['world']}, bf16 compute: second step",
+                      f"losses {', '.join(f'{x:.6f}' for x in g['fsdp'])} | max rel diff {g['fsdp_max_rel_diff']:.1e}"
+                      f" | {rate(g['fsdp_tok_s'])} tok/s | MFU {g['fsdp_mfu']:.1%} | {mem}", "losses <= 1e-3 (bf16)"))
     return lines
 
 

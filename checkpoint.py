@@ -5,6 +5,9 @@ ablate.py and bench.py read the student's manifest through read_student).
   ckpt/              model.safetensors (fp32 master weights), optimizer.pt and rng.pt (tensors only, loaded with
                      weights_only=True), state.json (step, run fingerprint; written last). Swapped in atomically:
                      ckpt.tmp is written whole, the old one moved to ckpt.old, the new one renamed into place.
+                     With --fsdp, each process writes its shards of the weights and AdamW state with
+                     torch.distributed.checkpoint (.distcp files and .metadata, which that format pickles: resume
+                     only from checkpoints your own runs wrote); a resume may use another process count.
   train_log.jsonl    one JSON line per optimizer step and per evaluation
   the student        config.json, model.safetensors, generation_config.json, the cache's tokenizer files with the
                      DualMind chat template: a Hugging Face folder that transformers loads
@@ -27,21 +30,38 @@ def unwrap(model):
     return getattr(m, "_orig_mod", m)  # torch.compile
 
 
+def sharded(model):
+    """Whether FSDP2 shards the model (train.py --fsdp): its parameters are DTensors, but for the time FSDP has
+    gathered them (the root's stay whole from a forward to its backward)."""
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(unwrap(model), FSDPModule)
+
+
+def local(t):
+    """A tensor, or this process's shard of an FSDP-sharded one."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def non_finite(tensors):
-    """The names in {name: tensor} of the tensors holding a nan or an inf (one host sync for all of them)."""
+    """The names in {name: tensor} of the tensors holding a nan or an inf (one host sync for all of them). Sharded
+    tensors are checked shard by shard and the flags combined over the processes, so every process gets the answer."""
     if not tensors:
         return []
-    dev = next(iter(tensors.values())).device
+    dev = local(next(iter(tensors.values()))).device
     # one flag per tensor, stacked, then one .tolist(): a GPU is synchronised once, not once per tensor
-    ok = torch.stack([torch.isfinite(t).all().to(dev) for t in tensors.values()]).tolist()
-    return [n for n, good in zip(tensors, ok) if not good]
+    ok = torch.stack([torch.isfinite(local(t)).all().to(dev) for t in tensors.values()]).int()
+    if any(hasattr(t, "to_local") for t in tensors.values()):
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)  # finite on every process
+    return [n for n, good in zip(tensors, ok.tolist()) if not good]
 
 
 def save_checkpoint(folder, model, opt, state):
     """Atomic: written into folder.tmp (state.json last), the previous checkpoint moved to folder.old, the new one
     renamed into place, then folder.old removed: at any kill, one complete checkpoint exists (find_checkpoint).
     A weight or optimizer tensor holding nan or inf is a ValueError and nothing is written: the checkpoint in
-    place stays the last finite one."""
+    place stays the last finite one. A sharded model (--fsdp): every process calls this (save_sharded)."""
+    if sharded(model):
+        return save_sharded(folder, model, opt, state)
     from safetensors.torch import save_file
     # a tied lm_head is the embedding: saved once, as transformers saves it
     sd = {k: v.detach() for k, v in unwrap(model).state_dict().items()
@@ -76,6 +96,35 @@ def save_checkpoint(folder, model, opt, state):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def save_sharded(folder, model, opt, state):
+    """save_checkpoint for FSDP: each process writes its shards of the weights and AdamW state into folder.tmp
+    (torch.distributed.checkpoint), then rank 0 adds rng.pt and state.json and swaps it in as save_checkpoint does."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    rank, tmp = dist.get_rank(), folder + ".tmp"
+    msd, osd = get_state_dict(model, opt)
+    moments = {f"optimizer {k} of {n}": v for n, st in osd["state"].items() for k, v in st.items()
+               if torch.is_tensor(v)}
+    bad = non_finite({**msd, **moments})  # every process learns of a nan in any shard
+    if bad:
+        raise ValueError(f"{folder}: not saved at step {state['step']}: {bad[:3]} hold nan or inf")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    dcp.save(dict(model=msd, optim=osd), checkpoint_id=tmp)  # collective: rank 0 writes .metadata last
+    if rank == 0:
+        torch.save(dict(torch=torch.get_rng_state()), os.path.join(tmp, "rng.pt"))
+        write_json(os.path.join(tmp, "state.json"), dict(state, sharded=True))
+        old = folder + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.isdir(folder):
+            publish(folder, old)
+        publish(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()  # no process goes on before the new checkpoint is in place
+
+
 def folder_manifest(out):
     """out/manifest.json as a dict, or {} where there is none to read."""
     try:
@@ -106,6 +155,18 @@ def load_checkpoint(folder, model, opt, fingerprint):
         state = json.load(f)
     if state["fingerprint"] != fingerprint:
         raise ValueError(f"{folder}: checkpoint of a run with other inputs or settings; remove it or drop --resume")
+    if state.get("sharded", False) != sharded(model):
+        raise ValueError(f"{folder}: checkpoint written {'with' if state.get('sharded') else 'without'} --fsdp; "
+                         "resume it the same way")
+    if sharded(model):  # each process reads its shards, whatever the process count that wrote them
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        msd, osd = get_state_dict(model, opt)  # this run's layout, AdamW state included (created if empty)
+        sd = dict(model=msd, optim=osd)
+        dcp.load(sd, checkpoint_id=folder)
+        set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        torch.set_rng_state(torch.load(os.path.join(folder, "rng.pt"), weights_only=True)["torch"])
+        return state
     # weights from safetensors; the optimizer's and RNG's tensors with weights_only=True: nothing is unpickled
     sd = load_file(os.path.join(folder, "model.safetensors"), device=str(next(model.parameters()).device))
     unwrap(model).load_state_dict(sd, strict=not unwrap(model).config.tie_word_embeddings)
@@ -163,14 +224,31 @@ def read_log(path):
     return steps, evals
 
 
-def save_student(out, model, cache, save_dtype):
+def gather_weights(model, dtype):
+    """A sharded model's weights, whole, one tensor at a time (every process takes part): rank 0 keeps them on the
+    host in `dtype`, so it holds one full copy at most; the others get {}. A tied lm_head is left out."""
+    m, keep = unwrap(model), torch.distributed.get_rank() == 0
+    sd = {}
+    for k, v in m.state_dict().items():
+        if k == "lm_head.weight" and m.config.tie_word_embeddings:
+            continue
+        full = v.full_tensor()  # a collective: all processes, the same order
+        if keep:
+            sd[k] = full.detach().to(dtype).cpu()
+    return sd
+
+
+def save_student(out, model, cache, save_dtype, weights=None):
     """The final student in Hugging Face layout, with the cache's tokenizer files and end tokens and the DualMind chat
-    template (the tokenizer first: save_pretrained writes config.json last, so a folder with config.json is whole)."""
+    template (the tokenizer first: save_pretrained writes config.json last, so a folder with config.json is whole).
+    weights: the gathered weights of a sharded model (gather_weights), saved instead of the model's own."""
     m = unwrap(model)
-    bad = non_finite(dict(m.named_parameters()))
+    given = weights
+    weights = dict(m.named_parameters()) if weights is None else weights
+    bad = non_finite(weights)
     if bad:  # the NaN guard stops a run before this; the student folder never holds a nan or an inf
         raise ValueError(f"{out}: the student is not saved: {bad[:3]} hold nan or inf")
-    size = sum(p.numel() for p in m.parameters()) * getattr(torch, save_dtype).itemsize
+    size = sum(p.numel() for p in weights.values()) * getattr(torch, save_dtype).itemsize
     check_free_space(out, size + (1 << 20), "the student")  # one line before any file, rather than a short write
     shutil.copyfile(cache.tokenizer_path, os.path.join(out, "tokenizer.json.tmp"))
     publish(os.path.join(out, "tokenizer.json.tmp"), os.path.join(out, "tokenizer.json"))
@@ -188,7 +266,7 @@ def save_student(out, model, cache, save_dtype):
                                    pad_token_id=ends.get("<|endoftext|>", min(ends.values())))
     try:  # a full disk anyway: no .tmp is left; a folder without config.json and a complete manifest is not trusted
         with disk_full_is_oserror(out):
-            m.save_pretrained(out, dtype=getattr(torch, save_dtype))  # the fp32 master weights, cast one by one
+            m.save_pretrained(out, dtype=getattr(torch, save_dtype), state_dict=given)  # fp32 master, cast one by one
     except BaseException:
         for f in glob.glob(os.path.join(out, "*.tmp")):
             os.remove(f)

@@ -309,11 +309,12 @@ def peak_flops(device, dtype, flag=0.0):
     return measure_matmul_flops(device, dtype), f"measured: a 2048^3 {str(dtype).removeprefix('torch.')} matmul"
 
 
-def init_distributed(device):
-    """Under torchrun (RANK/WORLD_SIZE set): join the process group, one GPU per local rank.
-    Returns (rank, world size, device). Without torchrun: (0, 1, device), and torch is not touched."""
+def init_distributed(device, always=False):
+    """Under torchrun (RANK/WORLD_SIZE set): join the process group, one GPU per local rank (with `always`, also
+    for a single process: FSDP needs the group). Returns (rank, world size, device). Without torchrun: (0, 1,
+    device), and torch is not touched."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:
+    if world > 1 or always:
         import torch
         import torch.distributed as dist
         if device.startswith("cuda"):

@@ -455,9 +455,11 @@ class Qwen3(nn.Module):
         self.max_seq_len = 0
         self.rope_table = self.causal_table = None
 
-    def forward(self, idx, input_pos=None, hidden_only=False):
+    def forward(self, idx, input_pos=None, hidden_only=False, head_fn=None):
         """idx (B, T) -> logits (B, T, V) in the model dtype, or final-normed hidden states (B, T, C). input_pos (T,):
-        the tokens' positions (default 0..T-1); with a KV cache they attend to every cached position <= their own."""
+        the tokens' positions (default 0..T-1); with a KV cache they attend to every cached position <= their own.
+        head_fn(h (B, T, C), lm_head weight (V, C)) -> its result instead of the logits: a loss that applies the head
+        itself, inside forward, where FSDP has gathered a sharded head's weight (train.py --fsdp)."""
         B, T = idx.shape
         if input_pos is None:
             if self.max_seq_len:
@@ -479,6 +481,8 @@ class Qwen3(nn.Module):
             else:
                 x = blk(x, cos, sin, input_pos, mask)
         x = self.model.norm(x)
+        if head_fn is not None:
+            return head_fn(x, self.lm_head.weight)
         return x if hidden_only else self.lm_head(x)
 
     # -------------------------------------------------------------------------
@@ -529,14 +533,16 @@ class Qwen3(nn.Module):
         optional = {"lm_head.weight"} if config.tie_word_embeddings else set()  # tied: a stored copy is ignored
         return config, checkpoint_index(folder, expected, optional), optional
 
-    def save_pretrained(self, out_dir, max_shard_bytes=5 * 2**30, dtype=None):
+    def save_pretrained(self, out_dir, max_shard_bytes=5 * 2**30, dtype=None, state_dict=None):
         """config.json, generation_config.json and model.safetensors (or shards plus index), written atomically.
-        dtype: save the tensors in this dtype (e.g. bfloat16 for inference) without touching the model's."""
+        dtype: save the tensors in this dtype (e.g. bfloat16 for inference) without touching the model's.
+        state_dict: the tensors to save instead of this model's (a sharded model's, gathered: train.py --fsdp)."""
         from safetensors.torch import save_file
         os.makedirs(out_dir, exist_ok=True)
-        sd = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in self.state_dict().items()}
+        sd = {k: v.detach().to(dtype or v.dtype).contiguous().cpu()
+              for k, v in (self.state_dict() if state_dict is None else state_dict).items()}
         if self.config.tie_word_embeddings:
-            sd.pop("lm_head.weight")  # transformers re-ties it from embed_tokens
+            sd.pop("lm_head.weight", None)  # transformers re-ties it from embed_tokens
         dtype = next(iter(sd.values())).dtype
         cfg = self.config.to_hf_dict()
         cfg["torch_dtype"] = cfg["dtype"] = str(dtype).removeprefix("torch.")

@@ -47,8 +47,8 @@ import numpy as np
 import torch
 
 from cache_teacher import TeacherCache
-from checkpoint import (RunLog, find_checkpoint, folder_manifest, load_checkpoint, non_finite, read_log,
-                        save_checkpoint, save_student, unwrap)
+from checkpoint import (RunLog, find_checkpoint, folder_manifest, gather_weights, load_checkpoint, non_finite,
+                        read_log, save_checkpoint, save_student, sharded, unwrap)
 from common import (FORMAT_VERSION, atomic_write, check_device, check_ranges, checksums, cli, close_distributed,
                     doc_line, fmt_time, init_distributed, peak_flops, prepare_out, save_npy, sha256_json, stop_requests,
                     verify_folder, write_json)
@@ -92,12 +92,10 @@ def micro_step(model, batch, *, alpha, w_proof, temperature, t_index, kd_mode, n
                use_proof=True, autocast=False, kd_impl="fused"):
     """Forward + loss of one micro-batch (the caller runs backward). Returns (loss, sums): loss is already divided
     by n_norm, the trainable rows of the whole optimizer step; sums (5,) float64 = ROW_STATS summed, then rows."""
-    T = temperature
+    T, R = temperature, len(batch["sel"])  # R trainable rows
     with torch.autocast(batch["idx"].device.type, dtype=torch.bfloat16, enabled=bool(autocast)):
-        h = model(batch["idx"], hidden_only=True)  # (B, L, C) final-normed hidden states
-        hr = h.flatten(0, 1)[batch["sel"]]  # (R, C) trainable rows only
         # the loss multiplier m per row: proof weight on explore/examine targets, x 1.25 right after a jump
-        m = torch.ones(len(hr), device=hr.device)
+        m = torch.ones(R, device=batch["idx"].device)
         if use_proof:
             m = torch.where(batch["reasoning"], torch.full_like(m, w_proof), m)
         if use_jumps:
@@ -107,9 +105,18 @@ def micro_step(model, batch, *, alpha, w_proof, temperature, t_index, kd_mode, n
         teacher = None  # no teacher: CE only (alpha is 0)
         if "topk_ids" in batch:  # (ids, log q_T on them, tail mass Q_T) per row
             teacher = (batch["topk_ids"], *teacher_q(batch["topk_logprobs"].float(), batch["lse"].float(), t_index, T))
-        W = unwrap(model).lm_head.weight  # (V, C)
-        loss, sums = kd_loss(hr, W, batch["targets"], w_ce, w_kd, teacher, T, kd_mode, chunk, kd_impl)
-    return loss, torch.cat([sums, sums.new_tensor([len(hr)])])
+        # h (B, L, C) final-normed hidden states -> the trainable rows (R, C), through the lm_head W (V, C)
+        loss, sums = with_head(model, batch["idx"], lambda h, W: kd_loss(
+            h.flatten(0, 1)[batch["sel"]], W, batch["targets"], w_ce, w_kd, teacher, T, kd_mode, chunk, kd_impl))
+    return loss, torch.cat([sums, sums.new_tensor([R])])
+
+
+def with_head(model, idx, fn):
+    """fn(h (B, L, C) final-normed hidden states of idx, the lm_head weight (V, C)): inside forward when FSDP shards
+    the head (it gathers the weight there, and reduces its gradient), else on what forward returns."""
+    if sharded(model):
+        return model(idx, head_fn=fn)
+    return fn(model(idx, hidden_only=True), unwrap(model).lm_head.weight)
 
 
 EVAL_GROUPS = ("jump", "reasoning", "response")  # the rows where TKD claims its gain, each with its own mean KL
@@ -130,22 +137,23 @@ def evaluate(model, batches, val, *, temperature, t_index, kd_mode, chunk, devic
     model.eval()
     sums = dict.fromkeys(ROW_STATS + ("rows",), 0.0)
     group_kl, group_rows = dict.fromkeys(EVAL_GROUPS, 0.0), dict.fromkeys(EVAL_GROUPS, 0)
-    W = unwrap(model).lm_head.weight
     for i in range(0, len(val), batch_size):
         b = batches.batch(val[i:i + batch_size], device)
         groups = row_groups(b)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            h = model(b["idx"], hidden_only=True).flatten(0, 1)[b["sel"]]  # (R, C)
             teacher = None
             if "topk_ids" in b:
                 teacher = (b["topk_ids"], *teacher_q(b["topk_logprobs"].float(), b["lse"].float(), t_index,
                                                      temperature))
-            for sl, st in kd_stats(h, W, b["targets"], teacher, temperature, kd_mode, chunk, kd_impl):
+            # [(row slice, per-row stats)] of the trainable rows (R, C) of h (B, L, C)
+            chunks = with_head(model, b["idx"], lambda h, W: list(kd_stats(
+                h.flatten(0, 1)[b["sel"]], W, b["targets"], teacher, temperature, kd_mode, chunk, kd_impl)))
+            for sl, st in chunks:
                 for n in ROW_STATS:
                     sums[n] += st[n].double().sum().item()
                 for g, mask in groups.items():
                     group_kl[g] += st["kl"].double()[mask[sl]].sum().item()
-        sums["rows"] += len(h)
+        sums["rows"] += len(b["sel"])
         for g, mask in groups.items():
             group_rows[g] += int(mask.sum())
     model.train()
@@ -256,10 +264,10 @@ class Run:
 
 
 def run_eval(run, model, step):
-    """Evaluate on the held-out windows (rank 0), log the line, print it and redraw report.html; None when there is
-    nothing to evaluate."""
+    """Evaluate on the held-out windows (rank 0; every process with --fsdp, whose forward is collective), log the
+    line, print it and redraw report.html; None when there is nothing to evaluate."""
     a = run.args
-    if not (run.master and len(run.val) and a.eval_every >= 0):
+    if not ((run.master or sharded(model)) and len(run.val) and a.eval_every >= 0):
         if run.master:
             write_report(run)
         return None
@@ -274,6 +282,8 @@ def run_eval(run, model, step):
     if not all(math.isfinite(v) for v in ev.values() if v is not None):
         raise ValueError(f"NaN guard at the evaluation of step {step}: " + ", ".join(f"{k} {v}" for k, v in
                          ev.items()) + " on the held-out windows; the run stops here and is not marked complete")
+    if not run.master:
+        return ev
     kd = (f" | kl {ev['kl']:.4f} | top-1 agreement {ev['top1']:.3f} | tail gap {ev['tail_gap']:+.4f}"
           if has_teacher else "")
     print(f"eval step {step}: ce {ev['ce']:.4f}{kd} ({len(run.val)} held-out windows)", flush=True)
@@ -290,16 +300,19 @@ def accumulate(run, train_model, micro, n_norm, alpha, w_proof, world):
     gradients summed in place. Returns (STEP_STATS sums over every process, this process's model FLOPs)."""
     a, ddp = run.args, world > 1
     model = unwrap(train_model)
+    fsdp = sharded(model)
     sums, flops = dict.fromkeys(STEP_STATS, 0.0), 0.0
     for i, mb in enumerate(micro):
         batch = run.batches.batch(mb, run.device)
-        sync = not ddp or i == len(micro) - 1  # DDP all-reduces the gradients on the last micro-batch only
+        # DDP all-reduces the gradients on the last micro-batch only; FSDP reduce-scatters after each, which keeps
+        # the gradients sharded (skipping it would hold them whole until the last micro-batch)
+        sync = not ddp or fsdp or i == len(micro) - 1
         with (train_model.no_sync() if not sync else contextlib.nullcontext()):
             loss, s = micro_step(train_model, batch, alpha=alpha, w_proof=w_proof, temperature=a.temperature,
                                  t_index=run.t_index, kd_mode=a.kd_mode, n_norm=n_norm, chunk=a.loss_chunk,
                                  use_jumps=not a.no_jumps, use_proof=not a.no_proof_weight, autocast=run.autocast,
                                  kd_impl=a.kd_impl)
-            (loss * world).backward()  # DDP averages over processes; the loss is already a share of the sum
+            (loss * world).backward()  # DDP and FSDP average over processes; the loss is already a share of the sum
         for n, v in zip(ROW_STATS + ("rows",), s.tolist()):
             sums[n] += v
         sums["tokens"] += batch["ntok"]
@@ -390,7 +403,7 @@ def run_fingerprint(args, upstream, step_batch, default_impl):
     step), so a run stopped by an out-of-memory error resumes with a smaller --batch_size, a larger --grad_accum."""
     settings = {k: v for k, v in vars(args).items() if k not in ("resume", "log_every", "eval_every", "ckpt_every",
                                                                   "device", "compile", "out", "force", "peak_flops",
-                                                                  "batch_size", "grad_accum", "no_verify")}
+                                                                  "batch_size", "grad_accum", "no_verify", "fsdp")}
     if args.split_seed is None:  # the split follows --seed, as before --split_seed existed: older runs still resume
         del settings["split_seed"]
     if args.kd_impl == default_impl:  # likewise for runs made before --kd_impl
@@ -446,10 +459,23 @@ def stopped(got, ddp, device):
     return flag.item() > 0
 
 
+def shard_model(model, dtype):
+    """--fsdp: each decoder layer, then the root (embedding, final norm and lm_head, so a tied head stays one with
+    the embedding), sharded over the processes with FSDP2: fp32 master weights, gradients and AdamW state split N
+    ways; with --dtype bfloat16 the card's precision, bf16 compute and fp32 gradient reduction."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bfloat16" else None,
+                              reduce_dtype=torch.float32)
+    for block in model.model.layers:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
 def wrap_model(model, compile, ddp, device):
-    """What the step calls: the model, compiled with --compile, inside DDP under torchrun."""
+    """What the step calls: the model, compiled with --compile, inside DDP under torchrun (FSDP is in the model)."""
     train_model = torch.compile(model) if compile else model
-    if ddp:
+    if ddp and not sharded(model):
         from torch.nn.parallel import DistributedDataParallel as DDP
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
     return train_model
@@ -501,10 +527,12 @@ def log_step(run, step, n_phases, sums, values, mfu_flops, tokens_done, start, t
               f"MFU {entry['mfu']:.1%} | ETA {fmt_time(eta)}", flush=True)
 
 
-def finish(run, model, fingerprint, upstream, pools, schedule, alphas, tokens_done, first_eval, last_eval):
-    """The student folder, draws.npy, the complete manifest; the checkpoint is removed (the student supersedes it)."""
+def finish(run, model, fingerprint, upstream, pools, schedule, alphas, tokens_done, first_eval, last_eval,
+           weights=None):
+    """The student folder, draws.npy, the complete manifest; the checkpoint is removed (the student supersedes it).
+    weights: a sharded model's, gathered (checkpoint.gather_weights)."""
     args = run.args
-    save_student(args.out, model, run.batches.cache, args.save_dtype)
+    save_student(args.out, model, run.batches.cache, args.save_dtype, weights)
     run.log.close()
     # the curriculum as drawn: draws.npy, how often each window was drawn, and per difficulty band a summary
     save_npy(os.path.join(args.out, "draws.npy"),
@@ -528,8 +556,11 @@ def main(args):
     check_args(args)
     default_impl, args.kd_impl = check_impl(args.kd_mode, None), check_impl(args.kd_mode, args.kd_impl)
     check_device(args.device)  # before any folder: cuda on a machine without it is one line, not a traceback
-    rank, world, args.device = init_distributed(args.device)
-    ddp, master = world > 1, rank == 0
+    if args.fsdp and "WORLD_SIZE" not in os.environ:
+        raise ValueError("--fsdp shards the student over torchrun's processes: torchrun --nproc_per_node=N train.py "
+                         "--fsdp ...")
+    rank, world, args.device = init_distributed(args.device, always=args.fsdp)
+    ddp, master, fsdp = world > 1, rank == 0, args.fsdp
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     if args.grad_accum % world:
@@ -544,7 +575,9 @@ def main(args):
     val_w, pools, total, schedule, alphas = plan_curriculum(args, cache, windows, difficulty, step_batch)
 
     # --- 3. the student, its optimizer, the output folder, resume -----------------------------------------------
-    model = build_student(args, cache, device)
+    model = build_student(args, cache, torch.device("cpu") if fsdp else device)
+    if fsdp:  # sharded on the host, then each process moves its shards alone to the device
+        model = shard_model(model, args.dtype).to(device)
     model.gradient_checkpointing = args.grad_ckpt
     opt = configure_optimizer(model, args.lr, args.weight_decay)
     fingerprint = run_fingerprint(args, upstream, step_batch, default_impl)
@@ -578,7 +611,7 @@ def main(args):
         # clip and AdamW, behind the NaN guard
         gnorm = guarded_update(model, opt, args.grad_clip, (ce, kl, sums["objective"]), lambda g: (
             f"at step {step + 1}/{total}: ce {ce:.6g}, kl {kl:.6g}, loss {sums['objective']:.6g}, grad norm {g:.6g} "
-            f"(alpha {alpha:.3f}, lr {lr:.3g})"), step, ckpt_dir, checkpoint if master else None)
+            f"(alpha {alpha:.3f}, lr {lr:.3g})"), step, ckpt_dir, checkpoint if master or fsdp else None)
         tokens_done += int(sums["tokens"])
         log_step(run, step, len(pools), sums, dict(alpha=alpha, proof_weight=w_proof, lr=lr, grad_norm=gnorm),
                  flops / peak, tokens_done, start, t0, t_start)
@@ -586,18 +619,21 @@ def main(args):
         if args.eval_every > 0 and (step + 1) % args.eval_every == 0 and step + 1 < total:
             run_eval(run, model, step + 1)
         stop = step + 1 < total and stopped(got, ddp, device)  # SIGTERM / SIGINT: save this step and leave
-        if master and (stop or args.ckpt_every > 0 and (step + 1) % args.ckpt_every == 0 and step + 1 < total):
+        due = args.ckpt_every > 0 and (step + 1) % args.ckpt_every == 0 and step + 1 < total
+        if (master or fsdp) and (stop or due):  # rank 0 writes it; with --fsdp each process its shards
             checkpoint(step + 1)
         if stop:
             break
     restore_handlers()
     if not stop:  # --- 5. the student folder and the summary ----------------------------------------------------
         last_eval = run_eval(run, model, total)
+        weights = gather_weights(model, getattr(torch, args.save_dtype)) if fsdp else None  # every process
         if master:
-            finish(run, model, fingerprint, upstream, pools, schedule, alphas, tokens_done, first_eval, last_eval)
+            finish(run, model, fingerprint, upstream, pools, schedule, alphas, tokens_done, first_eval, last_eval,
+                   weights)
             print(summary_line(args, total - start, step_batch, tokens_done, time.time() - t_start, first_eval,
                                last_eval))
-    if ddp:
+    if ddp or fsdp:
         del train_model  # the DDP wrapper holds the process group (see close_distributed)
         close_distributed()
     if stop:
@@ -666,6 +702,9 @@ def get_parser():
                    "student (the card: BF16 inference)")
     p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing (recompute each layer)")
     p.add_argument("--compile", action="store_true", help="torch.compile the student")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the student's weights, gradients and "
+                   "AdamW state over the processes (FSDP2), for a student larger than one GPU; checkpoints in "
+                   "torch.distributed.checkpoint's format, the final student one Hugging Face folder")
     p.add_argument("--peak_flops", type=float, default=0.0, help="the device's peak FLOP/s for the MFU in the log "
                    "(0: the datasheet's dense bf16 figure of a known GPU, else a matmul measured at start)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1")

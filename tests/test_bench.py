@@ -50,8 +50,9 @@ def test_real_check_tiny_runs_every_row(tmp_path):
 
 
 def test_real_check_torchrun_same_losses_as_one_process(tmp_path):
-    """torchrun with 2 processes (gloo here, NCCL on GPUs): the DDP step gives one process's losses, and the second
-    step's loss moved (the first step's gradients took part)."""
+    """torchrun with 2 processes (gloo here, NCCL on GPUs): the DDP step gives one process's losses, the FSDP step
+    (train.py --fsdp's sharding, bf16 compute) the same up to bf16 rounding, with its rate, and the second step's
+    loss moved (the first step's gradients took part)."""
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         os.path.join(ROOT, "bench.py"), "--tiny", "--device", "cpu", "--work", str(tmp_path)],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
@@ -60,6 +61,7 @@ def test_real_check_torchrun_same_losses_as_one_process(tmp_path):
     assert g["world"] == 2 and g["backend"] == "gloo"
     assert g["max_rel_diff"] <= 1e-6, g
     assert abs(g["one_process"][1] - g["one_process"][0]) > 1e-3
+    assert g["fsdp_max_rel_diff"] <= 1e-3 and g["fsdp_tok_s"] > 0 and 0 < g["fsdp_mfu"] < 1, g
 
 
 @pytest.mark.parametrize("shape, params", [("qwen3-0.6b", 596_049_920), ("qwen3-1.7b", 1_720_574_976),

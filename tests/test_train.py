@@ -358,7 +358,7 @@ def test_folder_from_before_the_split_left_the_fingerprint_is_kept(tmp_path, tin
     m = json.load(open(out / "manifest.json"))
     then = {k: v for k, v in m["args"].items() if k not in ("resume", "log_every", "eval_every", "ckpt_every", "device",
                                                             "compile", "out", "force", "peak_flops", "split_seed",
-                                                            "kd_impl", "no_verify")}  # nor these flags
+                                                            "kd_impl", "no_verify", "fsdp")}  # nor these flags
     m["fingerprint"] = sha256_json(dict(settings=then, upstream=m["upstream"],
                                         world_batch=m["args"]["batch_size"] * m["args"]["grad_accum"]))
     (out / "manifest.json").write_text(json.dumps(m))
