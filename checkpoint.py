@@ -87,7 +87,11 @@ def save_checkpoint(folder, model, opt, state):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    # 2. the swap: the previous checkpoint to folder.old, the new one into place, then folder.old removed
+    swap_in(tmp, folder)
+
+
+def swap_in(tmp, folder):
+    """The swap: the previous checkpoint to folder.old, the new one (tmp) into place, then folder.old removed."""
     old = folder + ".old"
     shutil.rmtree(old, ignore_errors=True)
     if os.path.isdir(folder):
@@ -116,12 +120,7 @@ def save_sharded(folder, model, opt, state):
     if rank == 0:
         torch.save(dict(torch=torch.get_rng_state()), os.path.join(tmp, "rng.pt"))
         write_json(os.path.join(tmp, "state.json"), dict(state, sharded=True))
-        old = folder + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        if os.path.isdir(folder):
-            publish(folder, old)
-        publish(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, folder)
     dist.barrier()  # no process goes on before the new checkpoint is in place
 
 

@@ -12,8 +12,9 @@ import time
 import pytest
 import torch
 
+from checkpoint import find_checkpoint
 from conftest import ROOT, assert_one_line_error, run_script
-from test_train import logged, train_args
+from test_train import train_args
 
 
 def torchrun(n, args, **kw):
@@ -66,7 +67,7 @@ def test_fsdp_two_processes_match_one_process(fsdp_runs):
 
 
 def test_fsdp_kill9_then_resume_gives_the_same_weights(fsdp_runs):
-    """kill -9 of the whole torchrun job after step 3 (the sharded checkpoint of step 2 in place), then --resume:
+    """kill -9 of the whole torchrun job once its first sharded checkpoint (step 2) is in place, then --resume:
     with 2 processes the final weights are byte-identical to the uninterrupted run; with 1 process (another count
     that divides the step) the same up to the reduction order."""
     from safetensors.torch import load_file
@@ -77,13 +78,12 @@ def test_fsdp_kill9_then_resume_gives_the_same_weights(fsdp_runs):
         p = subprocess.Popen(torchrun(2, [*base(out), "--fsdp"]), cwd=ROOT, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
         t0 = time.time()
-        while time.time() - t0 < 300 and not (
-                (out / "ckpt" / "state.json").exists() and max(logged(out)[0], default=0) >= 3):
-            time.sleep(0.005)
+        while time.time() - t0 < 300 and not (out / "ckpt" / "state.json").exists():
+            time.sleep(0.002)
         os.killpg(p.pid, signal.SIGKILL)  # the launcher and both workers at once
         p.wait()
-        assert json.load(open(out / "ckpt" / "state.json"))["step"] == 2 and (out / "ckpt" / ".metadata").exists()
-        assert not (out / "model.safetensors").exists()
+        ckpt = find_checkpoint(str(out / "ckpt"))  # step 2, or 4 if the kill came late (the swap may be half done)
+        assert ckpt and os.path.isfile(os.path.join(ckpt, ".metadata")) and not (out / "model.safetensors").exists()
         run_torchrun(n, [*base(out), "--fsdp", "--resume"])
         resumed = load_file(out / "model.safetensors")
         if n == 2:
