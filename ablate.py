@@ -10,9 +10,15 @@ Variants (--variants; each one is a real train.py command line, so its manifest 
   fixed_windows    windows.py --fixed_stride windows alone (without topology windows there is no difficulty, so no
                    curriculum either: all fixed windows are in every pool)
   renorm           --kd_mode renorm: KL over the renormalised top-k instead of top-k + tail bucket
-Every variant trains the demo's student (2 layers, hidden 128, from scratch) for the same --steps optimizer steps
-of 32 windows with the same seeds (--seeds: the student's init and the curriculum shuffles) and the same held-out
-documents (--split_seed fixes train.py's split for every seed).
+The student (--init):
+  warm (default)   as on the card, a pretrained student that distillation refines: per seed, the demo's student shape
+                   first trained on plain next-token loss (train.py --kd_alpha 0, --pretrain_steps, fixed windows of
+                   the training documents only), its held-out CE curve on the page; every variant of that seed starts
+                   from that same checkpoint (train.py --init FOLDER) and distils for --epochs, so the curriculum's four
+                   phases and the alpha ramp play out
+  scratch          the demo's student from random weights, --steps optimizer steps (the harness before warm starts)
+Every run has the same seeds (--seeds: the init, the pretraining and the curriculum shuffles), the same step of
+--batch_size x --grad_accum = 32 windows, and the same held-out documents (--split_seed fixes train.py's split).
 
 Metrics per run, all on the same rows whatever the variant: the held-out documents cut by the demo's topology
 windows, the teacher's KL always the exact top-k + tail one at T=2, and the jump rows taken from the demo's topology:
@@ -22,22 +28,30 @@ windows, the teacher's KL always the exact top-k + tail one at T=2, and the jump
   kl_response        ... and over response targets
   layout             the share of greedy answers to --prompts held-out questions that hold <explore>, <examine>,
                      <response> in order (generate.dualmind_check)
-The table gives, per variant, the mean +- std (sample std) over seeds, the difference to full TKD, and * when that
-difference exceeds two standard errors of a difference of two means, sqrt(s1^2/n1 + s2^2/n2).
+The table gives, per variant, the mean +- std (sample std) over seeds and the paired difference to full TKD: the
+mean over seeds of (variant - full TKD) of the same seed, both runs having started from the same checkpoint, with *
+when it exceeds two standard errors of that mean, sd(differences) / sqrt(seeds).
 
 Inputs   --demo (default out/demo): the demo's cache/, topology/ and windows/ (and tokenizer), built by
          `STOP_AFTER=windows bash demo.sh` when missing; --config (the student's config.json)
 Outputs  in --out (default out/ablation):
   windows_fixed/                    windows.py --fixed_stride (shared by standard_kd and fixed_windows)
+  runs/pretrain/seed<s>/            the warm start of seed s (train.py --kd_alpha 0): the init of every variant
   runs/<variant>/seed<s>/           train.py's student folder (manifest.json, train_log.jsonl, report.html), its
                                     printed lines (train.log) and metrics.json (this harness's measurements, with
                                     the train.py command line); a run with metrics.json is complete and skipped
   ablation.json                     config, machine, wall time, every run's metrics, the summary statistics
-  ablation.html                     one chart per metric (a dot per seed, the mean, +- std), and the table
+  ablation.html                     the table, one chart per metric (each seed's paired difference to full TKD as a
+                                    dot, their mean +- 2 SE) and the pretraining's held-out CE curves
 
 Run
-  python ablate.py                                  # 7 variants x 3 seeds, sized for <= 30 min on 2 CPU cores
-  python ablate.py --variants full standard_kd --seeds 1 2 3 4 5    # a sharper look at the headline comparison
+  python ablate.py                                  # warm start, 5 variants x 5 seeds, 4 x 8 windows a step
+  python ablate.py --batch_size 8 --grad_accum 4 --out out/ablation_8x4    # the same, another micro-batch split
+  python ablate.py --init scratch --seeds 1 2 3 --variants full standard_kd no_jumps no_proof_weight \
+      no_curriculum fixed_windows renorm --steps 120 --out out/ablation_scratch      # from scratch, as before
+  python ablate.py --device cuda --scale large --demo out/demo_large   # a teacher ~15x and a student ~20x larger
+      (data/*_large_config.json; demo.sh builds out/demo_large with them on the GPU): sized for about 10 minutes on
+      one H100, unmeasured
   python ablate.py --quick --out /tmp/abl           # a smoke run: 2 variants x 2 seeds, 2 steps (the tests)
 """
 
@@ -57,6 +71,7 @@ import numpy as np
 import torch
 
 from cache_teacher import TeacherCache
+from checkpoint import read_log, read_student
 from common import BLOCKS, USER, atomic_write, check_ranges, cli, dualmind_prompt, fmt_time, write_json
 import train
 import windows
@@ -83,15 +98,19 @@ METRICS = {
     "kl_reasoning": ("KL explore/examine", False), "kl_response": ("KL response", False),
     "ce": ("CE (nats)", False), "top1": ("top-1 agreement", True), "layout": ("DualMind layout rate", True),
 }
-# the demo's student recipe (demo.sh's learning rates: a student from scratch, which the card's 5e-6 would not move),
-# in float32 rather than the demo's bf16 autocast, so that the differences between variants are not bf16 rounding
-SCRATCH = ["--lr", "3e-3", "--min_lr", "3e-4", "--warmup", "10", "--dtype", "float32", "--save_dtype", "float32",
-           "--device", "cpu", "--log_every", "25", "--eval_every", "0", "--ckpt_every", "50"]
+# every run in float32 rather than the demo's bf16 autocast, so that the differences between variants are not bf16
+# rounding; the learning rates: demo.sh's for a student from random weights (the card's 5e-6 would not move it), a
+# third of them for a warm student, which distillation refines rather than relearns
+COMMON = ["--dtype", "float32", "--save_dtype", "float32", "--log_every", "25", "--ckpt_every", "50"]
+LR = dict(scratch=["--lr", "3e-3", "--min_lr", "3e-4", "--warmup", "10"],
+          warm=["--lr", "1e-3", "--min_lr", "1e-4", "--warmup", "10"])
+CONFIGS = dict(small="student_config.json", large="student_large_config.json")  # --scale: the student, in data/
 # the defaults, and what --quick puts in place of every one that is not given
-DEFAULTS = dict(variants=list(VARIANTS), seeds=[1, 2, 3], steps=120, grad_accum=16, prompts=8, max_new_tokens=300,
+DEFAULTS = dict(variants=["full", "standard_kd", "no_jumps", "no_curriculum", "renorm"], seeds=[1, 2, 3, 4, 5],
+                steps=0, epochs=2.0, pretrain_steps=150, batch_size=4, grad_accum=8, prompts=4, max_new_tokens=200,
                 eval_windows=0)
-QUICK = dict(variants=["full", "standard_kd"], seeds=[1, 2], steps=2, grad_accum=1, prompts=2, max_new_tokens=8,
-             eval_windows=4)
+QUICK = dict(variants=["full", "standard_kd"], seeds=[1, 2], steps=2, epochs=1.0, pretrain_steps=2, batch_size=2,
+             grad_accum=1, prompts=2, max_new_tokens=8, eval_windows=4)
 
 # -----------------------------------------------------------------------------
 # Statistics (pure)
@@ -107,23 +126,24 @@ def mean_std(values):
 
 
 def summarize(runs, metrics=tuple(METRICS), baseline="full"):
-    """Per variant and metric, over the seeds: n, mean, std, and against the baseline variant diff (mean minus the
-    baseline's mean), se = sqrt(s^2/n + s_b^2/n_b) (the standard error of a difference of two means) and
-    sig = |diff| > 2 se (None where a std is missing). runs: dicts with variant and metrics."""
+    """Per variant and metric, over the seeds: n, mean, std; and paired against the baseline variant: diffs (seed ->
+    the variant's value minus the baseline's of the same seed), diff (their mean), se (their sample std / sqrt of
+    their count: the standard error of that mean) and sig = |diff| > 2 se (None below two pairs).
+    runs: dicts with variant, seed and metrics."""
     out = {}
     for v in dict.fromkeys(r["variant"] for r in runs):
         out[v] = {}
         for k in metrics:
-            n, m, s = mean_std([r["metrics"].get(k) for r in runs if r["variant"] == v])
-            out[v][k] = dict(n=n, mean=m, std=s, diff=None, se=None, sig=None)
-    for v in out:
-        for k, c in out[v].items():
-            b = out.get(baseline, {}).get(k)
-            if v == baseline or not b or c["mean"] is None or b["mean"] is None:
+            got = {r["seed"]: r["metrics"].get(k) for r in runs if r["variant"] == v}
+            n, mean, std = mean_std(got.values())
+            c = out[v][k] = dict(n=n, mean=mean, std=std, diffs={}, diff=None, se=None, sig=None)
+            base = {r["seed"]: r["metrics"].get(k) for r in runs if r["variant"] == baseline}
+            if v == baseline:
                 continue
-            c["diff"] = c["mean"] - b["mean"]
-            if c["std"] is not None and b["std"] is not None:
-                c["se"] = math.sqrt(c["std"] ** 2 / c["n"] + b["std"] ** 2 / b["n"])
+            c["diffs"] = {s: got[s] - base[s] for s in got if got[s] is not None and base.get(s) is not None}
+            n_d, c["diff"], sd = mean_std(c["diffs"].values())
+            if sd is not None:
+                c["se"] = sd / math.sqrt(n_d)
                 c["sig"] = abs(c["diff"]) > 2 * c["se"]
     return out
 
@@ -152,28 +172,47 @@ def table(summary, metrics=tuple(METRICS)):
 # The runs
 
 
-def ensure_demo(demo):
-    """The demo's cache, topology and windows, checked; built with `STOP_AFTER=windows bash demo.sh` when missing."""
+def ensure_demo(demo, scale="small", device="cpu"):
+    """The demo's cache, topology and windows, checked; built with `STOP_AFTER=windows bash demo.sh` when missing
+    (with --scale large, from the larger teacher of data/teacher_large_config.json, on `device`)."""
     cache_dir, topo_dir, win_dir = (os.path.join(demo, p) for p in ("cache", "topology", "windows"))
     try:
         load_windows(win_dir, cache_dir, topo_dir, needed_by="ablate.py")
     except ValueError as e:
         print(f"ablate: the demo's artifacts are not complete ({e}); building them with demo.sh", flush=True)
-        env = dict(os.environ, OUT=os.path.abspath(demo), STOP_AFTER="windows", PYTHON=sys.executable)
+        env = dict(os.environ, OUT=os.path.abspath(demo), STOP_AFTER="windows", PYTHON=sys.executable, DEVICE=device,
+                   TEACHER_CONFIG=os.path.join(ROOT, "data", f"teacher{'_large' if scale == 'large' else ''}"
+                                                             "_config.json"))
         subprocess.run(["bash", os.path.join(ROOT, "demo.sh")], env=env, check=True)
         load_windows(win_dir, cache_dir, topo_dir, needed_by="ablate.py")
     return cache_dir, topo_dir, win_dir
 
 
+def shared_flags(a, seed):
+    """The flags every run of the harness shares: the step's split, the held-out split, the seed, the device."""
+    return ["--batch_size", str(a.batch_size), "--grad_accum", str(a.grad_accum), "--val_fraction",
+            str(a.val_fraction), "--split_seed", str(a.split_seed), "--seed", str(seed), "--device", a.device, *COMMON]
+
+
+def pretrain_command(a, seed, cache_dir, out):
+    """train.py's command line for the warm start of one seed: plain next-token training of the student from random
+    weights on fixed windows of the training documents (the held-out ones are never seen), its held-out CE logged
+    six times for the curve."""
+    return ["--init", "scratch", "--config", a.config, "--cache", cache_dir, "--kd_alpha", "0", "--no_proof_weight",
+            "--max_steps", str(a.pretrain_steps), "--eval_every", str(max(a.pretrain_steps // 6, 1)),
+            "--eval_windows", "32", *shared_flags(a, seed), *LR["scratch"], "--out", out, "--resume"]
+
+
 def train_command(a, variant, seed, cache_dir, topo_dir, win_dir, fixed_dir, out):
-    """train.py's command line for one run (its arguments after `python train.py`): the demo's student recipe plus
-    the variant's flags."""
+    """train.py's command line for one run (its arguments after `python train.py`): the student (the seed's warm
+    start, or random weights), the variant's flags, --epochs or --steps."""
     flags, fixed, _ = VARIANTS[variant]
-    return ["--init", "scratch", "--config", a.config, "--cache", cache_dir, "--topology", topo_dir,
-            "--windows", fixed_dir if fixed else win_dir, "--max_steps", str(a.steps),
-            "--grad_accum", str(a.grad_accum), "--val_fraction", str(a.val_fraction),
-            "--eval_windows", str(a.eval_windows or 32),  # train.py's own start/end evaluations, for its report.html
-            "--seed", str(seed), "--split_seed", str(a.split_seed), *SCRATCH, *flags, "--out", out, "--resume"]
+    init = (["--init", os.path.join(a.out, "runs", "pretrain", f"seed{seed}")] if a.init == "warm" else
+            ["--init", "scratch", "--config", a.config])
+    length = ["--max_steps", str(a.steps)] if a.steps else ["--epochs", str(a.epochs)]
+    return [*init, "--cache", cache_dir, "--topology", topo_dir, "--windows", fixed_dir if fixed else win_dir,
+            *length, "--eval_every", "0", "--eval_windows", str(a.eval_windows or 32),  # its report's first/last
+            *shared_flags(a, seed), *LR[a.init], *flags, "--out", out, "--resume"]
 
 
 def run_script(module, argv, log):
@@ -198,12 +237,12 @@ def held_out_questions(cache, docs, n):
     return out
 
 
-def measure(folder, batches, val, questions, max_new_tokens, t_index):
+def measure(folder, batches, val, questions, max_new_tokens, t_index, device="cpu"):
     """The metrics of one trained student: train.evaluate on the held-out windows (exact KL at T=2, the groups),
     and the DualMind layout rate of greedy answers to `questions`."""
-    model, tok, eos = load_model(folder, "cpu", torch.float32)
+    model, tok, eos = load_model(folder, device, torch.float32)
     ev = evaluate(model, batches, val, temperature=2.0, t_index=t_index, kd_mode="tail", chunk=LOSS_CHUNK,
-                  device=torch.device("cpu"), autocast=False)
+                  device=torch.device(device), autocast=False)
     ok = []
     for q in questions:
         prompt = dualmind_prompt(q)
@@ -232,13 +271,17 @@ def settle_args(args):
     for k, v in (QUICK if args.quick else DEFAULTS).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.init == "scratch" and not args.steps:
+        args.steps = 120  # the from-scratch harness as it was: 120 steps
+    args.config = args.config or os.path.join(ROOT, "data", CONFIGS[args.scale])
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"--variants {' '.join(unknown)}: unknown; choose from {', '.join(VARIANTS)}")
     if "full" not in args.variants:
         raise ValueError("--variants must include full: every difference is measured against it")
-    check_ranges(args, steps="[1, inf)", grad_accum="[1, inf)", split_seed="[0, inf)", val_fraction="(0, 1)",
-                 eval_windows="[0, inf)", prompts="[0, inf)", max_new_tokens="[1, inf)")
+    check_ranges(args, steps="[0, inf)", epochs="(0, inf)", pretrain_steps="[1, inf)", batch_size="[1, inf)",
+                 grad_accum="[1, inf)", split_seed="[0, inf)", val_fraction="(0, 1)", eval_windows="[0, inf)",
+                 prompts="[0, inf)", max_new_tokens="[1, inf)")
     if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
         raise ValueError(f"--seeds {args.seeds}: must be >= 0 and differ from each other")
 
@@ -279,11 +322,33 @@ def run_one(args, variant, seed, dirs, held, label):
     t0, c0 = time.time(), time.process_time()  # wall and CPU seconds (CPU: what a busy machine does not change)
     run_script(train, cmd, os.path.join(folder, "train.log"))
     t1, c1 = time.time(), time.process_time()
-    metrics = measure(folder, held["batches"], held["val"], held["questions"], args.max_new_tokens, held["t_index"])
+    metrics = measure(folder, held["batches"], held["val"], held["questions"], args.max_new_tokens, held["t_index"],
+                      args.device)
     run = dict(variant=variant, seed=seed, folder=folder, command=cmd, metrics=metrics, train_s=t1 - t0,
                measure_s=time.time() - t1, train_cpu_s=c1 - c0, measure_cpu_s=time.process_time() - c1)
     write_json(mpath, run)  # written last: a run folder with metrics.json is complete
     return run, True
+
+
+def pretrain_students(args, cache_dir):
+    """The warm start of every seed (runs/pretrain/seed<s>, skipped when complete). Returns {seed: its held-out
+    CE curve [[step, ce], ...], its manifest's fingerprint}."""
+    out = {}
+    for seed in args.seeds:
+        folder = os.path.join(args.out, "runs", "pretrain", f"seed{seed}")
+        cmd = pretrain_command(args, seed, cache_dir, folder)
+        print(f"[pretrain seed {seed}] python train.py {shlex.join(cmd)}", flush=True)
+        run_script(train, cmd, os.path.join(folder, "train.log"))
+        curve = [[e["eval_step"], e["ce"]] for e in read_log(os.path.join(folder, "train_log.jsonl"))[1]]
+        out[seed] = dict(ce_curve=curve, fingerprint=read_student(folder)["fingerprint"])
+        print(f"    held-out CE {' -> '.join(f'{ce:.3f}' for _, ce in curve)}", flush=True)
+    return out
+
+
+def commit():
+    """The git commit the harness ran at (None outside a git checkout)."""
+    r = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return r.stdout.strip() or None
 
 
 def main(args):
@@ -292,12 +357,13 @@ def main(args):
         shutil.rmtree(args.out, ignore_errors=True)
     os.makedirs(args.out, exist_ok=True)
     t_start, c_start, load_start = time.time(), time.process_time(), os.getloadavg()
-    cache_dir, topo_dir, win_dir = ensure_demo(args.demo)
+    cache_dir, topo_dir, win_dir = ensure_demo(args.demo, args.scale, args.device)
     fixed_dir = os.path.join(args.out, "windows_fixed")
     if any(VARIANTS[v][1] for v in args.variants):  # the fixed-stride windows, built once for every run using them
         run_script(windows, ["--cache", cache_dir, "--fixed_stride", "--out", fixed_dir],
                    os.path.join(fixed_dir, "windows.log"))
     held = held_out_set(args, cache_dir, topo_dir, win_dir)
+    pretrain = pretrain_students(args, cache_dir) if args.init == "warm" else {}
 
     runs, plan = [], [(s, v) for s in args.seeds for v in args.variants]  # seed-major: early stops hold whole seeds
     for i, (seed, variant) in enumerate(plan):
@@ -324,16 +390,17 @@ def main(args):
                   runs_cpu_s=sum(r["train_cpu_s"] + r["measure_cpu_s"] for r in runs),
                   held_out=dict(documents=int((~held["is_train"]).sum()), windows=len(held["val"]),
                                 rows=held["batches"].count(held["val"]), prompts=len(held["questions"])),
-                  runs=runs, summary=summary)
+                  pretrain=pretrain, commit=commit(), runs=runs, summary=summary)
     write_json(os.path.join(args.out, "ablation.json"), result)
     with atomic_write(os.path.join(args.out, "ablation.html")) as f:
         f.write(ablation_page(result, {v: label for v, (_, _, label) in VARIANTS.items()}, METRICS, cell))
     print(table(summary))
-    print(f"ablate: {len(runs)} runs ({len(args.variants)} variants x {len(args.seeds)} seeds, {args.steps} steps "
-          f"each) in {fmt_time(result['runs_wall_s'])} ({fmt_time(result['runs_cpu_s'])} CPU, "
-          f"{torch.get_num_threads()} threads, "
-          f"load average {load_start[1]:.1f} -> {os.getloadavg()[1]:.1f}); * = difference to full TKD beyond two "
-          f"standard errors "
+    length = f"{args.steps} steps" if args.steps else f"{args.epochs:g} epochs"
+    print(f"ablate: {len(runs)} runs ({len(args.variants)} variants x {len(args.seeds)} seeds, {args.init} start, "
+          f"{length} of {args.batch_size} x {args.grad_accum} windows each) in {fmt_time(result['runs_wall_s'])} "
+          f"({fmt_time(result['runs_cpu_s'])} CPU, {torch.get_num_threads()} threads, "
+          f"load average {load_start[1]:.1f} -> {os.getloadavg()[1]:.1f}); * = paired difference to full TKD "
+          f"beyond two standard errors "
           f"-> {args.out}/ablation.json, {args.out}/ablation.html")
 
 
@@ -341,21 +408,35 @@ def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo", default="out/demo", help="the demo's folder: cache/, topology/, windows/ (built if "
                    "missing, as demo.sh does)")
-    p.add_argument("--config", default=os.path.join(ROOT, "data", "student_config.json"), help="the student's "
-                   "config.json (from scratch; default the demo's: 2 layers, hidden 128)")
+    p.add_argument("--init", choices=["warm", "scratch"], default="warm", help="every variant of a seed starts from "
+                   "that seed's pretrained student (warm, as on the card) or from random weights (scratch)")
+    p.add_argument("--scale", choices=["small", "large"], default="small", help="the demo's student (small) or one "
+                   "about 20x larger (large, data/student_large_config.json; with --device cuda and a --demo built "
+                   "from data/teacher_large_config.json, about 15x the demo's teacher)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--config", default=None, help="the student's config.json (default: --scale's, in data/)")
     p.add_argument("--out", default="out/ablation", help="output folder")
-    p.add_argument("--variants", nargs="+", default=None, help=f"of {', '.join(VARIANTS)} (default: all)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds: init and curriculum shuffles "
-                   f"(default {' '.join(map(str, DEFAULTS['seeds']))})")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps of every run (default "
-                   f"{DEFAULTS['steps']}: 7 variants x 3 seeds in <= 30 min on 2 CPU cores)")
-    p.add_argument("--grad_accum", type=int, default=None,
-                   help="micro-batches of 2 windows on average per step (default 16)")
+    p.add_argument("--variants", nargs="+", default=None, help=f"of {', '.join(VARIANTS)} (default: "
+                   f"{' '.join(DEFAULTS['variants'])})")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds: init, pretraining and "
+                   f"curriculum shuffles (default {' '.join(map(str, DEFAULTS['seeds']))})")
+    p.add_argument("--epochs", type=float, default=None, help="distillation epochs of every run, warm start "
+                   f"(default {DEFAULTS['epochs']:g})")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps of every run instead of --epochs "
+                   "(default with --init scratch: 120)")
+    p.add_argument("--pretrain_steps", type=int, default=None, help="steps of the warm start's next-token training "
+                   f"(default {DEFAULTS['pretrain_steps']})")
+    p.add_argument("--batch_size", type=int, default=None, help=f"windows per micro-batch (default "
+                   f"{DEFAULTS['batch_size']}; a step is --batch_size x --grad_accum windows)")
+    p.add_argument("--grad_accum", type=int, default=None, help=f"micro-batches per step (default "
+                   f"{DEFAULTS['grad_accum']})")
     p.add_argument("--split_seed", type=int, default=1337, help="the held-out split, the same for every run")
     p.add_argument("--val_fraction", type=float, default=0.05, help="documents held out (train.py's split)")
     p.add_argument("--eval_windows", type=int, default=None, help="held-out windows measured (0: all)")
-    p.add_argument("--prompts", type=int, default=None, help="held-out questions answered greedily (default 8)")
-    p.add_argument("--max_new_tokens", type=int, default=None, help="tokens per answer (default 300)")
+    p.add_argument("--prompts", type=int, default=None, help="held-out questions answered greedily (default "
+                   f"{DEFAULTS['prompts']})")
+    p.add_argument("--max_new_tokens", type=int, default=None, help="tokens per answer (default "
+                   f"{DEFAULTS['max_new_tokens']})")
     p.add_argument("--quick", action="store_true", help="a smoke run: 2 variants x 2 seeds, 2 steps, 2 short "
                    "answers (flags given explicitly still win)")
     p.add_argument("--force", action="store_true", help="delete --out and start over")

@@ -29,6 +29,7 @@ TEACHER_STEPS=${TEACHER_STEPS:-90}    # optimizer steps of 32 windows for the ti
 STUDENT_STEPS=${STUDENT_STEPS:-220} # ... and for the student
 MAX_NEW=${MAX_NEW:-400}              # tokens the student may generate at the end
 DEVICE=${DEVICE:-cpu}
+TEACHER_CONFIG=${TEACHER_CONFIG:-data/teacher_config.json}  # ablate.py --scale large: data/teacher_large_config.json
 DATA="data/physics_cot.jsonl $OUT/data/synth.jsonl"
 SCRATCH="--lr 3e-3 --min_lr 3e-4 --warmup 10 --dtype bfloat16 --save_dtype float32 --device $DEVICE --log_every 25"
 # 32 windows per optimizer step as on the card, but in fewer, larger micro-batches than the card's 16 of 2: the
@@ -52,7 +53,7 @@ say "3/9 tokens and roles only (cache_teacher.py --teacher none), to train the t
 $PY cache_teacher.py --data $DATA --teacher none --tokenizer "$OUT/tokenizer" --out "$OUT/cache_tokens"
 
 say "4/9 the tiny teacher: 4 layers, hidden 256, plain next-token training (train.py --kd_alpha 0)"
-$PY train.py --init scratch --config data/teacher_config.json --cache "$OUT/cache_tokens" --kd_alpha 0 \
+$PY train.py --init scratch --config "$TEACHER_CONFIG" --cache "$OUT/cache_tokens" --kd_alpha 0 \
   --no_proof_weight --max_steps "$TEACHER_STEPS" --eval_every 0 --ckpt_every 50 $SCRATCH $TEACHER_BATCH \
   --out "$OUT/teacher" --resume
 

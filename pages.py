@@ -246,36 +246,43 @@ orange examine, green response){cut_note}. Hover a token for its values.</p>
 # ablate.py's ablation.html
 
 
+PALETTE = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4b5563")  # one colour per line
+
+
 def ablation_page(result, labels, metrics, cell):
-    """ablation.html: the table, then a chart per metric (a dot per seed, the mean, +- std, full TKD's mean dashed).
-    labels: variant -> its name; metrics: metric -> (name, higher is better); cell(summary entry, digits) -> text."""
+    """ablation.html: the table, then a chart per metric (each seed's paired difference to full TKD as a dot, their
+    mean +- 2 standard errors, zero dashed), then the warm starts' held-out CE curves. labels: variant -> its name;
+    metrics: metric -> (name, higher is better); cell(summary entry, digits) -> text."""
     summary, runs, cfg = result["summary"], result["runs"], result["config"]
-    variants = list(summary)
+    variants = [v for v in summary if v != "full"]
     seeds = cfg["seeds"]
     figs = []
     for k, (name, higher) in metrics.items():
         xs, ys, tips = [], [], []
-        for r in runs:
-            i, j = variants.index(r["variant"]), seeds.index(r["seed"])
-            if r["metrics"].get(k) is not None:
-                xs.append(i + 0.16 * (j - (len(seeds) - 1) / 2))  # the seeds side by side
-                ys.append(r["metrics"][k])
-                tips.append(f"{labels[r['variant']]}, seed {r['seed']}: {fmt_num(r['metrics'][k])}")
-        means = [summary[v][k]["mean"] for v in variants]
-        stds = [summary[v][k]["std"] for v in variants]
-        rng = [(m - s, m + s) if m is not None and s is not None else (None, None) for m, s in zip(means, stds)]
-        # per variant: +- std as a segment, the mean as a bar, then every seed as a dot
+        for i, v in enumerate(variants):
+            for s, d in summary[v][k]["diffs"].items():
+                xs.append(i + 0.12 * (seeds.index(int(s)) - (len(seeds) - 1) / 2))  # the seeds side by side
+                ys.append(d)
+                tips.append(f"{labels[v]} - full TKD, seed {s}: {fmt_num(d)}")
+        means = [summary[v][k]["diff"] for v in variants]
+        ses = [summary[v][k]["se"] for v in variants]
+        rng = [(m - 2 * e, m + 2 * e) if m is not None and e is not None else (None, None) for m, e in zip(means, ses)]
+        # per variant: +- 2 SE as a segment, the mean paired difference as a bar, then every seed as a dot
         series = [dict(x=list(range(len(variants))), y=rng, kind="range", color="#64748b"),
-                  dict(x=list(range(len(variants))), y=means, kind="mean", color="#1e293b", label="mean ± std",
-                       tips=[f"{labels[v]}: {cell(summary[v][k])}" for v in variants]),
+                  dict(x=list(range(len(variants))), y=means, kind="mean", color="#1e293b",
+                       label="mean ± 2 SE", tips=[f"{labels[v]}: {cell(summary[v][k])}" for v in variants]),
                   dict(x=xs, y=ys, kind="dots", color="#2563eb", label="one seed", tips=tips)]
-        base = summary.get("full", {}).get(k, {}).get("mean")
         chart = svg_chart(series, xcats=[labels[v] for v in variants], width=535, height=230,
-                          hlines=[(base, "#dc2626", "full TKD mean")] if base is not None else [],
-                          yrange=(0.0, 1.0) if k == "layout" else None)
-        figs.append(f'<figure data-metric="{k}"><figcaption>{name} <span class="note">'
-                    f'({"higher" if higher else "lower"} is better; red dashed: full TKD)</span></figcaption>'
+                          hlines=[(0.0, "#dc2626", "no difference")])
+        figs.append(f'<figure data-metric="{k}"><figcaption>{name}: variant - full TKD, same seed <span class="note">'
+                    f'({"higher" if higher else "lower"} is better for the variant)</span></figcaption>'
                     f'{chart}</figure>')
+    if result.get("pretrain"):  # the warm starts: held-out CE against the step, one line per seed
+        series = [dict(x=[p for p, _ in c["ce_curve"]], y=[ce for _, ce in c["ce_curve"]], kind="line",
+                       color=PALETTE[i % len(PALETTE)], label=f"seed {s}")
+                  for i, (s, c) in enumerate(result["pretrain"].items())]
+        figs.append('<figure data-metric="pretrain"><figcaption>the warm start: held-out CE of next-token training'
+                    f'</figcaption>{svg_chart(series, width=535, height=230, log=True, xlabel="step")}</figure>')
     # a table cell breaks only between 'mean ± std' and '(difference)', never inside a number
     nowrap = lambda text: " (".join(f'<span style="white-space:nowrap">{html.escape(t)}</span>'
                                     for t in text.split(" ("))
@@ -283,19 +290,23 @@ def ablation_page(result, labels, metrics, cell):
         f"<tr><td>{labels[v]}</td>" + "".join(
             f'<td{" class=sig" if summary[v][k]["sig"] else ""}>'
             f'{nowrap(cell(summary[v][k], 3 if k == "layout" else 4))}</td>' for k in metrics) + "</tr>"
-        for v in variants)
+        for v in summary)
     m = result["machine"]
-    body = (f'<p class="note">{len(runs)} runs: {len(variants)} variants x {len(seeds)} seeds '
-            f'({", ".join(map(str, seeds))}),'
-            f' {cfg["steps"]} optimizer steps of {2 * cfg["grad_accum"]} windows each, the same held-out documents '
+    length = f'{cfg["steps"]} optimizer steps' if cfg.get("steps") else f'{cfg.get("epochs", 0):g} epochs'
+    start = ("each from its seed's warm start (next-token training, the curve below)" if cfg.get("init") == "warm"
+             else "from random weights")
+    body = (f'<p class="note">{len(runs)} runs: {len(summary)} variants x {len(seeds)} seeds '
+            f'({", ".join(map(str, seeds))}), {start}, {length} of {cfg.get("batch_size", 2)} x {cfg["grad_accum"]} '
+            f'windows a step, the same held-out documents '
             f'(split seed {cfg["split_seed"]}: {result["held_out"]["windows"]} windows, '
             f'{result["held_out"]["rows"]:,} rows, {result["held_out"]["prompts"]} prompts). '
             f'The runs took {fmt_time(result["runs_wall_s"])} ({fmt_time(result["runs_cpu_s"])} of CPU time; load '
             f'average {result["load_average"]["start"][1]:.1f} at the start) on {m["cpu"]} ({m["cores"]} cores, '
-            f'{m["threads"]} torch threads, torch {m["torch"]}).</p>'
-            f'<h2>Mean ± std over seeds (difference to full TKD; * and red: more than two standard errors)</h2>'
+            f'{m["threads"]} torch threads, torch {m["torch"]}), commit {result.get("commit")}.</p>'
+            f'<h2>Mean ± std over seeds (paired difference to full TKD, same seed; * and red: more than two standard '
+            f'errors)</h2>'
             f'<table><tr><th>variant</th>' + "".join(f"<th>{metrics[k][0]}</th>" for k in metrics) +
-            f'</tr>{rows}</table><h2>Every run</h2><div class="grid">{"".join(figs)}</div>')
+            f'</tr>{rows}</table><h2>Every seed</h2><div class="grid">{"".join(figs)}</div>')
     return html_page("Does topology help? TKD ablation", body)
 
 

@@ -540,9 +540,10 @@ def finish(run, model, fingerprint, upstream, pools, schedule, alphas, tokens_do
     bands = [np.setdiff1d(pools[p], pools[p - 1] if p else []) for p in range(len(pools))]
     curriculum = dict(pools=list(parse_pools(args.pools)), pool_windows=[len(p) for p in pools], ranked_over="training "
                       "windows", bands=draws_summary(schedule, bands, alphas))
+    made = folder_manifest(args.init) if os.path.isdir(args.init) else {}  # a student folder of an earlier run
     write_json(os.path.join(args.out, "manifest.json"), dict(
-        phase="student", version=FORMAT_VERSION, fingerprint=fingerprint, args=vars(args),
-        upstream=upstream, steps=run.total, tokens=tokens_done, first_eval=first_eval,
+        phase="student", version=FORMAT_VERSION, fingerprint=fingerprint, args=vars(args), upstream=upstream,
+        init=dict(name=args.init, fingerprint=made.get("fingerprint"), sha256=made.get("sha256")), steps=run.total, tokens=tokens_done, first_eval=first_eval,
         last_eval=last_eval, curriculum=curriculum, complete=True,
         sha256=checksums(args.out, sorted(f for f in os.listdir(args.out) if f.endswith(".safetensors") or f in
                                           ("config.json", "model.safetensors.index.json")))))

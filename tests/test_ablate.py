@@ -83,31 +83,35 @@ def titles(node):
 # --- statistics by hand ---------------------------------------------------------------------------------------------
 
 def test_summary_statistics_by_hand():
-    """mean, sample std, the difference to full TKD, its standard error sqrt(s1^2/n1 + s2^2/n2) and the 2-SE flag."""
+    """mean and sample std per variant; the paired difference to full TKD (same seed), its mean, its standard error
+    sd(differences) / sqrt(n) and the 2-SE flag, all worked out by hand."""
     runs = [dict(variant=v, seed=s, metrics=dict(kl=x, ce=c))
             for v, xs, cs in [("full", [1.0, 2.0, 3.0], [5.0, 5.0, 5.0]),
-                              ("standard_kd", [4.0, 5.0, 6.0], [5.0, 5.0, 5.0]),
-                              ("renorm", [1.5, 2.5, 3.5], [4.0, 4.0, None])]
+                              ("standard_kd", [1.5, 2.7, 3.4], [5.0, 5.0, 5.0]),
+                              ("renorm", [2.0, 1.0, 4.5], [4.0, 4.0, None])]
             for s, x, c in zip([1, 2, 3], xs, cs)]
     s = ablate.summarize(runs, metrics=("kl", "ce"))
     full, std_kd, renorm = s["full"]["kl"], s["standard_kd"]["kl"], s["renorm"]["kl"]
     assert (full["n"], full["mean"], full["std"], full["diff"], full["sig"]) == (3, 2.0, 1.0, None, None)
-    # standard_kd: 5 +- 1, diff 3, se = sqrt(1/3 + 1/3) = 0.8165, 3 > 2 x 0.8165: beyond two standard errors
-    assert std_kd["mean"] == 5.0 and std_kd["std"] == pytest.approx(1.0) and std_kd["diff"] == 3.0
-    assert std_kd["se"] == pytest.approx(math.sqrt(2 / 3)) and std_kd["sig"] is True
-    # renorm: diff 0.5 < 1.633: within two standard errors
-    assert renorm["diff"] == pytest.approx(0.5) and renorm["sig"] is False
-    # a missing value is left out (n 2); constant values give std 0, and a difference with se 0 is flagged
+    # standard_kd: seed by seed 0.5, 0.7, 0.4 -> mean 0.5333, sd 0.1528, se 0.0882: 0.53 > 2 x 0.088, flagged,
+    # although the unpaired spreads (std 1.0 and 0.95) would hide it
+    assert std_kd["diffs"] == {1: 0.5, 2: pytest.approx(0.7), 3: pytest.approx(0.4)}
+    assert std_kd["diff"] == pytest.approx(1.6 / 3) and std_kd["se"] == pytest.approx(0.15275 / math.sqrt(3), 1e-4)
+    assert std_kd["sig"] is True
+    # renorm: 1.0, -1.0, 1.5 -> mean 0.5, sd 1.3229, se 0.7638: within two standard errors
+    assert renorm["diff"] == pytest.approx(0.5) and renorm["se"] == pytest.approx(1.3229 / math.sqrt(3), 1e-4)
+    assert renorm["sig"] is False
+    # a missing value leaves its seed out of the pairs (2 pairs); constant differences give se 0, flagged if not 0
     ce = s["renorm"]["ce"]
     assert (ce["n"], ce["mean"], ce["std"], ce["diff"], ce["se"], ce["sig"]) == (2, 4.0, 0.0, -1.0, 0.0, True)
     assert s["standard_kd"]["ce"]["sig"] is False  # 0 difference, se 0
-    assert ablate.cell(std_kd) == "5.0000 ± 1.0000 (+3.0000*)" and ablate.cell(renorm) == "2.5000 ± 1.0000 (+0.5000)"
+    assert ablate.cell(std_kd) == "2.5333 ± 0.9609 (+0.5333*)" and ablate.cell(renorm) == "2.5000 ± 1.8028 (+0.5000)"
     one = ablate.summarize([dict(variant="full", seed=1, metrics=dict(kl=1.0)),
                             dict(variant="renorm", seed=1, metrics=dict(kl=2.0))], metrics=("kl",))
     assert one["renorm"]["kl"]["std"] is None and one["renorm"]["kl"]["sig"] is None  # one seed: no spread, no flag
     assert ablate.cell(one["renorm"]["kl"]) == "2.0000 (+1.0000)"
     md = ablate.table(s, metrics=("kl", "ce")).splitlines()
-    assert md[0] == "| variant | KL to teacher (T=2) | CE (nats) |" and md[3].startswith("| standard KD | 5.0000 ± 1.0000")
+    assert md[0] == "| variant | KL to teacher (T=2) | CE (nats) |" and md[3].startswith("| standard KD | 2.5333 ± 0.9609")
 
 
 def test_every_variant_command_line():
@@ -115,8 +119,7 @@ def test_every_variant_command_line():
     and the same steps, seed and held-out split as full TKD."""
     import train
     a = ablate.get_parser().parse_args([])
-    for k, v in ablate.DEFAULTS.items():
-        setattr(a, k, v)
+    ablate.settle_args(a)
     claims = dict(full=(), standard_kd=("no_jumps", "no_proof_weight", "no_curriculum", "fixed"),
                   no_jumps=("no_jumps",), no_proof_weight=("no_proof_weight",), no_curriculum=("no_curriculum",),
                   fixed_windows=("fixed",), renorm=("renorm",))
@@ -126,7 +129,8 @@ def test_every_variant_command_line():
         got = tuple(f for f in ("no_jumps", "no_proof_weight", "no_curriculum") if getattr(t, f))
         got += ("fixed",) * (t.windows == "F") + ("renorm",) * (t.kd_mode == "renorm")
         assert got == claim, variant
-        assert (t.max_steps, t.seed, t.split_seed, t.topology, t.cache) == (a.steps, 7, a.split_seed, "T", "C")
+        assert (t.epochs, t.seed, t.split_seed, t.topology, t.cache) == (a.epochs, 7, a.split_seed, "T", "C")
+        assert (t.batch_size, t.grad_accum, t.init) == (4, 8, os.path.join(a.out, "runs", "pretrain", "seed7"))
 
 
 # --- the evaluation groups against a brute force ----------------------------------------------------------------
@@ -225,17 +229,24 @@ def test_quick_harness_end_to_end(tmp_path, tiny_cache, tiny_topology, tiny_wind
         assert claimed == {"full": (False, False, False, False, "tail"),
                            "standard_kd": (True, True, True, True, "tail")}[r["variant"]], r["variant"]
         assert (a["seed"], a["split_seed"], a["max_steps"]) == (r["seed"], 1337, ablate.QUICK["steps"])
+        # the warm start: every variant of a seed from that seed's pretrained student, named with its fingerprint
+        m = json.load(open(os.path.join(r["folder"], "manifest.json")))
+        pre = json.load(open(out / "runs" / "pretrain" / f"seed{r['seed']}" / "manifest.json"))
+        assert m["init"]["name"] == str(out / "runs" / "pretrain" / f"seed{r['seed']}")
+        assert m["init"]["fingerprint"] == pre["fingerprint"] == res["pretrain"][str(r["seed"])]["fingerprint"]
+        assert m["init"]["sha256"] == pre["sha256"] and pre["args"]["kd_alpha"] == 0
         if fixed:
             assert np.array_equal(np.load(os.path.join(a["windows"], "windows.npy")), fixed_windows(cache))
+    assert len({res["pretrain"][str(s)]["fingerprint"] for s in ablate.QUICK["seeds"]}) == 2  # one per seed
     # the printed table: a row per variant with mean +- std over the two seeds
     printed = capsys.readouterr().out
     assert "| full TKD | " in printed and "| standard KD | " in printed
     # ablation.html: one chart per metric, a dot per run, the table's cells are the summary's numbers
     root = Tree(open(out / "ablation.html").read()).root
     figs = figures(root)
-    assert list(figs) == list(ablate.METRICS)
-    for k, f in figs.items():
-        assert len(list(f.find_all("circle"))) == len(res["runs"]), k
+    assert list(figs) == list(ablate.METRICS) + ["pretrain"]
+    for k in ablate.METRICS:  # a dot per seed and variant but full TKD: each seed's paired difference
+        assert len(list(figs[k].find_all("circle"))) == len(res["runs"]) - len(ablate.QUICK["seeds"]), k
     cells = [td.text() for td in next(root.find_all("table")).find_all("td")]
     for v, per in res["summary"].items():
         for k, c in per.items():
