@@ -974,7 +974,8 @@ def real_distributed(plan, args, steps=2, lr=1e-3):
     from torch.nn.parallel import DistributedDataParallel as DDP
     from common import close_distributed, init_distributed, peak_flops
     from model import Qwen3Config
-    from train import configure_optimizer, shard_model
+    from checkpoint import shard_model
+    from train import configure_optimizer
     rank, world, device = init_distributed(args.device)
     cuda, sync = device.startswith("cuda"), sync_of(device)
     if plan["accum"] % world:

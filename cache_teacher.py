@@ -45,10 +45,10 @@ import time
 
 import numpy as np
 
-from common import (FORMAT_VERSION, DTYPES, ROLES, Progress, check_device, check_free_space, check_ranges, check_rows,
-                    checksums, cli, close_distributed, disk_full_is_oserror, drop_empty_folder, dualmind_text,
-                    end_tokens, init_distributed, is_hub_id, load_tokenizer, prepare_out, publish, read_jsonl,
-                    read_manifest, record_to_blocks, save_npy, sha256_file, sha256_json, stop_requests, token_roles,
+from common import (DTYPES, FORMAT_VERSION, ROLES, check_device, check_free_space, check_ranges, check_rows, checksums,
+                    cli, close_distributed, disk_full_is_oserror, drop_empty_folder, dualmind_text, end_tokens,
+                    init_distributed, input_files, load_tokenizer, prepare_out, Progress, publish, read_manifest,
+                    read_records, record_to_blocks, save_npy, sha256_file, sha256_json, stop_requests, token_roles,
                     verify_checksums, write_json)
 
 try:  # the teacher pass needs torch; the cache reader (TeacherCache) does not: topology.py and windows.py run without
@@ -65,44 +65,6 @@ TEACHER_ARRAYS = ["topk_ids", "topk_logprobs", "lse", "target_logprob", "entropy
 
 # -----------------------------------------------------------------------------
 # Records: JSONL, parquet, Hub datasets
-
-
-def input_files(spec):
-    """A local file, or the JSONL/parquet files of a Hub dataset repo (org/name), as local paths."""
-    if os.path.isfile(spec):
-        return [spec]
-    if not is_hub_id(spec):
-        raise ValueError(f"{spec}: no such file, and not a Hub dataset id of the form org/name")
-    from huggingface_hub import snapshot_download
-    try:
-        folder = snapshot_download(spec, repo_type="dataset", allow_patterns=["*.parquet", "*.jsonl"])
-    except Exception as e:  # offline with no cached copy, unknown repo, no network, ...
-        why = " ".join(str(e).split())  # one line
-        raise ValueError(f"{spec}: no such file, and no Hub dataset of that name on the Hub or in its local cache "
-                         f"({type(e).__name__}: {why})") from None
-    files = sorted(glob.glob(os.path.join(folder, "**", "*.parquet"), recursive=True) +
-                   glob.glob(os.path.join(folder, "**", "*.jsonl"), recursive=True))
-    if not files:
-        raise ValueError(f"{spec}: the dataset has no .parquet or .jsonl files")
-    return files
-
-
-def read_records(path):
-    """Yield (where, record) with where = 'file:line' (JSONL) or 'file:row N' (parquet)."""
-    if path.endswith(".parquet"):
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ValueError(f"{path}: reading parquet needs pyarrow: pip install pyarrow") from None
-        for i, rec in enumerate(pq.read_table(path).to_pylist()):
-            yield f"{path}:row {i}", rec
-        return
-    if not path.endswith((".jsonl", ".json")):
-        raise ValueError(f"{path}: unsupported file type (use .jsonl or .parquet)")
-    for i, rec in read_jsonl(path):
-        if not isinstance(rec, dict):
-            raise ValueError(f"{path}:{i}: a record must be a JSON object, got {type(rec).__name__}")
-        yield f"{path}:{i}", rec
 
 
 # -----------------------------------------------------------------------------

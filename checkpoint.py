@@ -11,6 +11,8 @@ ablate.py and bench.py read the student's manifest through read_student).
   train_log.jsonl    one JSON line per optimizer step and per evaluation
   the student        config.json, model.safetensors, generation_config.json, the cache's tokenizer files with the
                      DualMind chat template: a Hugging Face folder that transformers loads
+And the model's wrappers under torchrun that these files must see through: wrap_model (torch.compile, DDP),
+shard_model (FSDP2), unwrap, sharded, and stopped (a SIGTERM on any process).
 """
 
 import glob
@@ -40,6 +42,40 @@ def sharded(model):
 def local(t):
     """A tensor, or this process's shard of an FSDP-sharded one."""
     return t.to_local() if hasattr(t, "to_local") else t
+
+
+def stopped(got, ddp, device):
+    """Whether any process was asked to stop (all-reduced under torchrun, so every rank leaves at the same step)."""
+    if not ddp:
+        return bool(got)
+    import torch.distributed as dist
+    flag = torch.tensor([float(bool(got))], device=device)
+    dist.all_reduce(flag)
+    return flag.item() > 0
+
+
+def shard_model(model, dtype):
+    """--fsdp: each decoder layer, then the root (embedding, final norm and lm_head, so a tied head stays one with
+    the embedding), sharded over the processes with FSDP2: fp32 master weights, gradients and AdamW state split N
+    ways; with --dtype bfloat16 the card's precision, bf16 compute and fp32 gradient reduction."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bfloat16" else None,
+                              reduce_dtype=torch.float32)
+    for block in model.model.layers:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def wrap_model(model, compile, ddp, device):
+    """What the step calls: the model, compiled with --compile, inside DDP under torchrun (FSDP is in the model)."""
+    train_model = torch.compile(model) if compile else model
+    if ddp:
+        from torch.distributed.fsdp import FSDPModule
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        if not isinstance(model, FSDPModule):
+            train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    return train_model
 
 
 def non_finite(tensors):

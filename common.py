@@ -7,7 +7,7 @@ another project alone.
   atomic writes      atomic_write (a file object), write_json, publish (rename a finished file into place)
   phase folders      sha256_file / sha256_json fingerprints, read_manifest, check_upstream, prepare_out
   progress           Progress (rate and ETA lines), fmt_time
-  torchrun           init_distributed, close_distributed
+  torchrun           init_distributed, close_distributed; peak_flops (the MFU denominator)
   names              is_hub_id (a Hub id or a mistyped local path?), DTYPES (the dtype names a flag accepts)
   user input         check_ranges (flags), check_device, read_jsonl (file:line errors), load_tokenizer
   the DualMind text  the card's layout: USER, PROMPT, TAGS, ROLES, dualmind_prompt, chat_template, dualmind_text,
@@ -18,6 +18,7 @@ The HTML pages and their charts live in pages.py.
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -439,6 +440,44 @@ def read_jsonl(path):
                 where = "at the end of the line" if e.pos >= len(line.rstrip()) else f"at column {e.pos + 1}"
                 raise ValueError(f"{path}:{i}: invalid JSON ({e.msg} {where})") from None
             yield i, value
+
+
+def input_files(spec):
+    """A local file, or the JSONL/parquet files of a Hub dataset repo (org/name), as local paths."""
+    if os.path.isfile(spec):
+        return [spec]
+    if not is_hub_id(spec):
+        raise ValueError(f"{spec}: no such file, and not a Hub dataset id of the form org/name")
+    from huggingface_hub import snapshot_download
+    try:
+        folder = snapshot_download(spec, repo_type="dataset", allow_patterns=["*.parquet", "*.jsonl"])
+    except Exception as e:  # offline with no cached copy, unknown repo, no network, ...
+        why = " ".join(str(e).split())  # one line
+        raise ValueError(f"{spec}: no such file, and no Hub dataset of that name on the Hub or in its local cache "
+                         f"({type(e).__name__}: {why})") from None
+    files = sorted(glob.glob(os.path.join(folder, "**", "*.parquet"), recursive=True) +
+                   glob.glob(os.path.join(folder, "**", "*.jsonl"), recursive=True))
+    if not files:
+        raise ValueError(f"{spec}: the dataset has no .parquet or .jsonl files")
+    return files
+
+
+def read_records(path):
+    """Yield (where, record) with where = 'file:line' (JSONL) or 'file:row N' (parquet)."""
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError(f"{path}: reading parquet needs pyarrow: pip install pyarrow") from None
+        for i, rec in enumerate(pq.read_table(path).to_pylist()):
+            yield f"{path}:row {i}", rec
+        return
+    if not path.endswith((".jsonl", ".json")):
+        raise ValueError(f"{path}: unsupported file type (use .jsonl or .parquet)")
+    for i, rec in read_jsonl(path):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{i}: a record must be a JSON object, got {type(rec).__name__}")
+        yield f"{path}:{i}", rec
 
 
 def load_tokenizer(path):

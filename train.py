@@ -47,8 +47,8 @@ import numpy as np
 import torch
 
 from cache_teacher import TeacherCache
-from checkpoint import (RunLog, find_checkpoint, folder_manifest, gather_weights, load_checkpoint, non_finite,
-                        read_log, save_checkpoint, save_student, sharded, unwrap)
+from checkpoint import (RunLog, find_checkpoint, folder_manifest, gather_weights, load_checkpoint, non_finite, read_log,
+                        save_checkpoint, save_student, shard_model, sharded, stopped, unwrap, wrap_model)
 from common import (FORMAT_VERSION, atomic_write, check_device, check_ranges, checksums, cli, close_distributed,
                     doc_line, fmt_time, init_distributed, peak_flops, prepare_out, save_npy, sha256_json, stop_requests,
                     verify_folder, write_json)
@@ -204,21 +204,27 @@ def split_docs(n_docs, fraction, seed):
 
 
 def build_student(args, cache, device):
+    """The student in FP32 master weights on `device`; with --fsdp built on the host, sharded, and each process's
+    shards moved to the device alone."""
+    on = torch.device("cpu") if args.fsdp else device  # where it is built
     if args.init == "scratch":
         if not args.config:
             raise ValueError("--init scratch needs --config (a config.json)")
         cfg = Qwen3Config.from_json(args.config)
-        with torch.device(device):
-            model = Qwen3(cfg).init_weights(args.seed).to(device)
+        with torch.device(on):
+            model = Qwen3(cfg).init_weights(args.seed).to(on)
     else:
         if not args.no_verify and os.path.isdir(args.init):  # a student of an earlier run: against its checksums
             verify_folder(args.init)
-        model = Qwen3.from_pretrained(args.init, dtype=torch.float32, device=device)  # FP32 master weights
+        model = Qwen3.from_pretrained(args.init, dtype=torch.float32, device=on)
     tok_vocab = int(np.asarray(cache.tokens).max()) + 1
     need = max(tok_vocab, cache.manifest.get("teacher_vocab_size") or 0)
     if model.config.vocab_size < need:
         raise ValueError(f"student vocabulary {model.config.vocab_size} is smaller than the teacher's ids / tokens "
                          f"(need {need}; cache {args.cache})")
+    if args.fsdp:
+        model = shard_model(model, args.dtype).to(device)
+    model.gradient_checkpointing = args.grad_ckpt
     return model
 
 
@@ -329,9 +335,8 @@ def accumulate(run, train_model, micro, n_norm, alpha, w_proof, world):
 
 def guarded_update(model, opt, grad_clip, losses, describe, step, ckpt_dir, checkpoint):
     """Clip, then AdamW, behind the NaN guard: a non-finite loss part or gradient never reaches the weights, and
-    weights that the update made non-finite are never saved (a checkpoint refuses nan and inf too: the last one stays
-    the last finite). losses: the step's loss parts; describe(grad_norm): the step for the error message;
-    checkpoint(step) saves the weights before this step (rank 0; None elsewhere). Returns the norm before clipping."""
+    non-finite weights are never saved. describe(grad_norm): the step for the error message; checkpoint(step) saves
+    the weights before this step (None on processes that do not write). Returns the norm before clipping."""
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
     guard = describe(gnorm)
     if not all(map(math.isfinite, (*losses, gnorm))):
@@ -373,6 +378,14 @@ def check_args(args):
     if not 0 <= args.alpha_start < args.alpha_full <= 1:
         raise ValueError(f"--alpha_start {args.alpha_start} and --alpha_full {args.alpha_full}: need 0 <= start < full "
                          "<= 1 (fractions of training)")
+    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's processes
+    if args.grad_accum % world:
+        raise ValueError(f"--grad_accum {args.grad_accum} must be divisible by the {world} processes")
+    if args.fsdp and "WORLD_SIZE" not in os.environ:
+        raise ValueError("--fsdp shards the student over torchrun's processes: torchrun --nproc_per_node=N train.py "
+                         "--fsdp ...")
+    default_impl, args.kd_impl = check_impl(args.kd_mode, None), check_impl(args.kd_mode, args.kd_impl)
+    return default_impl  # the fingerprint leaves --kd_impl out at its mode's default
 
 
 def plan_curriculum(args, cache, windows, difficulty, step_batch):
@@ -449,38 +462,6 @@ def step_micro_batches(batches, ws, args, rank, accum):
     return micro, max(batches.count(ws), 1)  # the rows: the same on every process
 
 
-def stopped(got, ddp, device):
-    """Whether any process was asked to stop (all-reduced under torchrun, so every rank leaves at the same step)."""
-    if not ddp:
-        return bool(got)
-    import torch.distributed as dist
-    flag = torch.tensor([float(bool(got))], device=device)
-    dist.all_reduce(flag)
-    return flag.item() > 0
-
-
-def shard_model(model, dtype):
-    """--fsdp: each decoder layer, then the root (embedding, final norm and lm_head, so a tied head stays one with
-    the embedding), sharded over the processes with FSDP2: fp32 master weights, gradients and AdamW state split N
-    ways; with --dtype bfloat16 the card's precision, bf16 compute and fp32 gradient reduction."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bfloat16" else None,
-                              reduce_dtype=torch.float32)
-    for block in model.model.layers:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-    return model
-
-
-def wrap_model(model, compile, ddp, device):
-    """What the step calls: the model, compiled with --compile, inside DDP under torchrun (FSDP is in the model)."""
-    train_model = torch.compile(model) if compile else model
-    if ddp and not sharded(model):
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    return train_model
-
-
 def summary_line(args, steps, step_batch, tokens, seconds, first_eval, last_eval):
     held = ""
     if first_eval and last_eval:
@@ -543,8 +524,8 @@ def finish(run, model, fingerprint, upstream, pools, schedule, alphas, tokens_do
     made = folder_manifest(args.init) if os.path.isdir(args.init) else {}  # a student folder of an earlier run
     write_json(os.path.join(args.out, "manifest.json"), dict(
         phase="student", version=FORMAT_VERSION, fingerprint=fingerprint, args=vars(args), upstream=upstream,
-        init=dict(name=args.init, fingerprint=made.get("fingerprint"), sha256=made.get("sha256")), steps=run.total, tokens=tokens_done, first_eval=first_eval,
-        last_eval=last_eval, curriculum=curriculum, complete=True,
+        init=dict(name=args.init, fingerprint=made.get("fingerprint"), sha256=made.get("sha256")), steps=run.total,
+        tokens=tokens_done, first_eval=first_eval, last_eval=last_eval, curriculum=curriculum, complete=True,
         sha256=checksums(args.out, sorted(f for f in os.listdir(args.out) if f.endswith(".safetensors") or f in
                                           ("config.json", "model.safetensors.index.json")))))
     ckpt_dir = os.path.join(args.out, "ckpt")
@@ -554,18 +535,12 @@ def finish(run, model, fingerprint, upstream, pools, schedule, alphas, tokens_do
 
 def main(args):
     # --- 1. the flags, processes, device and the run's size ---------------------------------------------------
-    check_args(args)
-    default_impl, args.kd_impl = check_impl(args.kd_mode, None), check_impl(args.kd_mode, args.kd_impl)
+    default_impl = check_args(args)
     check_device(args.device)  # before any folder: cuda on a machine without it is one line, not a traceback
-    if args.fsdp and "WORLD_SIZE" not in os.environ:
-        raise ValueError("--fsdp shards the student over torchrun's processes: torchrun --nproc_per_node=N train.py "
-                         "--fsdp ...")
     rank, world, args.device = init_distributed(args.device, always=args.fsdp)
     ddp, master, fsdp = world > 1, rank == 0, args.fsdp
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    if args.grad_accum % world:
-        raise ValueError(f"--grad_accum {args.grad_accum} must be divisible by the {world} processes")
     accum = args.grad_accum // world  # micro-batches per process: the global batch stays batch x grad_accum
     step_batch = args.batch_size * args.grad_accum  # windows per optimizer step, all processes together
 
@@ -576,10 +551,7 @@ def main(args):
     val_w, pools, total, schedule, alphas = plan_curriculum(args, cache, windows, difficulty, step_batch)
 
     # --- 3. the student, its optimizer, the output folder, resume -----------------------------------------------
-    model = build_student(args, cache, torch.device("cpu") if fsdp else device)
-    if fsdp:  # sharded on the host, then each process moves its shards alone to the device
-        model = shard_model(model, args.dtype).to(device)
-    model.gradient_checkpointing = args.grad_ckpt
+    model = build_student(args, cache, device)
     opt = configure_optimizer(model, args.lr, args.weight_decay)
     fingerprint = run_fingerprint(args, upstream, step_batch, default_impl)
     opened = open_run(args, model, opt, fingerprint, total, rank, world)

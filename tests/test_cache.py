@@ -449,15 +449,15 @@ def test_parquet_records(tmp_path, demo_tokenizer, monkeypatch):
     """Parquet files (the 0xZee datasets' format) read like JSONL; without pyarrow, a clear install hint."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import cache_teacher
+    import common
     recs = [json.loads(l) for l in open(DATA).readlines()[:3]]
     pq.write_table(pa.Table.from_pylist([{k: r[k] for k in ("question", "CoT", "response")} for r in recs]),
                    tmp_path / "train-00000-of-00001.parquet")
-    got = list(cache_teacher.read_records(str(tmp_path / "train-00000-of-00001.parquet")))
+    got = list(common.read_records(str(tmp_path / "train-00000-of-00001.parquet")))
     assert [w for w, _ in got][-1].endswith(":row 2") and got[1][1]["question"] == recs[1]["question"]
     run_script("cache_teacher.py", "--data", tmp_path / "train-00000-of-00001.parquet", "--teacher", "none",
                "--tokenizer", demo_tokenizer, "--out", tmp_path / "c")
     assert TeacherCache(str(tmp_path / "c")).n_docs == 3
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # as if pyarrow were not installed
     with pytest.raises(ValueError, match="pip install pyarrow"):
-        list(cache_teacher.read_records(str(tmp_path / "train-00000-of-00001.parquet")))
+        list(common.read_records(str(tmp_path / "train-00000-of-00001.parquet")))

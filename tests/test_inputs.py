@@ -166,7 +166,9 @@ def test_flags_of_every_script_are_range_checked(tmp_path, tiny_cache, demo_toke
     import windows
     out = tmp_path / "o"
     cases = [
-        (ablate, ["--out", out, "--steps", "0"], "--steps 0: must be >= 1"),
+        (ablate, ["--out", out, "--steps", "-1"], "--steps -1: must be >= 0"),
+        (ablate, ["--out", out, "--epochs", "0"], "--epochs 0.0: must be > 0"),
+        (ablate, ["--out", out, "--pretrain_steps", "0"], "--pretrain_steps 0: must be >= 1"),
         (ablate, ["--out", out, "--val_fraction", "0"], "--val_fraction 0.0: must be in (0, 1)"),
         (ablate, ["--out", out, "--seeds", "-1", "2"], "--seeds [-1, 2]: must be >= 0"),
         (cache_teacher, ["--data", DATA, "--teacher", "none", "--tokenizer", demo_tokenizer, "--out", out,
