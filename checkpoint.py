@@ -71,9 +71,8 @@ def wrap_model(model, compile, ddp, device):
     """What the step calls: the model, compiled with --compile, inside DDP under torchrun (FSDP is in the model)."""
     train_model = torch.compile(model) if compile else model
     if ddp:
-        from torch.distributed.fsdp import FSDPModule
         from torch.nn.parallel import DistributedDataParallel as DDP
-        if not isinstance(model, FSDPModule):
+        if not sharded(model):
             train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
     return train_model
 
@@ -91,6 +90,14 @@ def non_finite(tensors):
     return [n for n, good in zip(tensors, ok.tolist()) if not good]
 
 
+def refuse_non_finite(folder, step, tensors):
+    """A ValueError naming the first tensors of {name: tensor} that hold nan or inf: such a checkpoint is not saved."""
+    bad = non_finite(tensors)
+    if bad:
+        raise ValueError(f"{folder}: not saved at step {step}: {bad[:3]}{' ...' if len(bad) > 3 else ''} "
+                         "hold nan or inf")
+
+
 def save_checkpoint(folder, model, opt, state):
     """Atomic: written into folder.tmp (state.json last), the previous checkpoint moved to folder.old, the new one
     renamed into place, then folder.old removed: at any kill, one complete checkpoint exists (find_checkpoint).
@@ -104,10 +111,7 @@ def save_checkpoint(folder, model, opt, state):
           if not (k == "lm_head.weight" and unwrap(model).config.tie_word_embeddings)}
     moments = {f"optimizer {k} of {n}": v for n, p in unwrap(model).named_parameters() if p in opt.state
                for k, v in opt.state[p].items() if torch.is_tensor(v)}
-    bad = non_finite({**sd, **moments})  # a nan saved would be resumed from: refuse it here
-    if bad:
-        raise ValueError(f"{folder}: not saved at step {state['step']}: {bad[:3]}{' ...' if len(bad) > 3 else ''} "
-                         "hold nan or inf")
+    refuse_non_finite(folder, state["step"], {**sd, **moments})  # a nan saved would be resumed from
     # 1. the whole checkpoint into folder.tmp, state.json last (find_checkpoint trusts a folder that has it); on a
     # full disk folder.tmp is removed and the checkpoint in place stays the last complete one
     tmp = folder + ".tmp"
@@ -146,9 +150,7 @@ def save_sharded(folder, model, opt, state):
     msd, osd = get_state_dict(model, opt)
     moments = {f"optimizer {k} of {n}": v for n, st in osd["state"].items() for k, v in st.items()
                if torch.is_tensor(v)}
-    bad = non_finite({**msd, **moments})  # every process learns of a nan in any shard
-    if bad:
-        raise ValueError(f"{folder}: not saved at step {state['step']}: {bad[:3]} hold nan or inf")
+    refuse_non_finite(folder, state["step"], {**msd, **moments})  # every process learns of a nan in any shard
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
@@ -278,12 +280,11 @@ def save_student(out, model, cache, save_dtype, weights=None):
     template (the tokenizer first: save_pretrained writes config.json last, so a folder with config.json is whole).
     weights: the gathered weights of a sharded model (gather_weights), saved instead of the model's own."""
     m = unwrap(model)
-    given = weights
-    weights = dict(m.named_parameters()) if weights is None else weights
-    bad = non_finite(weights)
+    tensors = dict(m.named_parameters()) if weights is None else weights
+    bad = non_finite(tensors)
     if bad:  # the NaN guard stops a run before this; the student folder never holds a nan or an inf
         raise ValueError(f"{out}: the student is not saved: {bad[:3]} hold nan or inf")
-    size = sum(p.numel() for p in weights.values()) * getattr(torch, save_dtype).itemsize
+    size = sum(p.numel() for p in tensors.values()) * getattr(torch, save_dtype).itemsize
     check_free_space(out, size + (1 << 20), "the student")  # one line before any file, rather than a short write
     shutil.copyfile(cache.tokenizer_path, os.path.join(out, "tokenizer.json.tmp"))
     publish(os.path.join(out, "tokenizer.json.tmp"), os.path.join(out, "tokenizer.json"))
@@ -301,7 +302,7 @@ def save_student(out, model, cache, save_dtype, weights=None):
                                    pad_token_id=ends.get("<|endoftext|>", min(ends.values())))
     try:  # a full disk anyway: no .tmp is left; a folder without config.json and a complete manifest is not trusted
         with disk_full_is_oserror(out):
-            m.save_pretrained(out, dtype=getattr(torch, save_dtype), state_dict=given)  # fp32 master, cast one by one
+            m.save_pretrained(out, dtype=getattr(torch, save_dtype), state_dict=weights)  # fp32 master, cast one by one
     except BaseException:
         for f in glob.glob(os.path.join(out, "*.tmp")):
             os.remove(f)
