@@ -1,15 +1,11 @@
 """
 Sample from a Qwen3 checkpoint (the distilled student, or any Hub Qwen3) with a static KV cache.
 
-The prompt is wrapped in the model card's DualMind layout (common.dualmind_prompt: the user turn, then the opening
-<explore> tag, exactly as the student was trained), unless --raw.
-Prefill once, then one token per step from the preallocated cache; sampling is a chain of small pure functions
-with transformers' semantics, in its order: repetition penalty, temperature, top-k, top-p. Generation stops at
-the end tokens of generation_config.json or at a stop string (default `</response>`, the output ending exactly
-there). Text streams to the terminal as it is produced; tokens/s goes to stderr at the end.
-
---check reports which DualMind blocks are present and in order (the card's <explore>/<examine>/<response>
-assertions); --enforce makes a failed check exit with status 1.
+The prompt is wrapped in the model card's DualMind layout (the user turn, then the opening <explore> tag, as the
+student was trained) unless --raw. Sampling follows transformers, in its order: repetition penalty, temperature,
+top-k, top-p. Generation stops at an end token of generation_config.json or at a stop string (default </response>,
+where the output ends). Text streams to the terminal; tokens/s goes to stderr. --check reports which DualMind blocks
+are present and in order; --enforce makes a failed check exit with status 1.
 
 Inputs   --model (folder with config.json, safetensors, tokenizer.json; or a Hub id), --prompt | --prompt_file |
          --prompts_jsonl (one {"prompt": ...} per line; writes one JSON line per prompt to stdout)
@@ -30,9 +26,9 @@ import torch
 from common import BLOCKS, check_device, check_ranges, dualmind_prompt, load_tokenizer, read_jsonl, verify_folder
 from model import Qwen3, resolve_folder
 
+
 # -----------------------------------------------------------------------------
 # Sampling: small pure functions of the logits (B, V) fp32
-
 
 def repetition_penalty(logits, seen, penalty):
     """transformers' rule: a logit of a token already in the sequence is divided by penalty if positive,
@@ -73,7 +69,6 @@ def next_token(logits, seen, temperature=0.0, top_k=0, top_p=1.0, penalty=1.0, g
 # -----------------------------------------------------------------------------
 # Decoding
 
-
 def decode_step(model, idx, input_pos):
     """One step from the KV cache: logits (B, V) of the last position only."""
     h = model(idx, input_pos=input_pos, hidden_only=True)
@@ -84,8 +79,7 @@ def generate(model, prompt, max_new_tokens, eos_ids=(), temperature=0.0, top_k=0
              seed=0, step_fn=None):
     """Yield new token ids one at a time. prompt (1, T) int64. Stops at an id in eos_ids (yielded) or after
     max_new_tokens. step_fn: the decode step (decode_step, or a compiled copy of it)."""
-    device = prompt.device
-    T = prompt.shape[1]
+    device, T = prompt.device, prompt.shape[1]
     gen = torch.Generator(device=device).manual_seed(seed)
     step_fn = step_fn or decode_step
     seq = prompt  # (1, T + i): what the repetition penalty looks at
@@ -143,7 +137,6 @@ def dualmind_check(text):
 # -----------------------------------------------------------------------------
 # main
 
-
 def load(model_name, device, dtype, verify=True):
     folder = resolve_folder(model_name)
     if verify:  # a student from train.py: its weights against the checksums in its manifest
@@ -158,23 +151,22 @@ def load(model_name, device, dtype, verify=True):
 def read_prompts(args):
     if sum(x is not None for x in [args.prompt, args.prompt_file, args.prompts_jsonl]) != 1:
         raise ValueError("give exactly one of --prompt, --prompt_file, --prompts_jsonl")
+    flag, path = ("--prompt_file", args.prompt_file) if args.prompt_file else ("--prompts_jsonl", args.prompts_jsonl)
     if args.prompt is not None:
         prompts = [args.prompt]
+    elif not os.path.isfile(path):
+        raise ValueError(f"{flag} {path}: no such file")
     elif args.prompt_file:
-        if not os.path.isfile(args.prompt_file):
-            raise ValueError(f"--prompt_file {args.prompt_file}: no such file")
-        with open(args.prompt_file, "rb") as f:
+        with open(path, "rb") as f:
             try:
                 prompts = [f.read().decode("utf-8")]
             except UnicodeDecodeError as e:
-                raise ValueError(f"--prompt_file {args.prompt_file}: not UTF-8 text (byte {e.start + 1})") from None
+                raise ValueError(f"--prompt_file {path}: not UTF-8 text (byte {e.start + 1})") from None
     else:
-        if not os.path.isfile(args.prompts_jsonl):
-            raise ValueError(f"--prompts_jsonl {args.prompts_jsonl}: no such file")
         prompts = []
-        for i, rec in read_jsonl(args.prompts_jsonl):
+        for i, rec in read_jsonl(path):
             if not isinstance(rec, dict) or "prompt" not in rec:
-                raise ValueError(f"{args.prompts_jsonl}:{i}: expected {{\"prompt\": ...}}, got {str(rec)[:60]}")
+                raise ValueError(f"{path}:{i}: expected {{\"prompt\": ...}}, got {str(rec)[:60]}")
             prompts.append(rec["prompt"])
     for i, p in enumerate(prompts):
         if not isinstance(p, str) or not p.strip():
@@ -248,12 +240,11 @@ def get_parser():
     p.add_argument("--check", action="store_true", help="report the DualMind blocks present and their order")
     p.add_argument("--enforce", action="store_true", help="exit with status 1 when an output fails the check")
     p.add_argument("--quiet", action="store_true", help="do not stream the text")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32" if not torch.cuda.is_available()
-                   else "bfloat16", help="weights and activations")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="weights and activations",
+                   default="bfloat16" if torch.cuda.is_available() else "float32")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1")
-    p.add_argument("--no_verify", action="store_true", help="skip the checksums of the input folders' files (a "
-                   "disk you trust; a mismatch otherwise stops the run naming the file)")
+    p.add_argument("--no_verify", action="store_true", help="skip the checksums of the model folder")
     return p
 
 

@@ -1,9 +1,8 @@
 """
 A handwritten Qwen3 (dense) and Qwen3-MoE in one file, the same function as Hugging Face transformers.
 
-Parameter names are the Hub's, verbatim (model.layers.N.self_attn.q_proj.weight, ...,
-model.layers.N.mlp.experts.E.gate_proj.weight), so a Hub checkpoint loads strictly with no rename table,
-and what save_pretrained writes loads in transformers.AutoModelForCausalLM.
+Parameter names are the Hub's, verbatim (model.layers.N.self_attn.q_proj.weight, ...): a Hub checkpoint loads
+strictly with no rename table, and what save_pretrained writes loads in transformers.AutoModelForCausalLM.
 
     from model import Qwen3
     m = Qwen3.from_pretrained("Qwen/Qwen3-1.7B", dtype=torch.bfloat16, device="cuda")  # Hub id or folder
@@ -12,8 +11,8 @@ and what save_pretrained writes loads in transformers.AutoModelForCausalLM.
     m.setup_cache(batch_size=1, max_seq_len=4096)     # static KV cache, then m(idx, input_pos=positions)
     m.save_pretrained("out/student")                  # config.json, generation_config.json, safetensors
 
-Numerics follow transformers (RMSNorm and RoPE angles in fp32, MoE router softmax in fp32 over all experts). One
-departure: under BF16 autocast on a CPU (train.py there), attention runs in fp32, faster at small head dims and exacter.
+Numerics follow transformers (RMSNorm, RoPE angles and the MoE router softmax in fp32), with one departure: under
+BF16 autocast on a CPU, attention runs in fp32, faster at small head dims and exacter.
 """
 
 import functools
@@ -118,8 +117,7 @@ class Qwen3Config:
         return n + self.vocab_size * C  # the lm_head
 
     def flops_per_token(self, seq_len, backward=True):
-        """Model FLOPs per token at sequence length seq_len, PaLM's count: training is 6 N + 12 L T H D per token,
-        a forward 2 N plus attention's QK^T and AV over the full square; a backward costs twice the forward."""
+        """PaLM's model FLOPs per token: a forward 2 N + 4 L T H D (QK^T and AV over the full square); training 3x."""
         fwd = 2 * self.matmul_params() + 4 * self.num_hidden_layers * seq_len * self.num_attention_heads * self.head_dim
         return 3 * fwd if backward else fwd
 
@@ -147,7 +145,6 @@ class Qwen3Config:
 # -----------------------------------------------------------------------------
 # Pure functions: RoPE
 
-
 def rope_cos_sin(positions, head_dim, theta, dtype):
     """positions (T,) int -> cos, sin (T, head_dim) in `dtype`; angles in fp32 whatever the model dtype."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
@@ -164,7 +161,6 @@ def apply_rope(x, cos, sin):
 
 # -----------------------------------------------------------------------------
 # Modules
-
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
@@ -276,11 +272,10 @@ def grouped_mm_runs(device_type, dtype):
 
 
 class SparseMoeBlock(nn.Module):
-    """Top-k routed experts, run one of two equal ways (`impl`): "loop", each expert on its tokens in ascending
-    order, as transformers sums them (one host sync); "grouped", one sort of the (token, expert) pairs and torch's
-    grouped matmul over all experts (no sync); "auto", grouped wherever torch runs it, else loop.
-    The weights live in three stacked tensors, gate and up (E, I, C), down (E, C, I); each expert's Parameter is a
-    view of one row, so the Hub names stay and the grouped matmul reads the weights in place."""
+    """Top-k routed experts, run one of two equal ways (`impl`): "loop", each expert on its tokens in ascending order
+    as transformers sums them (one host sync), or "grouped", torch's grouped matmul over all experts (no sync); "auto":
+    grouped wherever torch runs it. The weights live in three stacked tensors, gate and up (E, I, C), down (E, C, I);
+    each expert's Parameter is a view of one row, so the Hub names stay and the grouped matmul reads them in place."""
 
     def __init__(self, cfg, impl="auto"):
         super().__init__()
@@ -411,8 +406,7 @@ class Qwen3(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def init_weights(self, seed=0):
-        """Random init for training from scratch: N(0, initializer_range) matrices, unit norms. The numbers are drawn
-        on the CPU, whatever the model's device (or a torch.device context) is: the same seed, the same weights."""
+        """N(0, initializer_range) matrices, unit norms, drawn on the CPU whatever the device (one seed, one model)."""
         g = torch.Generator().manual_seed(seed)
         for name, p in self.named_parameters():  # tied lm_head appears once
             with torch.no_grad():
@@ -609,8 +603,7 @@ def weight_files(folder):
     single = os.path.join(folder, "model.safetensors")
     if os.path.isfile(single):
         return [single]
-    raise ValueError(f"{folder}: no model.safetensors or model.safetensors.index.json "
-                     "(only safetensors weights are read; .bin pickles are never unpickled)")
+    raise ValueError(f"{folder}: no model.safetensors or model.safetensors.index.json (.bin files are never read)")
 
 
 def read_header(path):

@@ -2,11 +2,10 @@
 The layer-streamed teacher pass of cache_teacher.py --stream_layers: a teacher of any size, one decoder layer at a time.
 
 Stage 0 embeds every batch, stage s = 1..L runs every batch through decoder layer s-1, and the head stage applies the
-final norm and cache_teacher's write_stats. Batches, padding, positions and kernels are the in-memory pass's, so the
-bytes written are the same. The device holds the largest piece of the teacher plus the hidden states (B, L, C) of
-every batch while both fit the budget; beyond it the states spill to two scratch files, read back for each layer.
-The states are saved after every layer (or every save_every layers while on the device), and a kill -9 resumes
-from the last save (state.{rank}.json).
+final norm and cache_teacher's write_stats: the in-memory pass's batches, padding and kernels, so the same bytes.
+The device holds the largest piece of the teacher plus the hidden states (B, L, C) of every batch while both fit the
+budget, else the states spill to two scratch files. They are saved after every layer (or every save_every layers
+while on the device), and a kill -9 resumes from the last save (state.{rank}.json).
 """
 
 import ctypes
@@ -65,10 +64,9 @@ def stream_budget(gb, device):
 
 
 def host_memory_follows_tensors():
-    """Make resident memory follow the live tensors under glibc: blocks of 8 MiB or more get their own mapping, and
-    the returned trim function hands the heap's free pages back after each stage. Else glibc raises its mmap
-    threshold as large blocks are freed, and freed activations stay resident between the kept hidden states
-    (BENCHMARKS.md, issue 21). 8 MiB, not less: every fresh mapping costs page faults."""
+    """Make resident memory follow the live tensors under glibc (else freed activations stay resident, issue 21):
+    blocks of 8 MiB or more (not less: each mapping costs page faults) get their own mapping, and the returned trim()
+    hands the heap's free pages back after each stage."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 8 << 20)  # M_MMAP_THRESHOLD, fixed (which also stops its dynamic raise)
