@@ -188,10 +188,8 @@ def jumps_and_weights(delta, valid, threshold, amplify=1.25):
 
 
 def block_channels(delta, jump, valid, disc, block=BLOCK):
-    """Per block of `block` rows: TV, jump, smooth and drift channels, gap-energy density, discrepancy energy.
-
-    All inputs [n] with n a multiple of `block` (pad with valid=False); returns a dict of float32 [n/block].
-    """
+    """Per block of `block` rows: TV, jump, smooth and drift channels, gap-energy density, discrepancy energy and its
+    density. Inputs [n], n a multiple of `block` (padded with valid=False) -> dict of float32 [n/block]."""
     B = len(delta) // block
     d = delta.reshape(B, block).astype(np.float64)
     j = (jump & valid).reshape(B, block)
@@ -342,9 +340,7 @@ def main(args):
     prog = Progress("topology", N, unit="pos", every=args.log_every)
     arr, threshold, nvalid = run_pass(cache, args.signal, args.chunk, args.K, args.sigma, args.amplify, out, prog,
                                       args.threads, args.block)
-    elapsed = time.time() - t0
-    n_jumps = int(np.count_nonzero(arr["jump"]))
-    report = build_report(cache, args, arr, threshold, nvalid, elapsed)
+    report = build_report(cache, args, arr, threshold, nvalid, time.time() - t0)
     write_json(os.path.join(out, "report.json"), report)
     topology_page(os.path.join(out, "report.html"), cache, arr, report)
     del arr
@@ -352,13 +348,13 @@ def main(args):
         publish(os.path.join(out, n + ".partial.npy"), os.path.join(out, n + ".npy"))
     manifest = dict(phase="topology", version=FORMAT_VERSION, fingerprint=fingerprint, settings=settings,
                     upstream=dict(cache=cache.fingerprint), args=vars(args), threshold=threshold,
-                    counts=dict(positions=N, documents=cache.n_docs, jumps=n_jumps, blocks=-(-N // args.block)),
+                    counts=dict(positions=N, documents=cache.n_docs, jumps=report["jumps"], blocks=-(-N // args.block)),
                     dtypes=dict(f="float32", delta="float32", disc="float32", jump="bool", weight="float32",
                                 blocks="float32"), complete=True,
                     sha256=checksums(out, [n + ".npy" for n in OUTPUTS] + ["report.json"]))
     write_json(os.path.join(out, "manifest.json"), manifest)
-    print(f"topology: {N:,} positions, signal {args.signal}, {n_jumps:,} jumps ({n_jumps / max(nvalid, 1):.2%}, "
-          f"threshold {threshold:.4g}), {N / max(elapsed, 1e-9):,.0f} positions/s -> {out}")
+    print(f"topology: {N:,} positions, signal {args.signal}, {report['jumps']:,} jumps ({report['jump_rate']:.2%}, "
+          f"threshold {threshold:.4g}), {report['positions_per_second']:,.0f} positions/s -> {out}")
 
 
 def compare_signals(cache, positions, sigma, rng):

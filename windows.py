@@ -282,9 +282,8 @@ def main(args):
     cache = TeacherCache(args.cache, verify=not args.no_verify)
     if args.topology is None and not args.fixed_stride:
         raise ValueError("--topology is needed (or --fixed_stride for the plain-KD ablation)")
-    topo = None
-    if args.topology:
-        topo = topology.load(args.topology, args.cache, needed_by="windows.py", verify=not args.no_verify)
+    topo = (topology.load(args.topology, args.cache, needed_by="windows.py", verify=not args.no_verify)
+            if args.topology else None)
     pools = parse_pools(args.pools)
     if args.fixed_stride and not 0 < args.stride <= args.window:
         raise ValueError(f"--stride {args.stride}: must be in (0, --window {args.window}] (no row may be skipped)")
@@ -315,16 +314,16 @@ def main(args):
         difficulty = window_difficulty(np.asarray(topo.arrays["delta"]), np.asarray(topo.arrays["jump"]), valid,
                                        np.asarray(topo.arrays["disc"]), windows, topo.block)
         phase = pool_phases(difficulty, pools)
+        # the topology picture, with the window cuts drawn into the tokens
+        cuts = [(int(w[2]), f"window {i}: loss starts") for i, w in enumerate(windows) if w[2] > w[1]]
+        cuts += [(int(w[1]), f"window {i}: context starts") for i, w in enumerate(windows)]
+        topology_page(os.path.join(args.out, "report.html"), cache, topo.arrays, topo.report, cuts=sorted(cuts))
     else:  # no topology: no difficulty, every pool is every window
         difficulty, phase = np.zeros(len(windows), np.float32), np.zeros(len(windows), np.uint8)
     for name, arr in dict(windows=windows, difficulty=difficulty, phase=phase).items():
         save_npy(os.path.join(args.out, name + ".npy"), arr)
     lengths = windows[:, 3] - windows[:, 1]  # (W,) tokens fed to the student
     overlaps = windows[:, 2] - windows[:, 1]  # (W,) context-only tokens before the first trained row
-    if topo is not None:  # the topology picture, with the window cuts drawn into the tokens
-        cuts = [(int(w[2]), f"window {i}: loss starts") for i, w in enumerate(windows) if w[2] > w[1]]
-        cuts += [(int(w[1]), f"window {i}: context starts") for i, w in enumerate(windows)]
-        topology_page(os.path.join(args.out, "report.html"), cache, topo.arrays, topo.report, cuts=sorted(cuts))
     counts = dict(windows=len(windows), documents=cache.n_docs, forced_cuts=forced,
                   mean_length=float(lengths.mean()), max_length=int(lengths.max()),
                   overlap_min=int(overlaps[overlaps > 0].min()) if (overlaps > 0).any() else 0,
