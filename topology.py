@@ -10,7 +10,8 @@ its entry in SIGNALS.
 
 The math (DESIGN.md section 3; each function below is pure and tested against a brute-force reference):
   delta[i] = |f[i+1] - f[i]|, 0 on a document's last row (the boundary is a forced cut anyway)
-  disc[i]  = (1/K) sum_{j=1..K} |f[i+j] - f[i]| / j, K = 8 (near a document end: the mean over the j inside it)
+  disc[i]  = (1/K) sum_{j=1..K} |f[i+j] - f[i]| / j, K = 8: the discrete D f(x) = lim (1/e) int |f(t)-f(x)|/|t-x| dt
+             (near a document end, the mean over the j inside it)
   jump[i]  = delta[i] > mean + 3 std of delta over the stream; weight[i+1] = 1.25 (where f changed), else 1.0
   per 64-token block (--block): TV = sum delta; J = sum of delta at jumps; A = n * min(median, mean) of the n
   non-jump deltas; drift G = TV - J - A >= 0; discrepancy energy E = 0.5 sum disc^2; densities G / 64, E / 64.

@@ -130,8 +130,8 @@ def step_phase(step, total, n_phases=4):
 
 
 def draw_schedule(pools, total, batch, seed):
-    """The windows of every optimizer step, (total, batch) indices: phase p draws from its whole pool, pools[p], in
-    shuffled passes (no window twice within a pass). Pure, so a resumed run and every torchrun process agree."""
+    """The windows of every optimizer step, (total, batch) indices: phase p draws from its whole pool, pools[p] (so
+    the easiest windows train in every phase), in shuffled passes. Pure: a resumed run and every process agree."""
     phases = np.array([step_phase(s, total, len(pools)) for s in range(total)], dtype=np.int64)
     out = []
     for p, pool in enumerate(pools):
@@ -196,8 +196,8 @@ def load(folder, cache_folder, topology_folder=None, needed_by="", verify=True):
 def split_micro(lengths, n_micro, batch_size):
     """Cut one step's windows, sorted by length, into n_micro runs of consecutive windows with the fewest padded
     tokens, none over batch_size x the longest window (the memory --batch_size sets). The gradient is the same for
-    every cut; padding falls from 11% to 3% on the demo. A dynamic programme, O(n_micro x n^2). Returns (n_micro + 1,)
-    cut points, 0 ... len(lengths); ValueError when no cut respects the cap."""
+    every cut (losses are divided by the step's rows); padding falls from 11% to 3% on the demo. A dynamic
+    programme, O(n_micro x n^2). Returns (n_micro + 1,) cut points, 0 ... len(lengths); ValueError if none fits."""
     L = np.asarray(lengths, dtype=np.int64)
     n = len(L)
     assert 1 <= n_micro <= n and np.all(np.diff(L) >= 0), (n_micro, L)
