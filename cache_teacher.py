@@ -1,33 +1,28 @@
 """
-Phase 1: records -> DualMind text -> tokens -> one teacher pass -> a compact top-k cache on disk.
-
-The teacher runs once over the whole training stream; later phases read only this folder.
+Phase 1: records -> DualMind text -> tokens -> one teacher pass -> a compact top-k cache, all that later phases read.
 
 Inputs
   --data      JSONL or parquet files, or Hub dataset ids (org/name), in order: records with explore/examine/response,
               or question/CoT/response (the 0xZee/dataset-CoT-* format), whose CoT is split into explore and examine
-  --teacher   a model folder or Hub id (model.py loads it), or `none` for tokens and roles only
-  --tokenizer tokenizer.json or a folder holding it (default: the teacher's)
+  --teacher   a model folder or Hub id, or `none` for tokens and roles only
+  --tokenizer tokenizer.json or its folder (default: the teacher's)
 
 Outputs, in --out (default out/cache), one row per stream position, documents concatenated in order:
   tokens.npy          uint32  [N]          token ids
   doc_offsets.npy     int64   [D+1]        document d is rows doc_offsets[d]:doc_offsets[d+1]
   roles.npy           uint8   [N]          0 prompt, 1 explore, 2 examine, 3 response (tags with their block)
-  topk_ids.npy        uint8   [N, 18k/8]   the k ids, 18-bit packed (4 ids in 9 bytes); unpack_ids18 reads them
+  topk_ids.npy        uint8   [N, 18k/8]   the k ids, 18-bit packed (4 ids in 9 bytes; unpack_ids18)
   topk_logprobs.npy   float16 [N, k]       teacher log-probs at T=1 of those ids, sorted descending
-                                           (logit = logprob + lse[:, 0]; stored centred so fp16 keeps 1e-4 nats)
-  lse.npy             float32 [N, nT]      logsumexp(z / T) over the full vocabulary, for each T in temperatures
+  lse.npy             float32 [N, nT]      logsumexp(z / T) over the full vocabulary, per T in --temperatures
   target_logprob.npy  float32 [N]          teacher log-prob of the real next token (0 on a document's last row)
   entropy.npy         float32 [N]          teacher entropy at T=1, full vocabulary, nats
   tokenizer.json (+ tokenizer_config.json), manifest.json ("complete": true written last)
-Row t is the teacher's distribution for token t+1. At k=64 the teacher record takes 288 bytes per position.
+Row t is the teacher's distribution for token t+1 (logit = logprob + lse[:, 0]); 288 bytes per position at k=64.
 
 Run
   python cache_teacher.py --data data/physics_cot.jsonl --teacher out/teacher --out out/cache        # demo
-  python cache_teacher.py --data 0xZee/dataset-CoT-Differential-Equations-636 \\
-      0xZee/dataset-CoT-Theoretical-Mechanics-307 0xZee/dataset-CoT-Electromagnetism-580 \\
-      0xZee/dataset-CoT-General-Relativity-76 --teacher Qwen/Qwen3-30B-A3B-Thinking-2507 \\
-      --device cuda --dtype bfloat16 --out out/cache                                            # real, one GPU
+  python cache_teacher.py --data 0xZee/dataset-CoT-Differential-Equations-636 ... \\
+      --teacher Qwen/Qwen3-30B-A3B-Thinking-2507 --device cuda --out out/cache           # real, one GPU (README)
   torchrun --nproc_per_node=8 cache_teacher.py ... --device cuda                            # documents split by rank
   python cache_teacher.py ... --stream_layers --stream_budget_gb 18 ...   # a teacher larger than the GPU: stream.py
 Killed at any point, the same command resumes; a complete cache is left alone.
@@ -64,24 +59,14 @@ except ModuleNotFoundError as e:
 TEACHER_ARRAYS = ["topk_ids", "topk_logprobs", "lse", "target_logprob", "entropy"]
 
 # -----------------------------------------------------------------------------
-# Records: JSONL, parquet, Hub datasets
-
-
-# -----------------------------------------------------------------------------
 # Teacher statistics (pure), id packing
 
 
 def topk_stats(head, h, targets, k, temperatures, chunk):
-    """Per position: top-k ids and log-probs, logsumexp at each T, target log-prob, entropy (all fp32 math).
-
-    head: the lm_head Linear; h (R, C) final hidden states; targets (R,) next-token ids (any id on rows
-    without one). Logits are formed `chunk` rows at a time, so memory is chunk x vocab, never R x vocab.
-    Each chunk's matmul runs over whole 32-row tiles (the last one padded with zero rows): BLAS computes a
-    last partial group of rows with other code and other rounding, so without the padding a row's logits
-    would depend on --chunk and on where the row falls in its chunk; with it, any --chunk writes the same bytes.
-    On CPU the statistics after the top-k run over blocks of 32 rows that stay in cache, instead of
-    several passes over the whole chunk in main memory (1.5x a bare forward becomes about 1.1x).
-    """
+    """h (R, C) final hidden states, targets (R,) next-token ids -> per row: top-k ids and log-probs, logsumexp at
+    each T, target log-prob, entropy (fp32). Logits come `chunk` rows at a time (memory chunk x vocab), each chunk
+    padded to whole 32-row tiles: BLAS rounds a partial tile differently, so any --chunk writes the same bytes.
+    On CPU the statistics run over 32-row blocks that stay in cache."""
     out = {n: [] for n in ["ids", "logprobs", "lse", "target", "entropy"]}
     W, buf, tile = head.weight, None, 32
     for s in range(0, h.shape[0], chunk):
@@ -104,10 +89,8 @@ def topk_stats(head, h, targets, k, temperatures, chunk):
     return {n: torch.cat(v) for n, v in out.items()}
 
 
-EXP_FLOOR = -87.0  # exp inputs are clamped here: exp(-87) = 1.6e-38 is still a normal fp32 (smallest 1.2e-38).
-# On a CPU, exp of an input below -87 takes 10-30x longer (measured on this project's machine: 15 ms instead of
-# 0.45 ms per million), and the rows of a trained model, minus their max, are full of them. The change is at most
-# 1.6e-38 per entry, invisible in any sum that holds the row max's exp(0) = 1.
+EXP_FLOOR = -87.0  # exp inputs are clamped here: exp(-87) = 1.6e-38 is still a normal fp32. On a CPU, exp below
+# it (a subnormal result) is 10-30x slower; the change is invisible in a sum that holds the row max's exp(0) = 1.
 
 
 def row_stats(z, top, targets, temperatures):
@@ -136,10 +119,8 @@ def row_stats(z, top, targets, temperatures):
 
 
 def group_topk(z, k):
-    """Exact torch.topk(z, k) (sorted descending), cheaper on CPU: split the vocabulary into V/groups strided
-    groups; the top-k entries all lie in the k groups with the largest maxima, so only those are searched.
-    groups is 16 (Qwen3's 151,936: 9,496 groups), else 8 or 4, whichever divides V and leaves at least 4k groups
-    (the demo's 2,112 at k = 64: 8, which takes 6 ms per 1,024 rows instead of torch.topk's 10)."""
+    """Exact torch.topk(z, k) (sorted descending), cheaper on CPU: the vocabulary split into strided groups of 16
+    (else 8 or 4: what divides V and leaves >= 4k groups); the top-k lie in the k groups with the largest maxima."""
     R, V = z.shape
     groups = next((g for g in (16, 8, 4) if V % g == 0 and V // g >= 4 * k), None)
     if groups is None:
@@ -199,9 +180,8 @@ class TeacherCache:
             self.check_bounds()
 
     def check_bounds(self, chunk=1 << 20):
-        """What the format promises, checked cheaply, `chunk` rows at a time: offsets increasing from 0 to N, roles
-        0-3, and with a teacher finite log-probs <= 0 sorted descending, entropy in [0, ln V], finite lse, ids < V.
-        A ValueError names the file, the row and the value."""
+        """What the format promises, `chunk` rows at a time: offsets increasing from 0 to N, roles 0-3, and with a
+        teacher finite log-probs <= 0 sorted descending, entropy in [0, ln V], finite lse, ids < V (check_rows)."""
         fail = lambda name, bad, a, what, values: check_rows(f"{self.folder}/{name}.npy", bad, values, what, a)
         off, N = np.asarray(self.doc_offsets), len(self.tokens)
         if off[0] != 0 or off[-1] != N or np.any(np.diff(off) <= 0):
@@ -210,23 +190,20 @@ class TeacherCache:
         for a in range(0, N, chunk):
             rows = slice(a, min(a + chunk, N))
             roles = np.asarray(self.roles[rows])
-            if np.any(roles > 3):
-                fail("roles", roles > 3, a, "is not a role (0-3)", roles)
+            fail("roles", roles > 3, a, "is not a role (0-3)", roles)  # check_rows raises only if a row is bad
             if not self.has_teacher:
                 continue
             lp = np.asarray(self.arrays["topk_logprobs"][rows], dtype=np.float32)  # (r, k)
             bad = ~np.isfinite(lp).all(1) | (lp > 0).any(1) | (np.diff(lp, axis=1) > 0).any(1)
-            if bad.any():
-                fail("topk_logprobs", bad, a, "is not finite, <= 0 and sorted descending", lp)
-            ent = np.asarray(self.arrays["entropy"][rows])
-            if V and np.any(~((ent >= 0) & (ent <= np.log(V) + 1e-3))):
-                fail("entropy", ~((ent >= 0) & (ent <= np.log(V) + 1e-3)), a, f"is outside [0, ln V = {np.log(V):.4f}]",
-                     ent)
+            fail("topk_logprobs", bad, a, "is not finite, <= 0 and sorted descending", lp)
+            if V:
+                ent = np.asarray(self.arrays["entropy"][rows])
+                bad = ~((ent >= 0) & (ent <= np.log(V) + 1e-3))  # nan is bad too
+                fail("entropy", bad, a, f"is outside [0, ln V = {np.log(V):.4f}]", ent)
             lse = np.asarray(self.arrays["lse"][rows])
-            if not np.isfinite(lse).all():
-                fail("lse", ~np.isfinite(lse).all(1), a, "is not finite", lse)
-            ids = unpack_ids18(self.arrays["topk_ids"][rows])  # (r, k)
-            if V and np.any(ids >= V):
+            fail("lse", ~np.isfinite(lse).all(1), a, "is not finite", lse)
+            if V:
+                ids = unpack_ids18(self.arrays["topk_ids"][rows])  # (r, k)
                 fail("topk_ids", (ids >= V).any(1), a, f"holds an id >= the vocabulary {V}", ids)
 
     def __len__(self):
@@ -260,11 +237,8 @@ class TeacherCache:
 
 
 def teacher_log_q(topk_logprobs, lse, t_index, T):
-    """The teacher's log q_T of its k cached ids, from the cache alone (numpy arrays or torch tensors alike).
-
-    topk_logprobs (..., k) log-probs at T=1; lse (..., nT) the cached logsumexp(z / T) for each cached T; t_index
-    the column of T. Since logprob_i = z_i - L_1:  log q_T(i) = z_i / T - L_T = (logprob_i + L_1) / T - L_T.
-    """
+    """The teacher's log q_T (..., k) of its cached ids (numpy or torch): topk_logprobs (..., k) at T=1, lse (..., nT),
+    t_index the column of T. As logprob_i = z_i - L_1:  log q_T(i) = z_i / T - L_T = (logprob_i + L_1) / T - L_T."""
     return (topk_logprobs + lse[..., :1]) / T - lse[..., t_index:t_index + 1]
 
 
@@ -275,9 +249,8 @@ def tail_mass(topk_logprobs, lse, t_index, T):
 
 def write_cache(out, tokens, roles, doc_offsets, teacher=None, k=64, temperatures=(1.0, 2.0), tokenizer=None,
                 source="arrays"):
-    """Write a complete cache folder from in-memory arrays: for a cache computed by another engine, and for
-    the synthetic streams of the tests and bench.py. teacher: None, or a dict with every TEACHER_ARRAYS entry
-    (topk_ids as (N, k) ints, packed here); tokenizer: a tokenizer.json to copy alongside."""
+    """A complete cache folder from in-memory arrays (another engine's cache; the tests' and bench.py's streams).
+    teacher: None, or a dict of every TEACHER_ARRAYS entry (topk_ids as (N, k) ints, packed here)."""
     os.makedirs(out, exist_ok=True)
     arrays = dict(tokens=np.asarray(tokens, np.uint32), roles=np.asarray(roles, np.uint8),
                   doc_offsets=np.asarray(doc_offsets, np.int64))
@@ -306,10 +279,8 @@ def write_cache(out, tokens, roles, doc_offsets, teacher=None, k=64, temperature
 
 
 def plan_batches(lengths, batch_tokens):
-    """Documents grouped by length (longest first) so that batch size x longest length <= batch_tokens.
-
-    The plan depends only on the lengths, so any number of ranks, and any resume, computes the same batches.
-    """
+    """Documents grouped by length (longest first) so that batch size x longest length <= batch_tokens; the plan
+    depends only on the lengths, so any number of ranks, and any resume, computes the same batches."""
     order = np.argsort(-lengths, kind="stable")
     batches, cur = [], []
     for d in order:
@@ -365,8 +336,7 @@ def partial_shapes(N, k, temps):
 
 
 def check_space(out, N, D, k, temps, has_teacher):
-    """Before any file is written: the disk of `out` has room for the whole cache, less what an interrupted run has
-    already allocated there (its .partial.npy files)."""
+    """Room on `out`'s disk for the whole cache, less the .partial.npy files an interrupted run allocated there."""
     need = N * 5 + (D + 1) * 8  # tokens (uint32), roles (uint8), doc_offsets (int64)
     for n, (shape, dt) in partial_shapes(N, k, temps).items() if has_teacher else []:
         path = os.path.join(out, n + ".partial.npy")
@@ -376,9 +346,8 @@ def check_space(out, N, D, k, temps, has_teacher):
 
 
 def open_partials(out, N, k, temps, rank, world):
-    """The teacher arrays as shared memory-mapped .partial.npy files, created by rank 0 unless a whole one of the
-    right shape is there from an interrupted run (then its rows and the progress files are kept). Their blocks are
-    allocated on disk here, so a full disk is an OSError now, never a SIGBUS from a write into the mapping later."""
+    """The teacher arrays as shared memory-mapped .partial.npy files, created by rank 0 unless an interrupted run
+    left whole ones of the right shape. Blocks are allocated here: a full disk is an OSError now, not a SIGBUS later."""
     shapes = partial_shapes(N, k, temps)
     paths = {n: os.path.join(out, n + ".partial.npy") for n in shapes}
     if rank == 0:
@@ -482,9 +451,8 @@ def tokenize_documents(args, tok, fields, end_id, max_len):
 
 
 def teacher_identity(folder):
-    """Fingerprint of a teacher folder without reading 61 GB: config.json, and per safetensors file either its
-    Hub blob name (the sha256 of its content, when the folder is a huggingface_hub snapshot) or its header
-    plus 16 evenly spaced 64 KiB samples of its data (any fine-tune changes those)."""
+    """Fingerprint of a teacher folder without reading it all: config.json, and per safetensors file its Hub blob
+    name (the sha256 of its content) or its header plus 16 evenly spaced 64 KiB samples of its data."""
     h = hashlib.sha256(open(os.path.join(folder, "config.json"), "rb").read())
     for p in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
         real, size = os.path.realpath(p), os.path.getsize(p)
@@ -513,8 +481,7 @@ def parse_temperatures(spec):
 
 
 def check_teacher(args, folder, vocab_in_tok, tok_file):
-    """The teacher checked whole before any work (config.json and every tensor's header, against the tokenizer and
-    the flags): a truncated or mismatched teacher fails here. Returns its config."""
+    """The teacher's config, after its config and tensor headers are checked against the tokenizer and the flags."""
     cfg, _, _ = Qwen3.check_pretrained(folder)
     if vocab_in_tok > cfg.vocab_size:
         raise ValueError(f"{tok_file}: tokenizer ids go up to {vocab_in_tok - 1}, beyond the teacher's "
@@ -533,8 +500,8 @@ def check_teacher(args, folder, vocab_in_tok, tok_file):
 
 
 def cache_inputs(args, tok_file, teacher_folder, affecting):
-    """(inputs, fingerprint): the hashes of the data files, tokenizer and teacher, and one hash of everything that
-    changes the bytes written (inputs, the flags in `affecting`, the format version)."""
+    """(inputs, fingerprint): the hashes of the data, tokenizer and teacher, and one hash of all that changes the
+    bytes written (inputs, the flags in `affecting`, the format version)."""
     data_files = [p for spec in args.data for p in input_files(spec)]
     inputs = dict(data=[dict(path=os.path.basename(p), sha256=sha256_file(p)) for p in data_files],
                   tokenizer_sha256=sha256_file(tok_file),
@@ -553,8 +520,8 @@ def write_token_files(out, tokens, roles, doc_offsets, tok_file, manifest):
 
 
 def publish_cache(out, manifest, has_teacher):
-    """Rank 0, after every rank's pass: the .partial files renamed to their final names, the bookkeeping removed, and
-    the manifest marked complete (last). Returns the teacher's bytes per position."""
+    """Rank 0, after every rank's pass: the .partial files renamed, the bookkeeping removed, the manifest marked
+    complete (last). Returns the teacher's bytes per position."""
     bytes_per_pos = 0
     for n in TEACHER_ARRAYS if has_teacher else []:
         publish(os.path.join(out, n + ".partial.npy"), os.path.join(out, n + ".npy"))
@@ -645,29 +612,25 @@ def get_parser():
     p.add_argument("--tokenizer", default=None, help="tokenizer.json or its folder (default: the teacher's)")
     p.add_argument("--out", default="out/cache", help="output folder")
     p.add_argument("--k", type=int, default=64, help="teacher ids and log-probs kept per position (card: top-64)")
-    p.add_argument("--temperatures", default="1,2", help="temperatures whose full-vocabulary logsumexp is cached "
-                   "(first must be 1; KD runs at T=2)")
+    p.add_argument("--temperatures", default="1,2", help="temperatures of the cached logsumexp (first 1; KD uses 2)")
     p.add_argument("--max_len", type=int, default=0, help="longest document in tokens (0: the teacher's context)")
     p.add_argument("--too_long", choices=["skip", "truncate"], default="skip", help="what to do with longer documents")
     p.add_argument("--max_docs", type=int, default=0, help="use only the first N records (0: all)")
     p.add_argument("--batch_tokens", type=int, default=16384, help="tokens per teacher forward (batch x longest doc)")
     p.add_argument("--chunk", type=int, default=1024, help="positions per lm_head chunk (memory: chunk x vocab x 4 B)")
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="teacher weights and activations")
-    p.add_argument("--device", default="cuda" if torch and torch.cuda.is_available() else "cpu",
-                   help="cpu, cuda, cuda:1")
+    p.add_argument("--device", default="cuda" if torch and torch.cuda.is_available() else "cpu", help="cpu, cuda:1")
     p.add_argument("--question_field", default="question", help="record field with the question")
     p.add_argument("--cot_field", default="CoT", help="record field with the chain of thought to restructure")
     p.add_argument("--response_field", default="response", help="record field with the final answer")
     p.add_argument("--explore_field", default="explore", help="records with this field are already DualMind")
     p.add_argument("--examine_field", default="examine", help="the examine block of such records")
-    p.add_argument("--stream_layers", action="store_true", help="load one decoder layer at a time (every batch "
-                   "through layer 1, then layer 2, ...): a teacher larger than the device, the same bytes out")
-    p.add_argument("--stream_budget_gb", type=float, default=0.0, help="with --stream_layers: device memory (GB, "
-                   "1e9 B) for the largest layer plus the hidden states, which spill to disk beyond it; 0: 75%% of "
-                   "the free GPU memory, half of the available RAM on CPU")
-    p.add_argument("--stream_save_every", type=int, default=1, help="with --stream_layers and the hidden states on "
-                   "the device: save them to disk every N layers (a rerun resumes from the last save; each save "
-                   "writes positions x hidden x bytes)")
+    p.add_argument("--stream_layers", action="store_true", help="one decoder layer at a time over all batches: a "
+                   "teacher larger than the device, the same bytes out")
+    p.add_argument("--stream_budget_gb", type=float, default=0.0, help="device GB for a layer and the hidden states "
+                   "(beyond it they spill to disk); 0: 75%% of free GPU memory, half the RAM on CPU")
+    p.add_argument("--stream_save_every", type=int, default=1, help="save device-held hidden states every N layers "
+                   "(a rerun resumes from the last save)")
     p.add_argument("--force", action="store_true", help="delete --out and start over")
     p.add_argument("--log_every", type=float, default=10.0, help="seconds between progress lines")
     return p

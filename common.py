@@ -1,18 +1,12 @@
 """
-What every phase shares, in one small file (numpy, json and hashlib only: topology.py and windows.py run without
-torch; check_device and load_tokenizer import torch and tokenizers when called). nanochat keeps the same things in
-its common.py; model.py stays standalone and keeps its own few lines of checkpoint I/O, so it can be copied into
-another project alone.
+What every phase shares (numpy, json and hashlib only, so topology.py and windows.py run without torch; functions
+that need torch or tokenizers import them when called). model.py keeps its own checkpoint I/O, to stay standalone.
 
-  atomic writes      atomic_write (a file object), write_json, publish (rename a finished file into place)
-  phase folders      sha256_file / sha256_json fingerprints, read_manifest, check_upstream, prepare_out
-  progress           Progress (rate and ETA lines), fmt_time
-  torchrun           init_distributed, close_distributed; peak_flops (the MFU denominator)
-  names              is_hub_id (a Hub id or a mistyped local path?), DTYPES (the dtype names a flag accepts)
-  user input         check_ranges (flags), check_device, read_jsonl (file:line errors), load_tokenizer
-  the DualMind text  the card's layout: USER, PROMPT, TAGS, ROLES, dualmind_prompt, chat_template, dualmind_text,
-                     end tokens; and the restructuring of a chain of thought into it (split_cot, record_to_blocks)
-  batches            pad_right (documents or windows into one right-padded (B, L) array)
+  files        atomic_write, write_json, publish; fingerprints, manifests, phase folders (prepare_out)
+  runs         Progress, peak_flops (the MFU denominator), init_distributed / close_distributed, cli, stop_requests
+  user input   check_ranges (flags), check_device, read_jsonl / read_records (file:line errors), load_tokenizer
+  DualMind     the card's layout (PROMPT, ROLES, dualmind_prompt, chat_template, dualmind_text, end_tokens) and the
+               restructuring of a chain of thought into it (split_cot, record_to_blocks)
 The HTML pages and their charts live in pages.py.
 """
 
@@ -82,9 +76,8 @@ def check_free_space(folder, need, what):
 
 @contextlib.contextmanager
 def disk_full_is_oserror(path):
-    """A write into `path` that fails because its disk is full comes out as OSError(ENOSPC) naming `path`, whatever
-    raised it: safetensors raises its own error, and torch.save ("unexpected pos") and np.save ("N requested and M
-    written") report a short write with no errno."""
+    """A write into `path` that fails on a full disk comes out as OSError(ENOSPC) naming `path`, whatever raised it
+    (safetensors has its own error; torch.save and np.save report a short write with no errno)."""
     try:
         yield
     except Exception as e:
@@ -118,8 +111,7 @@ def checksums(folder, names):
 
 
 def verify_folder(folder):
-    """verify_checksums for a model folder: a student written by train.py has a manifest with checksums; a Hugging
-    Face folder without one loads as it is."""
+    """verify_checksums for a model folder: train.py's student has a manifest; a Hugging Face folder has none."""
     path = os.path.join(folder, "manifest.json")
     if os.path.isfile(path):
         with open(path) as f:
@@ -180,10 +172,27 @@ def prepare_out(out, phase, fingerprint, force=False, rank=0, world=1):
     Under torchrun, rank 0 decides and every rank gets its answer."""
     if world > 1:
         import torch.distributed as dist
-        obj = [_prepare_out(out, phase, fingerprint, force) if rank == 0 else None]
+        obj = [prepare_out(out, phase, fingerprint, force) if rank == 0 else None]
         dist.broadcast_object_list(obj, src=0)
         return obj[0]
-    return _prepare_out(out, phase, fingerprint, force)
+    lock_folder(out)  # before the manifest is read: two runs never both decide to write here
+    path = os.path.join(out, "manifest.json")
+    if os.path.isfile(path) and not force:
+        with open(path) as f:
+            m = json.load(f)
+        if m.get("phase") != phase or m.get("fingerprint") != fingerprint:
+            raise ValueError(f"{out}: holds a {m.get('phase')} folder built from other inputs or settings "
+                             f"(fingerprint {str(m.get('fingerprint'))[:12]}, now {fingerprint[:12]}); "
+                             "choose another --out or pass --force to rebuild it")
+        return "done" if m.get("complete") else "resume"
+    if force:  # everything but the lock this process holds
+        for name in set(os.listdir(out)) - {".lock"}:
+            p = os.path.join(out, name)
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p)
+            else:
+                os.remove(p)
+    return "fresh"
 
 
 HELD_LOCKS = {}  # folder -> its open, locked .lock file: held until this process exits
@@ -214,34 +223,13 @@ def lock_folder(out):
 
 
 def drop_empty_folder(out):
-    """Undo prepare_out for a run that failed before writing anything: the lock released, and the folder removed if
-    its lock file is all it holds (no empty folder is left behind)."""
+    """Undo prepare_out for a run that failed before writing anything: release the lock, remove a folder that holds
+    only the lock file."""
     held = HELD_LOCKS.pop(os.path.abspath(out), None)
     if held:
         held.close()
     if os.path.isdir(out) and set(os.listdir(out)) <= {".lock"}:
         shutil.rmtree(out)
-
-
-def _prepare_out(out, phase, fingerprint, force):
-    lock_folder(out)  # before the manifest is read: two runs never both decide to write here
-    path = os.path.join(out, "manifest.json")
-    if os.path.isfile(path) and not force:
-        with open(path) as f:
-            m = json.load(f)
-        if m.get("phase") != phase or m.get("fingerprint") != fingerprint:
-            raise ValueError(f"{out}: holds a {m.get('phase')} folder built from other inputs or settings "
-                             f"(fingerprint {str(m.get('fingerprint'))[:12]}, now {fingerprint[:12]}); "
-                             "choose another --out or pass --force to rebuild it")
-        return "done" if m.get("complete") else "resume"
-    if force:  # everything but the lock this process holds
-        for name in set(os.listdir(out)) - {".lock"}:
-            p = os.path.join(out, name)
-            if os.path.isdir(p) and not os.path.islink(p):
-                shutil.rmtree(p)
-            else:
-                os.remove(p)
-    return "fresh"
 
 
 # -----------------------------------------------------------------------------
@@ -311,9 +299,8 @@ def peak_flops(device, dtype, flag=0.0):
 
 
 def init_distributed(device, always=False):
-    """Under torchrun (RANK/WORLD_SIZE set): join the process group, one GPU per local rank (with `always`, also
-    for a single process: FSDP needs the group). Returns (rank, world size, device). Without torchrun: (0, 1,
-    device), and torch is not touched."""
+    """Under torchrun (or with `always`: FSDP needs the group) join the process group, one GPU per local rank.
+    Returns (rank, world size, device); without torchrun (0, 1, device), and torch is not touched."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 or always:
         import torch
@@ -326,11 +313,8 @@ def init_distributed(device, always=False):
 
 
 def close_distributed():
-    """Leave the process group, all processes together. Drop every DDP wrapper before calling: DDP's reducer sits
-    in a reference cycle, so a group it holds outlives destroy_process_group and is torn down while the interpreter
-    exits, where gloo can abort the process ('terminate called without an active exception'). Two processes of DDP
-    over one Linear layer, torch 2.13 CPU: 9 of 30 runs aborted so; 2 of 30 after `del` alone; 0 of 30 after `del`
-    and gc.collect(). tests/test_train.py has the same with 16 layers."""
+    """Leave the process group, all processes together. Drop every DDP wrapper first: its reducer sits in a reference
+    cycle, and a group torn down at interpreter exit can abort gloo (gc.collect() breaks the cycle)."""
     import gc
     import torch.distributed as dist
     dist.barrier()  # no process tears down while another may still be in a collective
@@ -342,9 +326,8 @@ FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".safetensors", 
 
 
 def is_hub_id(spec):
-    """Could `spec` be a Hub repo id (org/name)? A path that exists, starts with . or /, whose first part is a
-    local folder, or that ends like a file name (dta/physics_cot.jsonl) is a (mistyped) local path, never sent to
-    the Hub."""
+    """Could `spec` be a Hub repo id (org/name)? A path that exists, starts with . or /, begins with a local folder
+    or ends like a file name (dta/physics_cot.jsonl) is a (mistyped) local path, never sent to the Hub."""
     return (not os.path.exists(spec) and spec.count("/") == 1 and not spec.startswith((".", "/"))
             and not os.path.isdir(spec.split("/")[0]) and not spec.lower().endswith(FILE_SUFFIXES))
 
@@ -368,9 +351,8 @@ def cli(script, main, get_parser, rerun):
 
 
 def stop_requests():
-    """A job scheduler's SIGTERM (or Ctrl-C's SIGINT) is noted, not obeyed at once: the caller finishes its step, saves
-    its progress and exits with one line saying how to resume; a second signal stops at once. Returns
-    (the signals' names as they arrive, a function that puts the previous handlers back)."""
+    """SIGTERM / SIGINT noted, not obeyed at once (the caller saves its step and exits); a second one stops at once.
+    Returns (the signals' names as they arrive, a function that puts the previous handlers back)."""
     got, before = [], {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def note(signum, frame):
@@ -402,8 +384,8 @@ def check_ranges(args, **intervals):
 
 
 def check_device(device):
-    """`device` if this machine has it, else a ValueError saying why (cuda on a machine without CUDA, cuda:3 with one
-    GPU, a misspelt name), before any work or folder. Imports torch only when called."""
+    """`device` if this machine has it, else a ValueError saying why (no CUDA, cuda:3 with one GPU, a misspelt
+    name). Imports torch only when called."""
     import torch
     try:
         d = torch.device(device)
@@ -481,8 +463,8 @@ def read_records(path):
 
 
 def load_tokenizer(path):
-    """(tokenizers.Tokenizer, path of its tokenizer.json) from the file or a folder holding it. A ValueError names a
-    missing or unreadable file (the tokenizers library's own error names neither the file nor the cause)."""
+    """(tokenizers.Tokenizer, path of its tokenizer.json) from the file or its folder; a ValueError names a missing
+    or unreadable file (the library's own error names neither)."""
     f = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
     if not os.path.isfile(f):
         raise ValueError(f"{path}: no tokenizer.json")
@@ -516,10 +498,9 @@ def dualmind_prompt(question):
 
 
 def chat_template():
-    """dualmind_prompt as a Hugging Face chat template (Jinja, the "chat_template" of tokenizer_config.json), so any
-    chat client prompts the student the way it was trained: apply_chat_template([{"role": "user", "content": q}],
-    add_generation_prompt=True, tokenize=False) == dualmind_prompt(q). An assistant turn is what the model wrote after
-    that prompt, so it renders as OPEN + its content + the end token."""
+    """dualmind_prompt as a Hugging Face chat template (Jinja), so any chat client prompts the student as it was
+    trained: apply_chat_template([user q], add_generation_prompt=True) == dualmind_prompt(q). An assistant turn
+    renders as OPEN + its content + the end token."""
     head, tail = PROMPT.split("{question}")
     lit = json.dumps  # a Jinja string literal takes the same escapes as JSON ("\n")
     return ("{%- for message in messages -%}"
@@ -619,10 +600,8 @@ def is_trigger(segment):
 
 
 def examine_segment(text, spans):
-    """Index of the segment where <examine> starts, and how it was found: ("trigger", i) for the last trigger
-    segment starting past the first half of the text (in characters: the share of the reasoning, whatever its
-    line layout), else ("fallback", i) for the segment boundary nearest 70% of the characters. With two or more
-    segments examine is never empty; with one it is."""
+    """Where <examine> starts: ("trigger", i) for the last trigger segment past the first half of the characters,
+    else ("fallback", i) for the segment boundary nearest 70% of them (examine is empty only with one segment)."""
     n = len(spans)
     late = [i for i, (a, b) in enumerate(spans) if i > 0 and 2 * a >= len(text) and is_trigger(text[a:b])]
     if late:

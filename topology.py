@@ -1,35 +1,28 @@
 """
-Phase 2: the DISC pass. Reads the teacher cache as one signal along the concatenated token stream and
-finds where it changes smoothly, where it jumps and where it drifts.
+Phase 2: the DISC pass. Reads the teacher cache as one signal f along the concatenated token stream and finds
+where it changes smoothly, where it jumps and where it drifts.
 
-The signal f (--signal: a name in SIGNALS). Consecutive next-token distributions of a language model put their
-mass on different tokens (each predicts a different next token), so a distance between p_t and p_t+1 sits near its
-maximum almost everywhere and a 3-sigma rule on it rarely fires. We read the distribution through its information
-profile instead: by default f[t] is the teacher's entropy at row t; surprisal (its log-loss on the real next token)
-and tv (the total variation between consecutive top-k distributions) stay to measure that claim. report.json
-records every signal's mean, spread and 3-sigma firing rate on this stream, so the choice stays evidence.
-A new signal is one function of (rows, last) -> f and one entry in SIGNALS; --signal's choices come from the table.
+The signal (--signal, a name in SIGNALS): by default f[t] is the teacher's entropy at row t. A distance between
+consecutive next-token distributions sits near its maximum almost everywhere (each predicts a different token), so a
+3-sigma rule on it rarely fires; surprisal (log-loss on the real next token) and tv stay to measure that claim, and
+report.json records every signal's mean, spread and firing rate. A new signal: a function of (rows, last) -> f and
+its entry in SIGNALS.
 
-The math (DESIGN.md section 3; every function below is pure and tested against a brute-force reference):
+The math (DESIGN.md section 3; each function below is pure and tested against a brute-force reference):
   delta[i] = |f[i+1] - f[i]|, 0 on a document's last row (the boundary is a forced cut anyway)
-  disc[i]  = (1/K) sum_{j=1..K} |f[i+j] - f[i]| / j, K = 8, the discrete D f(x) = lim (1/e) int |f(t)-f(x)|/|t-x| dt;
-             near a document end only the j that stay inside it count (and the mean is over those)
+  disc[i]  = (1/K) sum_{j=1..K} |f[i+j] - f[i]| / j, K = 8: the discrete D f(x) = lim (1/e) int |f(t)-f(x)|/|t-x| dt
+             (near a document end, the mean over the j inside it)
   jump[i]  = delta[i] > mean + 3 std of delta over the stream; weight[i+1] = 1.25 (where f changed), else 1.0
-  per 64-token block b (--block): TV_b = sum delta; J_b = sum of delta at jumps; A_b = n_b * min(median, mean) of
-             the n_b non-jump deltas (the variation an evenly spread change would give); drift G_b = TV_b - J_b - A_b
-             >= 0; gap-energy density G_b / 64; discrepancy energy E_b = 0.5 sum disc^2 and its density E_b / 64.
+  per 64-token block (--block): TV = sum delta; J = sum of delta at jumps; A = n * min(median, mean) of the n
+  non-jump deltas; drift G = TV - J - A >= 0; discrepancy energy E = 0.5 sum disc^2; densities G / 64, E / 64.
   A steady trend lands in A, a devil's staircase (few sub-threshold steps) in G, planted steps in J.
 
 Inputs   --cache (cache_teacher.py's folder)
 Outputs  in --out (default out/topology):
   f.npy, delta.npy, disc.npy float32 [N]; jump.npy bool [N]; weight.npy float32 [N] (loss multiplier per row)
-  block_tv.npy, block_jump.npy, block_smooth.npy, block_drift.npy, block_gap_density.npy, block_edisc.npy,
-  block_edisc_density.npy
-            float32 [ceil(N/64)], block b = stream rows [64b, 64b+64) (64: --block)
-  report.json (counts, every signal's statistics, tail mass of top-k, and per document its jumps, TV,
-            E_disc density and gap energy G (the drift channel over its own 64-token blocks) with its density),
-  report.html (a stretch of tokens coloured by discrepancy, jumps, block channels; open it in a browser),
-  manifest.json
+  block_{tv,jump,smooth,drift,gap_density,edisc,edisc_density}.npy float32 [ceil(N/64)]: block b = rows [64b, 64b+64)
+  report.json (counts, every signal's statistics, top-k tail mass; per document: jumps, TV, E density, G, G density)
+  report.html (one document's tokens coloured by discrepancy, jumps, block channels), manifest.json
 
 Run
   python topology.py --cache out/cache --out out/topology
@@ -55,15 +48,13 @@ BLOCK_CHANNELS = ["tv", "jump", "smooth", "drift", "gap_density", "edisc", "edis
 OUTPUTS = ["f", "delta", "disc", "jump", "weight"] + [f"block_{c}" for c in BLOCK_CHANNELS]
 
 # -----------------------------------------------------------------------------
-# The signal f: f = SIGNALS[name](rows, last) -> [n] float32 for a stretch of n stream rows, where rows is a Rows
-# dict of the stretch and `last` (bool [n]) marks the last row of each document
+# The signal: SIGNALS[name](rows, last) -> f float32 [n] for n stream rows (a Rows), last (bool [n]) marking the
+# last row of each document
 
 
 class Rows(dict):
-    """Stream rows [a, b) of a TeacherCache as a dict that reads each array on first use, the same way on every path
-    (the pass and the report): tokens uint32 [n], roles uint8 [n], topk_ids int64 [n, k] (unpacked), topk_logprobs
-    float32 [n, k], lse float32 [n, len(temperatures)], target_logprob and entropy float32 [n]. A signal reads only
-    what it uses, as rows[name] (rows.get and `in` see only what was read already)."""
+    """Stream rows [a, b) of a TeacherCache, each array read on first use as rows[name] (`in` sees only those read):
+    tokens [n], roles [n], topk_ids int64 [n, k], topk_logprobs [n, k], lse [n, nT], target_logprob [n], entropy [n]."""
 
     def __init__(self, cache, a, b):
         super().__init__()
@@ -93,14 +84,10 @@ def surprisal_signal(rows, last):
 
 
 def tv_consecutive(ids, logprobs, last):
-    """TV(p_t, p_t+1) for consecutive rows at T=1 over the union of the two top-k supports plus one tail cell.
-
-    ids (n, k) int, logprobs (n, k) log-probs -> tv (n,) float32, 0 where row t ends a document (and at n-1).
-    An id absent from one side counts 0 there; with P_t the top-k mass and Q_t = 1 - P_t the tail mass:
-      2 TV = sum_union |p_t - p_t+1| + |Q_t - Q_t+1| = P_t + P_t+1 - 2 sum_shared min(p_t, p_t+1) + |Q_t - Q_t+1|.
-    The shared ids come from one sort per row pair of 2k int64 keys (id in the high half, the probability's
-    float bits in the low half), so equal ids land side by side carrying their probabilities.
-    """
+    """TV(p_t, p_t+1) at T=1 over the union of two consecutive top-k supports plus one tail cell: ids, logprobs
+    (n, k) -> (n,) float32, 0 where row t ends a document. With P the top-k mass and Q = 1 - P the tail mass,
+      2 TV = P_t + P_t+1 - 2 sum_shared min(p_t, p_t+1) + |Q_t - Q_t+1|.
+    Shared ids: sort each row pair's 2k int64 keys (id high, probability bits low), so equal ids sit side by side."""
     n, k = ids.shape
     p = np.exp(np.asarray(logprobs, dtype=np.float32))  # (n, k)
     P = p.sum(1, dtype=np.float64)
@@ -156,11 +143,8 @@ def deltas(f, last):
 
 
 def discrepancy(f, last, K=8):
-    """disc[i] = mean over j = 1..K (within i's document) of |f[i+j] - f[i]| / j; 0 on a document's last row.
-
-    f, last [n] -> disc [n] float32: K shifted differences over the whole slice, then the few rows within K of a
-    document end (whose sums reached past it) recomputed over the j that stay inside.
-    """
+    """disc[i] = mean over j = 1..K (within i's document) of |f[i+j] - f[i]| / j: K shifted differences over the
+    slice, then the rows within K of a document end recomputed over the j that stay inside. [n] -> [n] float32."""
     n = len(f)
     f = np.asarray(f, dtype=np.float32)
     acc = np.zeros(n, dtype=np.float32)
@@ -205,10 +189,8 @@ def jumps_and_weights(delta, valid, threshold, amplify=1.25):
 
 
 def block_channels(delta, jump, valid, disc, block=BLOCK):
-    """Per block of `block` rows: TV, jump, smooth and drift channels, gap-energy density, discrepancy energy.
-
-    All inputs [n] with n a multiple of `block` (pad with valid=False); returns a dict of float32 [n/block].
-    """
+    """Per block of `block` rows: TV, jump, smooth and drift channels, gap-energy density, discrepancy energy and its
+    density. Inputs [n], n a multiple of `block` (padded with valid=False) -> dict of float32 [n/block]."""
     B = len(delta) // block
     d = delta.reshape(B, block).astype(np.float64)
     j = (jump & valid).reshape(B, block)
@@ -229,9 +211,8 @@ def block_channels(delta, jump, valid, disc, block=BLOCK):
 
 
 def span_channels(delta, jump, valid, disc, starts, ends, block=BLOCK):
-    """The block channels of stream spans [starts[s], ends[s]) (documents, windows): each span laid out in blocks
-    of `block` rows from its own start (its last block padded with rows that count for nothing), block_channels per
-    block, summed over the span's blocks. Stream arrays (N,); starts, ends (S,) non-empty spans -> float64 (S,) each."""
+    """block_channels summed over each span [starts[s], ends[s]) (documents, windows), cut into blocks from its own
+    start, its last block padded. Stream arrays (N,); starts, ends (S,) non-empty spans -> float64 (S,) each."""
     starts, ends = np.asarray(starts, np.int64), np.asarray(ends, np.int64)
     nblk = -(-(ends - starts) // block)  # (S,) blocks per span
     first = np.concatenate([[0], np.cumsum(nblk)[:-1]])  # (S,) each span's first block
@@ -262,16 +243,9 @@ def doc_chunks(doc_offsets, chunk):
     return out
 
 
-def block_ranges(N, chunk, block=BLOCK):
-    """Stream ranges [a, b) with a a multiple of `block`, about `chunk` rows each."""
-    step = max(block, chunk // block * block)
-    return [(a, min(a + step, N)) for a in range(0, N, step)]
-
-
 def run_pass(cache, kind, chunk, K, sigma, amplify, out, prog=None, threads=1, block=BLOCK):
-    """The whole pass, chunk by chunk into memory-mapped outputs: signal, delta and disc (whole documents at a
-    time), the stream's jump threshold, then jumps, weights and block channels (whole blocks at a time).
-    Returns (outputs dict of memmaps, threshold, valid-row count)."""
+    """The pass into memory-mapped outputs: f, delta, disc by whole documents, the stream's jump threshold, then
+    jumps, weights, block channels by whole blocks. Returns (outputs dict of memmaps, threshold, valid-row count)."""
     N = len(cache)
     nb = -(-N // block)
     spec = dict(f=(N, np.float32), delta=(N, np.float32), disc=(N, np.float32), jump=(N, np.bool_),
@@ -314,9 +288,10 @@ def run_pass(cache, kind, chunk, K, sigma, amplify, out, prog=None, threads=1, b
         for c in BLOCK_CHANNELS:
             arr[f"block_{c}"][a // block:a // block + len(ch[c])] = ch[c]
 
-    # pass 2 over whole blocks: jumps and weights against the threshold, then the block channels
+    # pass 2 over ranges of whole blocks, about `chunk` rows each: jumps and weights, then the block channels
+    step = max(block, chunk // block * block)
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(jump_pass, block_ranges(N, chunk, block)))
+        list(pool.map(jump_pass, [(a, min(a + step, N)) for a in range(0, N, step)]))
     for m in arr.values():
         m.flush()
     return arr, threshold, int(nvalid)
@@ -326,9 +301,8 @@ Topology = namedtuple("Topology", "folder manifest fingerprint block arrays repo
 
 
 def load(folder, cache_folder, needed_by="", verify=True):
-    """topology.load(folder, cache folder) -> Topology, refused if incomplete or built from another cache: its
-    manifest, block (rows per block of the block_* arrays, --block), report.json, and `arrays`, the memory-mapped
-    OUTPUTS by name (arrays["disc"], arrays["jump"], arrays["weight"], arrays["block_drift"], ...)."""
+    """topology.load(folder, cache folder) -> Topology (manifest, block: --block, report.json, arrays: OUTPUTS
+    memory-mapped by name), refused if incomplete or built from another cache."""
     m = read_manifest(folder, "topology", needed_by=needed_by)
     check_upstream(m, cache_folder, "cache", folder)  # built from this very cache
     if verify:  # each file against its checksum: a missing, cut or changed file is one line naming it
@@ -367,9 +341,7 @@ def main(args):
     prog = Progress("topology", N, unit="pos", every=args.log_every)
     arr, threshold, nvalid = run_pass(cache, args.signal, args.chunk, args.K, args.sigma, args.amplify, out, prog,
                                       args.threads, args.block)
-    elapsed = time.time() - t0
-    n_jumps = int(np.count_nonzero(arr["jump"]))
-    report = build_report(cache, args, arr, threshold, nvalid, elapsed)
+    report = build_report(cache, args, arr, threshold, nvalid, time.time() - t0)
     write_json(os.path.join(out, "report.json"), report)
     topology_page(os.path.join(out, "report.html"), cache, arr, report)
     del arr
@@ -377,19 +349,18 @@ def main(args):
         publish(os.path.join(out, n + ".partial.npy"), os.path.join(out, n + ".npy"))
     manifest = dict(phase="topology", version=FORMAT_VERSION, fingerprint=fingerprint, settings=settings,
                     upstream=dict(cache=cache.fingerprint), args=vars(args), threshold=threshold,
-                    counts=dict(positions=N, documents=cache.n_docs, jumps=n_jumps, blocks=-(-N // args.block)),
+                    counts=dict(positions=N, documents=cache.n_docs, jumps=report["jumps"], blocks=-(-N // args.block)),
                     dtypes=dict(f="float32", delta="float32", disc="float32", jump="bool", weight="float32",
                                 blocks="float32"), complete=True,
                     sha256=checksums(out, [n + ".npy" for n in OUTPUTS] + ["report.json"]))
     write_json(os.path.join(out, "manifest.json"), manifest)
-    print(f"topology: {N:,} positions, signal {args.signal}, {n_jumps:,} jumps ({n_jumps / max(nvalid, 1):.2%}, "
-          f"threshold {threshold:.4g}), {N / max(elapsed, 1e-9):,.0f} positions/s -> {out}")
+    print(f"topology: {N:,} positions, signal {args.signal}, {report['jumps']:,} jumps ({report['jump_rate']:.2%}, "
+          f"threshold {threshold:.4g}), {report['positions_per_second']:,.0f} positions/s -> {out}")
 
 
 def compare_signals(cache, positions, sigma, rng):
-    """Every signal of SIGNALS over stretches of up to 512 rows from random documents (tv is the costly one): the
-    evidence for the default signal, at a fixed cost whatever the stream's size. Returns ({signal: signal_summary},
-    rows sampled)."""
+    """Every signal of SIGNALS over stretches of up to 512 rows of random documents (a fixed cost: tv is costly).
+    Returns ({signal: signal_summary}, rows sampled)."""
     docs = rng.permutation(cache.n_docs)[:max(1, positions // 512)]
     parts = {kind: ([], [], []) for kind in SIGNALS}  # per signal: its f, delta and valid rows of each stretch
     sampled = 0
@@ -448,17 +419,14 @@ def get_parser():
     p.add_argument("--out", default="out/topology", help="output folder")
     p.add_argument("--signal", default="entropy", choices=list(SIGNALS), help="the per-position signal f, from "
                    "SIGNALS: " + "; ".join(f"{k}: {doc_line(f)}" for k, f in SIGNALS.items()))
-    p.add_argument("--no_verify", action="store_true", help="skip the checksums of the input folders' files (a "
-                   "disk you trust; a mismatch otherwise stops the run naming the file)")
+    p.add_argument("--no_verify", action="store_true", help="skip the checksums of the input folders' files")
     p.add_argument("--K", type=int, default=8, help="reach of the discrepancy operator, in tokens")
     p.add_argument("--sigma", type=float, default=3.0, help="jump threshold: mean + sigma x std of delta (card: 3)")
     p.add_argument("--amplify", type=float, default=1.25, help="loss multiplier after a jump (card: 1.25x)")
-    p.add_argument("--block", type=int, default=BLOCK, help="rows per block of the channels and energies, tokens "
-                   "(card: the 64-token gap-energy window)")
+    p.add_argument("--block", type=int, default=BLOCK, help="tokens per block of the channels (card: 64)")
     p.add_argument("--chunk", type=int, default=1 << 16, help="rows per chunk (memory bound of the pass)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="worker threads for the pass")
-    p.add_argument("--report_positions", type=int, default=32_768, help="positions sampled for the "
-                   "comparison of the signals (stretches of 512 in random documents) and for the tail-mass table")
+    p.add_argument("--report_positions", type=int, default=32_768, help="rows sampled for the report's tables")
     p.add_argument("--force", action="store_true", help="delete --out and start over")
     p.add_argument("--log_every", type=float, default=10.0, help="seconds between progress lines")
     return p

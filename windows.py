@@ -6,17 +6,12 @@ Each document is cut into windows of at most 512 tokens at calm places instead o
   or beside one; the next window starts at e - o, o in [32, 128] chosen at the calmest position of that range;
   the overlap [e - o, e) is context only, so every trainable row is trained exactly once per epoch.
 Windows never cross a document boundary, and a document of at most 512 tokens is one window.
-Difficulty of a window = its discrepancy-energy density (0.5 sum disc^2 / length) plus its gap-energy density
-(the drift channel G = TV - J - A of topology.py summed over the window's 64-token blocks, / length); lower is
-easier. The curriculum has four phases of equal optimizer steps drawing from the easiest 30%, 55%, 80% and 100% of
-the training windows (--pools); train.py ranks its training windows by this difficulty, phase.npy here ranks all
-windows (held-out ones included) for the report. The draws of every optimizer step (draw_schedule, step_phase,
-draws_summary) are here too: the whole curriculum in one file, which train.py follows; and the windows as training
-batches (WindowBatches: tokens, trainable rows and the teacher's cached rows; split_micro: a step cut by length).
-
-A window (doc, start, loss_start, end) feeds tokens [start, end) to the student and trains rows
-[loss_start, end): row t predicts token t+1 (read from the stream, so a window's last row trains too),
-except a document's last row, which has no next token.
+A window (doc, start, loss_start, end) feeds tokens [start, end) to the student and trains rows [loss_start, end)
+(row t predicts token t+1, read from the stream), except a document's last row, which has no next token.
+Difficulty = discrepancy-energy density (0.5 sum disc^2 / length) + gap-energy density (topology.py's drift G over
+the window's 64-token blocks / length); lower is easier. The curriculum's four phases of equal steps draw from the
+easiest 30%, 55%, 80%, 100% of the training windows (--pools; draw_schedule, which train.py follows).
+WindowBatches turns windows into training batches.
 
 Inputs   --cache, --topology (topology.py's folder; optional with --fixed_stride)
 Outputs  in --out (default out/windows):
@@ -58,13 +53,9 @@ def smooth3(x):
 
 
 def cut_document(sm, jump, window=512, min_cut=384, overlap=(32, 128)):
-    """Windows of one document of n rows: sm (n,) smoothed disc, jump (n,) bool -> list of (start, loss_start,
-    end) in document coordinates, plus the number of cuts that had to ignore the jump rule (no calm candidate).
-
-    A cut at e (the window ends before row e) is barred when a jump touches the boundary: jump[e-2], jump[e-1]
-    (the change between rows e-1 and e) or jump[e]. Nor is e = n - 1 allowed: the next window would train only the
-    document's last row, which has no next token, so nothing.
-    """
+    """Windows of one document: sm (n,) smoothed disc, jump (n,) bool -> ([(start, loss_start, end)] in document
+    rows, the number of cuts forced through a jump). A cut at e (before row e) is barred by jump[e-2], jump[e-1] or
+    jump[e]; e = n - 1 is never a cut (the next window would train only the last row, which has no next token)."""
     n = len(sm)
     out, s, loss_start, forced = [], 0, 0, 0  # s: where the window's tokens start; loss_start: its first trained row
     while n - s > window:  # what is left does not fit one window: cut it
@@ -106,12 +97,8 @@ def fixed_windows(cache, window=512, stride=512):
 
 
 def window_difficulty(delta, jump, valid, disc, windows, block=BLOCK):
-    """Discrepancy-energy density + gap-energy density of each window [start, end) of the stream.
-
-    windows (W, 4) stream rows; the stream arrays (N,). Each window is cut into `block`-token blocks from its start
-    (the card's 64-token gap-energy window; the topology folder's --block); topology.span_channels gives the drift G
-    and the energy of its blocks, summed; a window's densities are these sums divided by its real length.
-    """
+    """Discrepancy-energy density + gap-energy density of each window [start, end): windows (W, 4), stream arrays
+    (N,) -> (W,) float32. span_channels sums over the window's `block`-token blocks; / its real length."""
     ch = span_channels(delta, jump, valid, disc, windows[:, 1], windows[:, 3], block)
     length = (windows[:, 3] - windows[:, 1]).astype(np.float64)
     return ((ch["edisc"] + ch["drift"]) / length).astype(np.float32)
@@ -129,8 +116,7 @@ def parse_pools(text):
 
 
 def pool_phases(difficulty, pools=POOLS):
-    """phase[w] = index of the first pool (easiest fraction) that holds window w; pools are nested: pool p holds
-    the ceil(pools[p] x W) easiest windows (ties by index)."""
+    """phase[w] = the first pool that holds window w; pool p holds the ceil(pools[p] x W) easiest (ties by index)."""
     order = np.argsort(difficulty, kind="stable")
     rank = np.empty(len(order), dtype=np.int64)
     rank[order] = np.arange(len(order))
@@ -144,11 +130,8 @@ def step_phase(step, total, n_phases=4):
 
 
 def draw_schedule(pools, total, batch, seed):
-    """The windows of every optimizer step, (total, batch) indices. The steps of phase p draw uniformly from its
-    whole pool, pools[p] (nested: the easiest 30, 55, 80, 100% of the training windows): shuffled passes through
-    the pool, no window twice within a pass, a fresh shuffle when a pass is used up. So the easiest windows are
-    trained in every phase, also once alpha has reached its target. A pure function of its arguments: a resumed run
-    and every torchrun process compute the same schedule."""
+    """The windows of every optimizer step, (total, batch) indices: phase p draws from its whole pool, pools[p] (so
+    the easiest windows train in every phase), in shuffled passes. Pure: a resumed run and every process agree."""
     phases = np.array([step_phase(s, total, len(pools)) for s in range(total)], dtype=np.int64)
     out = []
     for p, pool in enumerate(pools):
@@ -175,7 +158,7 @@ def draws_summary(schedule, bands, alphas):
 
 
 # -----------------------------------------------------------------------------
-# main
+# The windows folder
 
 
 Windows = namedtuple("Windows", "windows phase difficulty fingerprint manifest")
@@ -211,13 +194,10 @@ def load(folder, cache_folder, topology_folder=None, needed_by="", verify=True):
 
 
 def split_micro(lengths, n_micro, batch_size):
-    """Cut points of one step's windows, sorted by length (ascending), into n_micro micro-batches of consecutive
-    windows with the fewest padded tokens (sum over micro-batches of windows x longest window). No micro-batch pads
-    more tokens than the plain split's largest (batch_size x the step's longest window), so memory stays what
-    --batch_size sets. The step's gradient is the same however it is cut (each micro-batch's loss is divided by the
-    whole step's rows); only the padding changes: on the demo's documents 11% of the tokens in equal micro-batches
-    of 8, 3% here. Exact: a dynamic programme over cut points, O(n_micro x n^2) (milliseconds for 32 windows).
-    Returns (n_micro + 1,) ints, 0 ... len(lengths); a ValueError when no cut respects the cap."""
+    """Cut one step's windows, sorted by length, into n_micro runs of consecutive windows with the fewest padded
+    tokens, none over batch_size x the longest window (the memory --batch_size sets). The gradient is the same for
+    every cut (losses are divided by the step's rows); padding falls from 11% to 3% on the demo. A dynamic
+    programme, O(n_micro x n^2). Returns (n_micro + 1,) cut points, 0 ... len(lengths); ValueError if none fits."""
     L = np.asarray(lengths, dtype=np.int64)
     n = len(L)
     assert 1 <= n_micro <= n and np.all(np.diff(L) >= 0), (n_micro, L)
@@ -243,12 +223,9 @@ def split_micro(lengths, n_micro, batch_size):
 
 def batch_tensors(device, idx, sel, targets, reasoning, jump_w, topk_ids=None, topk_logprobs=None, lse=None,
                   lengths=None):
-    """The micro-batch dict micro_step reads, as tensors on `device` (bench.py builds its batches with it too).
-
-    idx (B, L) int64 tokens; sel (R,) trainable rows as flat indices into B*L; targets (R,) next tokens;
-    reasoning (R,) bool (explore/examine target); jump_w (R,) topology multiplier; the teacher's cached top-k
-    for the same rows: topk_ids (R, k), topk_logprobs (R, k) at T=1, lse (R, nT); lengths: each sequence's real
-    tokens (default: all L), what tok/s and MFU count, padding not included. Imports torch when called."""
+    """The micro-batch dict micro_step reads, as tensors on `device`: idx (B, L) tokens; sel (R,) trained rows as
+    flat indices into B*L; targets (R,); reasoning (R,) bool; jump_w (R,); the teacher's topk_ids, topk_logprobs
+    (R, k) and lse (R, nT); lengths: each sequence's real tokens (default L), which tok/s and MFU count."""
     import torch
     arrays = dict(idx=idx, sel=sel, targets=targets, reasoning=reasoning, jump_w=jump_w, topk_ids=topk_ids,
                   topk_logprobs=topk_logprobs, lse=lse)
@@ -274,6 +251,7 @@ class WindowBatches:
         return t[self.cache.roles[t + 1] != ROLES["prompt"]]  # loss never falls on the prompt
 
     def count(self, ws):
+        """Rows trained in windows ws."""
         return sum(len(self.rows_of(w)) for w in ws)
 
     def lengths(self, ws):
@@ -304,9 +282,8 @@ def main(args):
     cache = TeacherCache(args.cache, verify=not args.no_verify)
     if args.topology is None and not args.fixed_stride:
         raise ValueError("--topology is needed (or --fixed_stride for the plain-KD ablation)")
-    topo = None
-    if args.topology:
-        topo = topology.load(args.topology, args.cache, needed_by="windows.py", verify=not args.no_verify)
+    topo = (topology.load(args.topology, args.cache, needed_by="windows.py", verify=not args.no_verify)
+            if args.topology else None)
     pools = parse_pools(args.pools)
     if args.fixed_stride and not 0 < args.stride <= args.window:
         raise ValueError(f"--stride {args.stride}: must be in (0, --window {args.window}] (no row may be skipped)")
@@ -337,16 +314,16 @@ def main(args):
         difficulty = window_difficulty(np.asarray(topo.arrays["delta"]), np.asarray(topo.arrays["jump"]), valid,
                                        np.asarray(topo.arrays["disc"]), windows, topo.block)
         phase = pool_phases(difficulty, pools)
+        # the topology picture, with the window cuts drawn into the tokens
+        cuts = [(int(w[2]), f"window {i}: loss starts") for i, w in enumerate(windows) if w[2] > w[1]]
+        cuts += [(int(w[1]), f"window {i}: context starts") for i, w in enumerate(windows)]
+        topology_page(os.path.join(args.out, "report.html"), cache, topo.arrays, topo.report, cuts=sorted(cuts))
     else:  # no topology: no difficulty, every pool is every window
         difficulty, phase = np.zeros(len(windows), np.float32), np.zeros(len(windows), np.uint8)
     for name, arr in dict(windows=windows, difficulty=difficulty, phase=phase).items():
         save_npy(os.path.join(args.out, name + ".npy"), arr)
     lengths = windows[:, 3] - windows[:, 1]  # (W,) tokens fed to the student
     overlaps = windows[:, 2] - windows[:, 1]  # (W,) context-only tokens before the first trained row
-    if topo is not None:  # the topology picture, with the window cuts drawn into the tokens
-        cuts = [(int(w[2]), f"window {i}: loss starts") for i, w in enumerate(windows) if w[2] > w[1]]
-        cuts += [(int(w[1]), f"window {i}: context starts") for i, w in enumerate(windows)]
-        topology_page(os.path.join(args.out, "report.html"), cache, topo.arrays, topo.report, cuts=sorted(cuts))
     counts = dict(windows=len(windows), documents=cache.n_docs, forced_cuts=forced,
                   mean_length=float(lengths.mean()), max_length=int(lengths.max()),
                   overlap_min=int(overlaps[overlaps > 0].min()) if (overlaps > 0).any() else 0,
@@ -369,16 +346,14 @@ def get_parser():
     p.add_argument("--out", default="out/windows", help="output folder")
     p.add_argument("--window", type=int, default=512, help="longest window in tokens (card: 512)")
     p.add_argument("--min_cut", type=int, default=384, help="shortest window before a topology cut, tokens")
-    p.add_argument("--overlap_min", type=int, default=32, help="least context overlap with the previous window, "
-                   "tokens (card: 32)")
+    p.add_argument("--overlap_min", type=int, default=32, help="least context overlap, tokens (card: 32)")
     p.add_argument("--overlap_max", type=int, default=128, help="most context overlap (card: 128)")
     p.add_argument("--pools", default=",".join(f"{f:.2f}" for f in POOLS), help="curriculum pools for phase.npy: "
                    "the easiest fraction of the windows each phase draws from (card: 30/55/80/100%%)")
     p.add_argument("--fixed_stride", action="store_true", help="plain-KD ablation: fixed-stride windows, no topology")
     p.add_argument("--stride", type=int, default=512, help="stride of --fixed_stride windows, tokens")
     p.add_argument("--force", action="store_true", help="delete --out and start over")
-    p.add_argument("--no_verify", action="store_true", help="skip the checksums of the input folders' files (a "
-                   "disk you trust; a mismatch otherwise stops the run naming the file)")
+    p.add_argument("--no_verify", action="store_true", help="skip the checksums of the input folders' files")
     return p
 
 
