@@ -49,9 +49,8 @@ def stopped(got, ddp, device):
 
 
 def shard_model(model, dtype):
-    """--fsdp: each decoder layer, then the root (embedding, final norm and lm_head, so a tied head stays one with
-    the embedding), sharded over the processes with FSDP2: fp32 master weights, gradients and AdamW state split N
-    ways; with --dtype bfloat16 the card's precision, bf16 compute and fp32 gradient reduction."""
+    """--fsdp: each decoder layer, then the root (so a tied head stays one with the embedding), sharded with FSDP2:
+    fp32 weights, gradients and AdamW state split N ways; --dtype bfloat16: bf16 compute, fp32 gradient reduction."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bfloat16" else None,
                               reduce_dtype=torch.float32)
@@ -265,9 +264,8 @@ def gather_weights(model, dtype):
 
 
 def save_student(out, model, cache, save_dtype, weights=None):
-    """The final student in Hugging Face layout, with the cache's tokenizer files and end tokens and the DualMind chat
-    template (the tokenizer first: save_pretrained writes config.json last, so a folder with config.json is whole).
-    weights: the gathered weights of a sharded model (gather_weights), saved instead of the model's own."""
+    """The student in Hugging Face layout with the cache's tokenizer and the DualMind chat template, tokenizer first
+    (config.json comes last: a folder with it is whole). weights: a sharded model's, gathered (gather_weights)."""
     m = unwrap(model)
     tensors = dict(m.named_parameters()) if weights is None else weights
     refuse_non_finite(f"{out}: the student is not saved", tensors)  # the NaN guard stops a run before this

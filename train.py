@@ -123,9 +123,8 @@ EVAL_GROUPS = ("jump", "reasoning", "response")  # the rows where TKD claims its
 @torch.no_grad()
 def evaluate(model, batches, val, *, temperature, t_index, kd_mode, chunk, device, autocast, batch_size=2,
              kd_impl="fused"):
-    """Held-out windows: mean CE, KL to the teacher at T, top-1 agreement with the teacher, tail-mass gap, and the
-    mean KL over each of the EVAL_GROUPS rows (kl_jump, kl_reasoning, kl_response; None where a group is empty,
-    as kl_jump is when `batches` has no jump weights) with their row counts (rows_jump, ...)."""
+    """Held-out windows: mean CE, KL to the teacher at T, top-1 agreement, tail-mass gap, and per EVAL_GROUPS group
+    its mean KL and row count (kl_jump, rows_jump, ...; the KL None where the group is empty)."""
     model.eval()
     sums = dict.fromkeys(ROW_STATS + ("rows",), 0.0)
     group_kl, group_rows = dict.fromkeys(EVAL_GROUPS, 0.0), dict.fromkeys(EVAL_GROUPS, 0)
@@ -160,9 +159,8 @@ def evaluate(model, batches, val, *, temperature, t_index, kd_mode, chunk, devic
 
 
 def load_inputs(args):
-    """Cache, topology jump weights and windows, checked to belong together.
-    Returns (cache, jump weight (N,) or None, windows (W, 4), difficulty (W,) or None when the windows have none
-    (fixed-stride windows: no curriculum), upstream fingerprints)."""
+    """Cache, topology jump weights and windows, checked to belong together. Returns (cache, jump weight (N,) or
+    None, windows (W, 4), difficulty (W,) or None (no curriculum), upstream fingerprints)."""
     cache = TeacherCache(args.cache, verify=not args.no_verify)
     if not os.path.isfile(cache.tokenizer_path):
         raise ValueError(f"{args.cache}: no tokenizer.json (the student is saved with the cache's tokenizer)")
