@@ -1,18 +1,12 @@
 """
-Phase 4's files: the resumable checkpoint, the training log and the student folder (train.py writes them; demo.sh,
-ablate.py and bench.py read the student's manifest through read_student).
-
-  ckpt/              model.safetensors (fp32 master weights), optimizer.pt and rng.pt (tensors only, loaded with
-                     weights_only=True), state.json (step, run fingerprint; written last). Swapped in atomically:
-                     ckpt.tmp is written whole, the old one moved to ckpt.old, the new one renamed into place.
-                     With --fsdp, each process writes its shards of the weights and AdamW state with
-                     torch.distributed.checkpoint (.distcp files and .metadata, which that format pickles: resume
-                     only from checkpoints your own runs wrote); a resume may use another process count.
-  train_log.jsonl    one JSON line per optimizer step and per evaluation
-  the student        config.json, model.safetensors, generation_config.json, the cache's tokenizer files with the
-                     DualMind chat template: a Hugging Face folder that transformers loads
-And the model's wrappers under torchrun that these files must see through: wrap_model (torch.compile, DDP),
-shard_model (FSDP2), unwrap, sharded, and stopped (a SIGTERM on any process).
+Phase 4's files (train.py writes them; demo.sh, ablate.py and bench.py read the student through read_student):
+  ckpt/            model.safetensors (fp32), optimizer.pt and rng.pt (loaded with weights_only=True), state.json
+                   (written last); swapped in atomically. With --fsdp, each process's shards in
+                   torch.distributed.checkpoint's format (its .metadata is pickled: resume only your own runs' files).
+  train_log.jsonl  one JSON line per optimizer step and per evaluation
+  the student      a Hugging Face folder: config.json, model.safetensors, generation_config.json, the cache's
+                   tokenizer files with the DualMind chat template
+And the model's wrappers under torchrun these files see through: wrap_model, shard_model, unwrap, sharded, stopped.
 """
 
 import glob
@@ -55,9 +49,8 @@ def stopped(got, ddp, device):
 
 
 def shard_model(model, dtype):
-    """--fsdp: each decoder layer, then the root (embedding, final norm and lm_head, so a tied head stays one with
-    the embedding), sharded over the processes with FSDP2: fp32 master weights, gradients and AdamW state split N
-    ways; with --dtype bfloat16 the card's precision, bf16 compute and fp32 gradient reduction."""
+    """--fsdp: each decoder layer, then the root (so a tied head stays one with the embedding), sharded with FSDP2:
+    fp32 weights, gradients and AdamW state split N ways; --dtype bfloat16: bf16 compute, fp32 gradient reduction."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bfloat16" else None,
                               reduce_dtype=torch.float32)
@@ -90,19 +83,16 @@ def non_finite(tensors):
     return [n for n, good in zip(tensors, ok.tolist()) if not good]
 
 
-def refuse_non_finite(folder, step, tensors):
-    """A ValueError naming the first tensors of {name: tensor} that hold nan or inf: such a checkpoint is not saved."""
+def refuse_non_finite(what, tensors):
+    """A ValueError `what`: the first tensors of {name: tensor} that hold nan or inf (a nan saved would be used)."""
     bad = non_finite(tensors)
     if bad:
-        raise ValueError(f"{folder}: not saved at step {step}: {bad[:3]}{' ...' if len(bad) > 3 else ''} "
-                         "hold nan or inf")
+        raise ValueError(f"{what}: {bad[:3]}{' ...' if len(bad) > 3 else ''} hold nan or inf")
 
 
 def save_checkpoint(folder, model, opt, state):
-    """Atomic: written into folder.tmp (state.json last), the previous checkpoint moved to folder.old, the new one
-    renamed into place, then folder.old removed: at any kill, one complete checkpoint exists (find_checkpoint).
-    A weight or optimizer tensor holding nan or inf is a ValueError and nothing is written: the checkpoint in
-    place stays the last finite one. A sharded model (--fsdp): every process calls this (save_sharded)."""
+    """Atomic: written into folder.tmp, then swapped in (swap_in). A nan or inf in a weight or optimizer tensor is a
+    ValueError and nothing is written. A sharded model (--fsdp): every process calls this (save_sharded)."""
     if sharded(model):
         return save_sharded(folder, model, opt, state)
     from safetensors.torch import save_file
@@ -111,7 +101,7 @@ def save_checkpoint(folder, model, opt, state):
           if not (k == "lm_head.weight" and unwrap(model).config.tie_word_embeddings)}
     moments = {f"optimizer {k} of {n}": v for n, p in unwrap(model).named_parameters() if p in opt.state
                for k, v in opt.state[p].items() if torch.is_tensor(v)}
-    refuse_non_finite(folder, state["step"], {**sd, **moments})  # a nan saved would be resumed from
+    refuse_non_finite(f"{folder}: not saved at step {state['step']}", {**sd, **moments})
     # 1. the whole checkpoint into folder.tmp, state.json last (find_checkpoint trusts a folder that has it); on a
     # full disk folder.tmp is removed and the checkpoint in place stays the last complete one
     tmp = folder + ".tmp"
@@ -131,7 +121,8 @@ def save_checkpoint(folder, model, opt, state):
 
 
 def swap_in(tmp, folder):
-    """The swap: the previous checkpoint to folder.old, the new one (tmp) into place, then folder.old removed."""
+    """The previous checkpoint to folder.old, the new one (tmp) into place, then folder.old removed: at any kill, one
+    complete checkpoint exists (find_checkpoint)."""
     old = folder + ".old"
     shutil.rmtree(old, ignore_errors=True)
     if os.path.isdir(folder):
@@ -150,7 +141,8 @@ def save_sharded(folder, model, opt, state):
     msd, osd = get_state_dict(model, opt)
     moments = {f"optimizer {k} of {n}": v for n, st in osd["state"].items() for k, v in st.items()
                if torch.is_tensor(v)}
-    refuse_non_finite(folder, state["step"], {**msd, **moments})  # every process learns of a nan in any shard
+    # every process learns of a nan in any shard
+    refuse_non_finite(f"{folder}: not saved at step {state['step']}", {**msd, **moments})
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
@@ -202,22 +194,28 @@ def load_checkpoint(folder, model, opt, fingerprint):
         sd = dict(model=msd, optim=osd)
         dcp.load(sd, checkpoint_id=folder)
         set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-        torch.set_rng_state(torch.load(os.path.join(folder, "rng.pt"), weights_only=True)["torch"])
-        return state
-    # weights from safetensors; the optimizer's and RNG's tensors with weights_only=True: nothing is unpickled
-    sd = load_file(os.path.join(folder, "model.safetensors"), device=str(next(model.parameters()).device))
-    unwrap(model).load_state_dict(sd, strict=not unwrap(model).config.tie_word_embeddings)
-    opt.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True,
-                                   map_location=next(model.parameters()).device))
+    else:  # weights from safetensors; the optimizer's and RNG's tensors with weights_only=True: nothing is unpickled
+        sd = load_file(os.path.join(folder, "model.safetensors"), device=str(next(model.parameters()).device))
+        unwrap(model).load_state_dict(sd, strict=not unwrap(model).config.tie_word_embeddings)
+        opt.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True,
+                                       map_location=next(model.parameters()).device))
     torch.set_rng_state(torch.load(os.path.join(folder, "rng.pt"), weights_only=True)["torch"])
     return state
 
 
-class RunLog:
-    """train_log.jsonl, written by rank 0: one JSON line per optimizer step and one per evaluation.
+def log_lines(path):
+    """(line, its dict) per line of train_log.jsonl; a line cut short by a kill is skipped."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                yield line, json.loads(line)
+            except json.JSONDecodeError:
+                continue
 
-    Resuming from the checkpoint of step S keeps the lines up to step S and drops any later ones (they were
-    written after that checkpoint and are about to be written again), so the log never repeats a step."""
+
+class RunLog:
+    """train_log.jsonl, written by rank 0. A resume from step S keeps the lines up to step S and drops later ones
+    (written after that checkpoint, about to be written again): the log never repeats a step."""
 
     def __init__(self, path, start, enabled=True):
         self.f, self.path = None, path
@@ -225,14 +223,9 @@ class RunLog:
             return
         kept = []
         if start and os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        e = json.loads(line)
-                    except json.JSONDecodeError:  # a line cut short by a kill
-                        continue
-                    if e.get("step", e.get("eval_step", 0)) <= start:
-                        kept.append(line if line.endswith("\n") else line + "\n")
+            for line, e in log_lines(path):
+                if e.get("step", e.get("eval_step", 0)) <= start:
+                    kept.append(line if line.endswith("\n") else line + "\n")
         with open(path + ".tmp", "w", encoding="utf-8") as f:  # the kept lines, swapped in atomically
             f.writelines(kept)
         publish(path + ".tmp", path)
@@ -251,13 +244,8 @@ class RunLog:
 def read_log(path):
     """train_log.jsonl -> (step lines, evaluation lines), lists of dicts; a line cut short by a kill is skipped."""
     steps, evals = [], []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                e = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            (evals if "eval_step" in e else steps).append(e)
+    for _, e in log_lines(path):
+        (evals if "eval_step" in e else steps).append(e)
     return steps, evals
 
 
@@ -276,14 +264,11 @@ def gather_weights(model, dtype):
 
 
 def save_student(out, model, cache, save_dtype, weights=None):
-    """The final student in Hugging Face layout, with the cache's tokenizer files and end tokens and the DualMind chat
-    template (the tokenizer first: save_pretrained writes config.json last, so a folder with config.json is whole).
-    weights: the gathered weights of a sharded model (gather_weights), saved instead of the model's own."""
+    """The student in Hugging Face layout with the cache's tokenizer and the DualMind chat template, tokenizer first
+    (config.json comes last: a folder with it is whole). weights: a sharded model's, gathered (gather_weights)."""
     m = unwrap(model)
     tensors = dict(m.named_parameters()) if weights is None else weights
-    bad = non_finite(tensors)
-    if bad:  # the NaN guard stops a run before this; the student folder never holds a nan or an inf
-        raise ValueError(f"{out}: the student is not saved: {bad[:3]} hold nan or inf")
+    refuse_non_finite(f"{out}: the student is not saved", tensors)  # the NaN guard stops a run before this
     size = sum(p.numel() for p in tensors.values()) * getattr(torch, save_dtype).itemsize
     check_free_space(out, size + (1 << 20), "the student")  # one line before any file, rather than a short write
     shutil.copyfile(cache.tokenizer_path, os.path.join(out, "tokenizer.json.tmp"))

@@ -12,11 +12,10 @@ D is a divergence of the two bucket distributions:
 train.py passes w_ce = m (1 - alpha) / n and w_kd = m alpha T^2 / n per row, n = the step's trainable rows.
 
 Both paths apply the lm_head `chunk` rows at a time, so a micro-batch's (rows, vocabulary) logits never exist at once.
-  plain   kd_plain: the bucket log-probs of both sides, D from DIVERGENCES, autograd (each chunk checkpointed). The
-          reference, and the place to add a divergence: a function of (student, teacher) bucket log-probs
-          (R, k + 1) -> (R,) in DIVERGENCES, run with train.py --kd_mode NAME --kd_impl plain.
-  fused   ChunkedKDLoss: the logits' gradient in closed form during the forward (Liger-style), in fp32 row blocks
-          that stay in a CPU's cache, one exp per element; the built-in modes only (FUSED).
+  plain   kd_plain: bucket log-probs, D from DIVERGENCES, autograd (each chunk checkpointed). The reference, and the
+          place to add a divergence (train.py --kd_mode NAME --kd_impl plain).
+  fused   ChunkedKDLoss: the logits' gradient in closed form in the forward (Liger-style), in fp32 row blocks that
+          stay in a CPU's cache, one exp per element; the built-in modes only (FUSED).
 """
 
 import torch

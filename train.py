@@ -1,28 +1,21 @@
 """
 Phase 4: curriculum-ordered knowledge distillation into the student, in a plain PyTorch BF16 loop.
 
-The loss (kd.py states it as math, with a plain and a fused implementation): per trainable row with multiplier
-m = w_proof(step) (explore/examine targets; 1.0 for response) x jump weight (1.25 right after a topology jump),
-    m * ((1 - alpha) * CE + alpha * T^2 * KL_{k+1}(teacher_T || student_T))
-summed and divided by the number of trainable rows in the optimizer step.
-
-Schedules over optimizer steps (pure functions below): alpha 0 until 15% of training, linear to 0.45 at 45%,
-constant after; w_proof linear 2.25 -> 1.1; lr linear warmup over 30 steps to 5e-6, cosine to 5e-7 at the end.
-Curriculum: four phases of equal steps; phase p draws uniformly from its whole nested pool, the easiest 30%, 55%,
-80%, 100% of the training windows by windows.py's difficulty (shuffled passes, no repeat within a pass).
-AdamW (weight decay 1e-3 on matrices only), clip 1.0, micro-batch 2 x 16 accumulation = 32 windows per step
-whatever the number of processes, FP32 master weights with BF16 autocast. Each step logs its loss parts, lr, tok/s
-and MFU (model FLOPs of the real tokens over --peak_flops: a known GPU's datasheet peak, else a measured matmul).
+The loss (kd.py states the math, with a plain and a fused implementation), per trainable row:
+    m * ((1 - alpha) * CE + alpha * T^2 * KL_{k+1}(teacher_T || student_T)),  summed / the step's trainable rows
+with m = w_proof(step) on explore/examine targets (1.0 on response) x 1.25 right after a topology jump.
+Schedules over optimizer steps: alpha 0 until 15% of training, linear to 0.45 at 45%; w_proof linear 2.25 -> 1.1;
+lr warmup over 30 steps to 5e-6, cosine to 5e-7. Curriculum: four phases of equal steps; phase p draws from the
+easiest 30%, 55%, 80%, 100% of the training windows (windows.py's difficulty; no repeat within a shuffled pass).
+AdamW (weight decay 1e-3 on matrices), clip 1.0, 2 x 16 = 32 windows per step whatever the process count, FP32
+master weights, BF16 autocast. Each step logs its loss parts, lr, tok/s and MFU (model FLOPs over --peak_flops).
+NaN guard: a non-finite loss part or gradient is not applied, non-finite weights are not saved, a non-finite
+evaluation is never marked complete; the run stops naming the step.
 
 Inputs   --init (Hub id, folder, or `scratch` with --config), --cache, --topology, --windows
-Outputs  in --out (default out/student): the student in Hugging Face layout (config.json, model.safetensors,
-         generation_config.json, tokenizer files with the DualMind chat template; loads in transformers),
-         train_log.jsonl (one JSON line per step and per evaluation), report.html (the run's curves, redrawn
-         at each evaluation: open it in a browser), draws.npy int32 [W] (times each window was
-         drawn; the manifest sums it up per difficulty band), ckpt/ (resumable: model.safetensors fp32,
-         optimizer.pt, state.json) while training
-NaN guard: a step whose loss parts or gradient norm are not finite is not applied, an update that makes the weights
-non-finite is not saved, and a non-finite evaluation is never marked complete; the run stops naming the step.
+Outputs  in --out (default out/student): the student in Hugging Face layout (loads in transformers), train_log.jsonl
+         (a JSON line per step and per evaluation), report.html (the run's curves, redrawn at each evaluation),
+         draws.npy int32 [W] (times each window was drawn), ckpt/ (resumable) while training
 
 Run
   python train.py --init scratch --config data/student_config.json --cache out/cache --topology out/topology \\
@@ -88,6 +81,13 @@ def learning_rate(step, total, peak=5e-6, floor=5e-7, warmup=30):
 # One micro-batch: forward and loss; the held-out evaluation
 
 
+def batch_teacher(batch, t_index, T):
+    """(ids, log q_T on them, tail mass Q_T) per trainable row, or None without a teacher (CE only, alpha 0)."""
+    if "topk_ids" not in batch:
+        return None
+    return (batch["topk_ids"], *teacher_q(batch["topk_logprobs"].float(), batch["lse"].float(), t_index, T))
+
+
 def micro_step(model, batch, *, alpha, w_proof, temperature, t_index, kd_mode, n_norm, chunk, use_jumps=True,
                use_proof=True, autocast=False, kd_impl="fused"):
     """Forward + loss of one micro-batch (the caller runs backward). Returns (loss, sums): loss is already divided
@@ -102,9 +102,7 @@ def micro_step(model, batch, *, alpha, w_proof, temperature, t_index, kd_mode, n
             m = m * batch["jump_w"].float()
         # m ((1 - alpha) CE + alpha T^2 KL), divided by the step's trainable rows (not by sum m: that cancels m)
         w_ce, w_kd = m * (1 - alpha) / n_norm, m * alpha * T * T / n_norm
-        teacher = None  # no teacher: CE only (alpha is 0)
-        if "topk_ids" in batch:  # (ids, log q_T on them, tail mass Q_T) per row
-            teacher = (batch["topk_ids"], *teacher_q(batch["topk_logprobs"].float(), batch["lse"].float(), t_index, T))
+        teacher = batch_teacher(batch, t_index, T)
         # h (B, L, C) final-normed hidden states -> the trainable rows (R, C), through the lm_head W (V, C)
         loss, sums = with_head(model, batch["idx"], lambda h, W: kd_loss(
             h.flatten(0, 1)[batch["sel"]], W, batch["targets"], w_ce, w_kd, teacher, T, kd_mode, chunk, kd_impl))
@@ -122,29 +120,20 @@ def with_head(model, idx, fn):
 EVAL_GROUPS = ("jump", "reasoning", "response")  # the rows where TKD claims its gain, each with its own mean KL
 
 
-def row_groups(batch):
-    """Masks (R,) of a batch's rows: right after a topology jump (jump weight > 1), explore/examine targets
-    (the rows the proof weight multiplies), response targets (prompt targets are never trained on)."""
-    return dict(jump=batch["jump_w"] > 1, reasoning=batch["reasoning"], response=~batch["reasoning"])
-
-
 @torch.no_grad()
 def evaluate(model, batches, val, *, temperature, t_index, kd_mode, chunk, device, autocast, batch_size=2,
              kd_impl="fused"):
-    """Held-out windows: mean CE, KL to the teacher at T, top-1 agreement with the teacher, tail-mass gap, and the
-    mean KL over each of the EVAL_GROUPS rows (kl_jump, kl_reasoning, kl_response; None where a group is empty,
-    as kl_jump is when `batches` has no jump weights) with their row counts (rows_jump, ...)."""
+    """Held-out windows: mean CE, KL to the teacher at T, top-1 agreement, tail-mass gap, and per EVAL_GROUPS group
+    its mean KL and row count (kl_jump, rows_jump, ...; the KL None where the group is empty)."""
     model.eval()
     sums = dict.fromkeys(ROW_STATS + ("rows",), 0.0)
     group_kl, group_rows = dict.fromkeys(EVAL_GROUPS, 0.0), dict.fromkeys(EVAL_GROUPS, 0)
     for i in range(0, len(val), batch_size):
         b = batches.batch(val[i:i + batch_size], device)
-        groups = row_groups(b)
+        # masks (R,) of the EVAL_GROUPS rows: right after a topology jump, explore/examine targets, response targets
+        groups = dict(jump=b["jump_w"] > 1, reasoning=b["reasoning"], response=~b["reasoning"])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            teacher = None
-            if "topk_ids" in b:
-                teacher = (b["topk_ids"], *teacher_q(b["topk_logprobs"].float(), b["lse"].float(), t_index,
-                                                     temperature))
+            teacher = batch_teacher(b, t_index, temperature)
             # [(row slice, per-row stats)] of the trainable rows (R, C) of h (B, L, C)
             chunks = with_head(model, b["idx"], lambda h, W: list(kd_stats(
                 h.flatten(0, 1)[b["sel"]], W, b["targets"], teacher, temperature, kd_mode, chunk, kd_impl)))
@@ -170,9 +159,8 @@ def evaluate(model, batches, val, *, temperature, t_index, kd_mode, chunk, devic
 
 
 def load_inputs(args):
-    """Cache, topology jump weights and windows, checked to belong together.
-    Returns (cache, jump weight (N,) or None, windows (W, 4), difficulty (W,) or None when the windows have none
-    (fixed-stride windows: no curriculum), upstream fingerprints)."""
+    """Cache, topology jump weights and windows, checked to belong together. Returns (cache, jump weight (N,) or
+    None, windows (W, 4), difficulty (W,) or None (no curriculum), upstream fingerprints)."""
     cache = TeacherCache(args.cache, verify=not args.no_verify)
     if not os.path.isfile(cache.tokenizer_path):
         raise ValueError(f"{args.cache}: no tokenizer.json (the student is saved with the cache's tokenizer)")
@@ -229,9 +217,8 @@ def build_student(args, cache, device):
 
 
 def configure_optimizer(model, lr, weight_decay):
-    """AdamW with weight decay on matrices only (norms are not decayed). Fused (one pass over each parameter, its
-    gradient and state) on CPU and CUDA, as transformers' Trainer defaults to: on a 2-core CPU that is 0.09 s against
-    0.6 s for a step over 160M parameters."""
+    """AdamW with weight decay on matrices only. Fused (one pass over each parameter, its gradient and state) on CPU
+    and CUDA, as transformers' Trainer defaults to: 6x faster on a CPU."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
@@ -335,8 +322,8 @@ def accumulate(run, train_model, micro, n_norm, alpha, w_proof, world):
 
 def guarded_update(model, opt, grad_clip, losses, describe, step, ckpt_dir, checkpoint):
     """Clip, then AdamW, behind the NaN guard: a non-finite loss part or gradient never reaches the weights, and
-    non-finite weights are never saved. describe(grad_norm): the step for the error message; checkpoint(step) saves
-    the weights before this step (None on processes that do not write). Returns the norm before clipping."""
+    non-finite weights are never saved. describe(grad_norm): the step, for the message; checkpoint(step) saves the
+    weights before this step (None on processes that do not write). Returns the norm before clipping."""
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
     guard = describe(gnorm)
     if not all(map(math.isfinite, (*losses, gnorm))):
@@ -376,14 +363,13 @@ def check_args(args):
         raise ValueError(f"--proof_weight {args.proof_weight}: both must be positive and finite")
     parse_pools(args.pools)  # a ValueError for a bad --pools, before any work
     if not 0 <= args.alpha_start < args.alpha_full <= 1:
-        raise ValueError(f"--alpha_start {args.alpha_start} and --alpha_full {args.alpha_full}: need 0 <= start < full "
-                         "<= 1 (fractions of training)")
+        raise ValueError(f"--alpha_start {args.alpha_start} and --alpha_full {args.alpha_full}: need 0 <= start < full"
+                         " <= 1")
     world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's processes
     if args.grad_accum % world:
         raise ValueError(f"--grad_accum {args.grad_accum} must be divisible by the {world} processes")
     if args.fsdp and "WORLD_SIZE" not in os.environ:
-        raise ValueError("--fsdp shards the student over torchrun's processes: torchrun --nproc_per_node=N train.py "
-                         "--fsdp ...")
+        raise ValueError("--fsdp needs torchrun: torchrun --nproc_per_node=N train.py --fsdp ...")
     default_impl, args.kd_impl = check_impl(args.kd_mode, None), check_impl(args.kd_mode, args.kd_impl)
     return default_impl  # the fingerprint leaves --kd_impl out at its mode's default
 
@@ -620,8 +606,7 @@ def get_parser():
     p.add_argument("--config", default=None, help="config.json of a student trained from scratch")
     p.add_argument("--cache", default="out/cache", help="cache_teacher.py folder")
     p.add_argument("--topology", default=None, help="topology.py folder (jump weights)")
-    p.add_argument("--windows", default=None, help="windows.py folder (default: fixed 512-token windows, "
-                   "no curriculum)")
+    p.add_argument("--windows", default=None, help="windows.py folder (else fixed 512-token windows, no curriculum)")
     p.add_argument("--out", default="out/student", help="output folder")
     # the model card's numbers
     p.add_argument("--kd_alpha", type=float, default=0.45, help="KD weight reached at --alpha_full (card: 0.45)")
@@ -630,7 +615,7 @@ def get_parser():
     p.add_argument("--alpha_full", type=float, default=0.45, help="fraction of training at which the KD weight reaches "
                    "--kd_alpha, linearly from --alpha_start (card: 45%%)")
     p.add_argument("--pools", default=",".join(f"{f:.2f}" for f in POOLS), help="curriculum: phase p of equal steps "
-                   "draws from the easiest pools[p] of the training windows (card: 4 phases, 30/55/80/100%%)")
+                   "draws from the easiest pools[p] of the training windows (card: 30/55/80/100%%)")
     p.add_argument("--temperature", type=float, default=2.0, help="KD temperature (card: 2.0)")
     p.add_argument("--proof_weight", type=float, nargs=2, default=[2.25, 1.1], help="explore/examine loss "
                    "multiplier, first and last step (card: 2.25 -> 1.1)")
@@ -639,51 +624,40 @@ def get_parser():
     p.add_argument("--warmup", type=int, default=30, help="linear warmup steps (card: 30)")
     p.add_argument("--weight_decay", type=float, default=1e-3, help="AdamW weight decay, matrices only (card: 1e-3)")
     p.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clip (card: 1.0)")
-    p.add_argument("--batch_size", type=int, default=2, help="windows per micro-batch on average (card: 2): a step's "
-                   "windows, sorted by length, are cut into --grad_accum micro-batches with the fewest padded tokens, "
-                   "none over batch_size x the step's longest window in padded tokens")
-    p.add_argument("--grad_accum", type=int, default=16, help="micro-batches per optimizer step, all processes "
-                   "together (card: 16, so 32 windows per step); --resume may change --batch_size and --grad_accum "
-                   "(after running out of memory, say) while their product, the step, stays")
+    p.add_argument("--batch_size", type=int, default=2, help="windows per micro-batch on average (card: 2); a step's "
+                   "windows are cut by length into the micro-batches with the fewest padded tokens")
+    p.add_argument("--grad_accum", type=int, default=16, help="micro-batches per step, all processes together (card: "
+                   "16); --resume may change it and --batch_size (after running out of memory) if their product stays")
     # run length, ablations, mechanics
-    p.add_argument("--epochs", type=float, default=1.0, help="sets the steps: epochs x training windows draws (the "
-                   "curriculum draws easy windows more often than hard ones; see draws.npy)")
+    p.add_argument("--epochs", type=float, default=1.0, help="sets the steps: epochs x training windows draws")
     p.add_argument("--max_steps", type=int, default=0, help="optimizer steps (0: from --epochs)")
     p.add_argument("--kd_mode", choices=list(DIVERGENCES), default="tail", help="the divergence, from kd.DIVERGENCES: "
                    + "; ".join(f"{k}: {doc_line(f)}" for k, f in DIVERGENCES.items()))
     p.add_argument("--kd_impl", choices=["fused", "plain"], default=None, help="the loss's implementation (kd.py): "
-                   "fused (fast, the gradient in closed form) or plain (autograd); default: fused where the mode "
-                   "has it")
+                   "fused (fast, closed-form gradient) or plain (autograd); default: fused where the mode has it")
     p.add_argument("--no_jumps", action="store_true", help="ablation: no 1.25x after topology jumps")
     p.add_argument("--no_proof_weight", action="store_true", help="ablation: explore/examine weighted 1.0")
     p.add_argument("--no_curriculum", action="store_true", help="ablation: every phase draws from all windows")
     p.add_argument("--val_fraction", type=float, default=0.05, help="documents held out for evaluation (seeded)")
     p.add_argument("--eval_windows", type=int, default=64, help="at most this many held-out windows per evaluation")
-    p.add_argument("--eval_every", type=int, default=50, help="evaluate every N steps (0: start and end only, "
-                   "-1: never)")
+    p.add_argument("--eval_every", type=int, default=50, help="evaluate every N steps (0: start and end, -1: never)")
     p.add_argument("--ckpt_every", type=int, default=50, help="resumable checkpoint every N steps (0: never)")
-    p.add_argument("--no_verify", action="store_true", help="skip the checksums of the input folders' files (a "
-                   "disk you trust; a mismatch otherwise stops the run naming the file)")
+    p.add_argument("--no_verify", action="store_true", help="skip the checksums of the input folders' files")
     p.add_argument("--resume", action="store_true", help="continue from --out/ckpt")
     p.add_argument("--force", action="store_true", help="delete --out and start over")
     p.add_argument("--log_every", type=int, default=1, help="print a step line every N steps")
-    p.add_argument("--loss_chunk", type=int, default=LOSS_CHUNK,
-                   help="rows whose full-vocabulary logits exist at once (in bf16 with autocast)")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="autocast dtype "
-                   "(weights stay fp32 either way)")
-    p.add_argument("--save_dtype", choices=["bfloat16", "float32"], default="bfloat16", help="dtype of the saved "
-                   "student (the card: BF16 inference)")
+    p.add_argument("--loss_chunk", type=int, default=LOSS_CHUNK, help="rows whose full logits exist at once")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="autocast dtype (weights fp32)")
+    p.add_argument("--save_dtype", choices=["bfloat16", "float32"], default="bfloat16", help="saved student's dtype")
     p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing (recompute each layer)")
     p.add_argument("--compile", action="store_true", help="torch.compile the student")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the student's weights, gradients and "
-                   "AdamW state over the processes (FSDP2), for a student larger than one GPU; checkpoints in "
-                   "torch.distributed.checkpoint's format, the final student one Hugging Face folder")
-    p.add_argument("--peak_flops", type=float, default=0.0, help="the device's peak FLOP/s for the MFU in the log "
-                   "(0: the datasheet's dense bf16 figure of a known GPU, else a matmul measured at start)")
+                   "AdamW state over the processes (FSDP2), for a student larger than one GPU")
+    p.add_argument("--peak_flops", type=float, default=0.0, help="peak FLOP/s for the MFU (0: a known GPU's "
+                   "datasheet, else a matmul measured at start)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1")
     p.add_argument("--seed", type=int, default=1337, help="split, curriculum shuffles and scratch init")
-    p.add_argument("--split_seed", type=int, default=None, help="seed of the held-out split alone (default: --seed; "
-                   "ablate.py fixes it, so every seed is measured on the same held-out documents)")
+    p.add_argument("--split_seed", type=int, default=None, help="seed of the held-out split alone (default: --seed)")
     return p
 
 
