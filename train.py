@@ -59,9 +59,11 @@ STEP_STATS = ("ce", "kl", "agree", "tail_gap", "rows", "tokens", "objective")  #
 
 
 def kd_alpha(step, total, target=0.45, start=0.15, full=0.45):
-    """0 until `start` of training, linear to `target` at `full`, constant after."""
+    """0 until `start` of training, linear to `target` at `full`, constant after (a step when start == full)."""
     f = step / max(total - 1, 1)
-    return 0.0 if f < start else target * min(1.0, (f - start) / (full - start))
+    if f < start:
+        return 0.0
+    return target * min(1.0, (f - start) / (full - start)) if full > start else target
 
 
 def proof_weight(step, total, first=2.25, last=1.1):
@@ -362,9 +364,9 @@ def check_args(args):
     if not all(0 < w < math.inf for w in args.proof_weight):
         raise ValueError(f"--proof_weight {args.proof_weight}: both must be positive and finite")
     parse_pools(args.pools)  # a ValueError for a bad --pools, before any work
-    if not 0 <= args.alpha_start < args.alpha_full <= 1:
-        raise ValueError(f"--alpha_start {args.alpha_start} and --alpha_full {args.alpha_full}: need 0 <= start < full"
-                         " <= 1")
+    if not 0 <= args.alpha_start <= args.alpha_full <= 1:
+        raise ValueError(f"--alpha_start {args.alpha_start} and --alpha_full {args.alpha_full}: need 0 <= start <= full"
+                         " <= 1 (fractions of training)")
     world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's processes
     if args.grad_accum % world:
         raise ValueError(f"--grad_accum {args.grad_accum} must be divisible by the {world} processes")

@@ -164,3 +164,12 @@ def student_config(tmp_path_factory):
 def run_main(module, *args):
     """A script's main() in this process, with its own argument parser (fast: no interpreter start-up)."""
     return module.main(module.get_parser().parse_args([str(a) for a in args]))
+
+
+def train_args(out, cache, topo, windows, config, *extra):
+    """The flags of a short train.py run from scratch on the session's tiny folders (the fixtures tiny_cache,
+    tiny_topology, tiny_windows, student_config); `extra` flags are appended: run_script("train.py", *train_args(
+    tmp_path / "s", tiny_cache, tiny_topology, tiny_windows, student_config, "--max_steps", 8))."""
+    return ["--init", "scratch", "--config", config, "--cache", cache, "--topology", topo, "--windows", windows,
+            "--out", out, "--dtype", "float32", "--device", "cpu", "--lr", "3e-3", "--warmup", "2",
+            "--grad_accum", "4", "--eval_every", "0", "--save_dtype", "float32", *map(str, extra)]

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from checkpoint import find_checkpoint
-from conftest import ROOT, assert_one_line_error, run_script
-from test_train import train_args
+from conftest import ROOT, assert_one_line_error, run_script, train_args
 
 
 def torchrun(n, args, **kw):

@@ -12,8 +12,7 @@ import time
 
 import pytest
 
-from conftest import DATA, ROOT, assert_one_line_error, run_script
-from test_train import train_args
+from conftest import DATA, ROOT, assert_one_line_error, run_script, train_args
 
 
 def flip(path, n=8, byte=None):

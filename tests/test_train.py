@@ -15,7 +15,7 @@ import torch
 
 from cache_teacher import TeacherCache
 from common import ROLES
-from conftest import ROOT, run_main, run_script
+from conftest import ROOT, run_main, run_script, train_args
 from checkpoint import find_checkpoint
 from kd import teacher_q
 from train import kd_alpha, learning_rate, micro_step, proof_weight
@@ -31,6 +31,8 @@ def test_schedules_at_breakpoints():
     assert kd_alpha(100, total) == pytest.approx(0.45) and kd_alpha(70, total) == pytest.approx(0.45)
     assert kd_alpha(9, total, 0.3, 0.1, 0.2) == 0 and kd_alpha(15, total, 0.3, 0.1, 0.2) == pytest.approx(0.15)
     assert kd_alpha(20, total, 0.3, 0.1, 0.2) == pytest.approx(0.3)  # --alpha_start 0.1 --alpha_full 0.2
+    assert kd_alpha(0, total, 1.0, 0.0, 0.0) == 1.0 and kd_alpha(100, total, 1.0, 0.0, 0.0) == 1.0  # KD from step 0
+    assert kd_alpha(9, total, 0.5, 0.1, 0.1) == 0 and kd_alpha(10, total, 0.5, 0.1, 0.1) == 0.5  # a step at 10%
     assert proof_weight(0, total) == 2.25 and proof_weight(100, total) == pytest.approx(1.1)
     assert proof_weight(50, total) == pytest.approx((2.25 + 1.1) / 2)
     assert learning_rate(0, total) == pytest.approx(5e-6 / 30) and learning_rate(29, total) == pytest.approx(5e-6)
@@ -202,12 +204,6 @@ def test_grad_accumulation_equals_one_big_batch(stream, student_config):
 
 
 # --- the script: learning, round trip, resume, torchrun, bad input ------------------------------------------------
-
-def train_args(out, cache, topo, windows, config, *extra):
-    return ["--init", "scratch", "--config", config, "--cache", cache, "--topology", topo, "--windows", windows,
-            "--out", out, "--dtype", "float32", "--device", "cpu", "--lr", "3e-3", "--warmup", "2",
-            "--grad_accum", "4", "--eval_every", "0", "--save_dtype", "float32", *map(str, extra)]
-
 
 def synthetic_teacher_cache(src, out, V=1088, k=64, p_next=0.7, tail=1e-4):
     """The real stream of `src` with a synthetic teacher that knows the data: p_next on the real next token, the
