@@ -615,7 +615,7 @@ def get_parser():
     p.add_argument("--alpha_start", type=float, default=0.15, help="fraction of training before which the KD weight "
                    "is 0 (card: 15%%)")
     p.add_argument("--alpha_full", type=float, default=0.45, help="fraction of training at which the KD weight reaches "
-                   "--kd_alpha, linearly from --alpha_start (card: 45%%)")
+                   "--kd_alpha, linearly from --alpha_start (card: 45%%; equal to it: a step)")
     p.add_argument("--pools", default=",".join(f"{f:.2f}" for f in POOLS), help="curriculum: phase p of equal steps "
                    "draws from the easiest pools[p] of the training windows (card: 30/55/80/100%%)")
     p.add_argument("--temperature", type=float, default=2.0, help="KD temperature (card: 2.0)")
