@@ -13,6 +13,7 @@ Outputs, in --out (default out/cache), one row per stream position, documents co
   roles.npy           uint8   [N]          0 prompt, 1 explore, 2 examine, 3 response (tags with their block)
   topk_ids.npy        uint8   [N, 18k/8]   the k ids, 18-bit packed (4 ids in 9 bytes; unpack_ids18)
   topk_logprobs.npy   float16 [N, k]       teacher log-probs at T=1 of those ids, sorted descending
+                                           (logit = logprob + lse[:, 0]; stored centred so fp16 keeps 1e-4 nats)
   lse.npy             float32 [N, nT]      logsumexp(z / T) over the full vocabulary, per T in --temperatures
   target_logprob.npy  float32 [N]          teacher log-prob of the real next token (0 on a document's last row)
   entropy.npy         float32 [N]          teacher entropy at T=1, full vocabulary, nats
@@ -452,7 +453,8 @@ def tokenize_documents(args, tok, fields, end_id, max_len):
 
 def teacher_identity(folder):
     """Fingerprint of a teacher folder without reading it all: config.json, and per safetensors file its Hub blob
-    name (the sha256 of its content) or its header plus 16 evenly spaced 64 KiB samples of its data."""
+    name (the sha256 of its content, in a huggingface_hub snapshot) or its header plus 16 evenly spaced 64 KiB samples
+    of its data (any fine-tune changes those)."""
     h = hashlib.sha256(open(os.path.join(folder, "config.json"), "rb").read())
     for p in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
         real, size = os.path.realpath(p), os.path.getsize(p)
@@ -619,7 +621,8 @@ def get_parser():
     p.add_argument("--batch_tokens", type=int, default=16384, help="tokens per teacher forward (batch x longest doc)")
     p.add_argument("--chunk", type=int, default=1024, help="positions per lm_head chunk (memory: chunk x vocab x 4 B)")
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="teacher weights and activations")
-    p.add_argument("--device", default="cuda" if torch and torch.cuda.is_available() else "cpu", help="cpu, cuda:1")
+    p.add_argument("--device", default="cuda" if torch and torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, cuda:1")
     p.add_argument("--question_field", default="question", help="record field with the question")
     p.add_argument("--cot_field", default="CoT", help="record field with the chain of thought to restructure")
     p.add_argument("--response_field", default="response", help="record field with the final answer")
@@ -627,10 +630,10 @@ def get_parser():
     p.add_argument("--examine_field", default="examine", help="the examine block of such records")
     p.add_argument("--stream_layers", action="store_true", help="one decoder layer at a time over all batches: a "
                    "teacher larger than the device, the same bytes out")
-    p.add_argument("--stream_budget_gb", type=float, default=0.0, help="device GB for a layer and the hidden states "
-                   "(beyond it they spill to disk); 0: 75%% of free GPU memory, half the RAM on CPU")
+    p.add_argument("--stream_budget_gb", type=float, default=0.0, help="device GB (1e9 B) for the largest layer and "
+                   "the hidden states (beyond it they spill to disk); 0: 75%% of free GPU memory, half the RAM on CPU")
     p.add_argument("--stream_save_every", type=int, default=1, help="save device-held hidden states every N layers "
-                   "(a rerun resumes from the last save)")
+                   "(a rerun resumes from the last save; a save writes positions x hidden x bytes)")
     p.add_argument("--force", action="store_true", help="delete --out and start over")
     p.add_argument("--log_every", type=float, default=10.0, help="seconds between progress lines")
     return p

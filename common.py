@@ -314,7 +314,8 @@ def init_distributed(device, always=False):
 
 def close_distributed():
     """Leave the process group, all processes together. Drop every DDP wrapper first: its reducer sits in a reference
-    cycle, and a group torn down at interpreter exit can abort gloo (gc.collect() breaks the cycle)."""
+    cycle, and a group torn down at interpreter exit can abort gloo ('terminate called without an active exception');
+    gc.collect() breaks the cycle."""
     import gc
     import torch.distributed as dist
     dist.barrier()  # no process tears down while another may still be in a collective
@@ -499,8 +500,8 @@ def dualmind_prompt(question):
 
 def chat_template():
     """dualmind_prompt as a Hugging Face chat template (Jinja), so any chat client prompts the student as it was
-    trained: apply_chat_template([user q], add_generation_prompt=True) == dualmind_prompt(q). An assistant turn
-    renders as OPEN + its content + the end token."""
+    trained: apply_chat_template([user q], add_generation_prompt=True, tokenize=False) == dualmind_prompt(q).
+    An assistant turn renders as OPEN + its content + the end token."""
     head, tail = PROMPT.split("{question}")
     lit = json.dumps  # a Jinja string literal takes the same escapes as JSON ("\n")
     return ("{%- for message in messages -%}"

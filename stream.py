@@ -64,9 +64,9 @@ def stream_budget(gb, device):
 
 
 def host_memory_follows_tensors():
-    """Make resident memory follow the live tensors under glibc (else freed activations stay resident, issue 21):
-    blocks of 8 MiB or more (not less: each mapping costs page faults) get their own mapping, and the returned trim()
-    hands the heap's free pages back after each stage."""
+    """Make resident memory follow the live tensors under glibc (else freed activations stay resident; BENCHMARKS.md,
+    issue 21): blocks of 8 MiB or more (not less: each mapping costs page faults) get their own mapping, and the
+    returned trim() hands the heap's free pages back after each stage."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 8 << 20)  # M_MMAP_THRESHOLD, fixed (which also stops its dynamic raise)

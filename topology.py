@@ -14,7 +14,8 @@ The math (DESIGN.md section 3; each function below is pure and tested against a 
              (near a document end, the mean over the j inside it)
   jump[i]  = delta[i] > mean + 3 std of delta over the stream; weight[i+1] = 1.25 (where f changed), else 1.0
   per 64-token block (--block): TV = sum delta; J = sum of delta at jumps; A = n * min(median, mean) of the n
-  non-jump deltas; drift G = TV - J - A >= 0; discrepancy energy E = 0.5 sum disc^2; densities G / 64, E / 64.
+  non-jump deltas (what an evenly spread change would give); drift G = TV - J - A >= 0; discrepancy energy
+  E = 0.5 sum disc^2; densities G / 64, E / 64.
   A steady trend lands in A, a devil's staircase (few sub-threshold steps) in G, planted steps in J.
 
 Inputs   --cache (cache_teacher.py's folder)

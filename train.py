@@ -132,7 +132,8 @@ def evaluate(model, batches, val, *, temperature, t_index, kd_mode, chunk, devic
     group_kl, group_rows = dict.fromkeys(EVAL_GROUPS, 0.0), dict.fromkeys(EVAL_GROUPS, 0)
     for i in range(0, len(val), batch_size):
         b = batches.batch(val[i:i + batch_size], device)
-        # masks (R,) of the EVAL_GROUPS rows: right after a topology jump, explore/examine targets, response targets
+        # masks (R,) of the EVAL_GROUPS rows: right after a topology jump (jump weight > 1), explore/examine targets,
+        # response targets (every other row: prompt targets never reach a batch's rows)
         groups = dict(jump=b["jump_w"] > 1, reasoning=b["reasoning"], response=~b["reasoning"])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             teacher = batch_teacher(b, t_index, temperature)
@@ -627,11 +628,13 @@ def get_parser():
     p.add_argument("--weight_decay", type=float, default=1e-3, help="AdamW weight decay, matrices only (card: 1e-3)")
     p.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clip (card: 1.0)")
     p.add_argument("--batch_size", type=int, default=2, help="windows per micro-batch on average (card: 2); a step's "
-                   "windows are cut by length into the micro-batches with the fewest padded tokens")
+                   "windows are cut by length into the micro-batches with the fewest padded tokens, none over "
+                   "batch_size x the step's longest window")
     p.add_argument("--grad_accum", type=int, default=16, help="micro-batches per step, all processes together (card: "
                    "16); --resume may change it and --batch_size (after running out of memory) if their product stays")
     # run length, ablations, mechanics
-    p.add_argument("--epochs", type=float, default=1.0, help="sets the steps: epochs x training windows draws")
+    p.add_argument("--epochs", type=float, default=1.0, help="sets the steps: epochs x training windows draws (the "
+                   "curriculum draws easy windows more often; see draws.npy)")
     p.add_argument("--max_steps", type=int, default=0, help="optimizer steps (0: from --epochs)")
     p.add_argument("--kd_mode", choices=list(DIVERGENCES), default="tail", help="the divergence, from kd.DIVERGENCES: "
                    + "; ".join(f"{k}: {doc_line(f)}" for k, f in DIVERGENCES.items()))
@@ -659,7 +662,8 @@ def get_parser():
                    "datasheet, else a matmul measured at start)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1")
     p.add_argument("--seed", type=int, default=1337, help="split, curriculum shuffles and scratch init")
-    p.add_argument("--split_seed", type=int, default=None, help="seed of the held-out split alone (default: --seed)")
+    p.add_argument("--split_seed", type=int, default=None, help="seed of the held-out split alone (default: --seed; "
+                   "ablate.py fixes it, so every seed is measured on the same held-out documents)")
     return p
 
 

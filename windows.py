@@ -7,10 +7,11 @@ Each document is cut into windows of at most 512 tokens at calm places instead o
   the overlap [e - o, e) is context only, so every trainable row is trained exactly once per epoch.
 Windows never cross a document boundary, and a document of at most 512 tokens is one window.
 A window (doc, start, loss_start, end) feeds tokens [start, end) to the student and trains rows [loss_start, end)
-(row t predicts token t+1, read from the stream), except a document's last row, which has no next token.
+(row t predicts token t+1, read from the stream, so a window's last row trains too), except a document's last row.
 Difficulty = discrepancy-energy density (0.5 sum disc^2 / length) + gap-energy density (topology.py's drift G over
 the window's 64-token blocks / length); lower is easier. The curriculum's four phases of equal steps draw from the
-easiest 30%, 55%, 80%, 100% of the training windows (--pools; draw_schedule, which train.py follows).
+easiest 30%, 55%, 80%, 100% of the training windows (--pools; draw_schedule, which train.py follows). train.py
+ranks its own training windows; phase.npy ranks all windows (held-out ones too) for the report only.
 WindowBatches turns windows into training batches.
 
 Inputs   --cache, --topology (topology.py's folder; optional with --fixed_stride)
