@@ -23,7 +23,8 @@ import time
 
 import torch
 
-from common import BLOCKS, check_device, check_ranges, dualmind_prompt, load_tokenizer, read_jsonl, verify_folder
+from common import (BLOCKS, check_device, check_ranges, cli, dualmind_prompt, load_tokenizer, read_jsonl,
+                    verify_folder)
 from model import Qwen3, resolve_folder
 
 
@@ -249,7 +250,4 @@ def get_parser():
 
 
 if __name__ == "__main__":
-    try:
-        main(get_parser().parse_args())
-    except ValueError as e:
-        sys.exit(f"generate.py: error: {e}")
+    cli("generate.py", main, get_parser, "rerun the same command")
