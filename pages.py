@@ -88,12 +88,13 @@ def chart_data(fr, series, xcats, yrange):
                     y = [min(max(v, yrange[0]), yrange[1]) for v in y]
                 out.append(f'<line x1="{X(x):.1f}" x2="{X(x):.1f}" y1="{Y(y[0]):.1f}" y2="{Y(y[1]):.1f}" '
                            f'stroke="{color}" stroke-width="1.2">{tip(t)}</line>')
-    # the legend, top right, one entry per labelled series
+    # the legend, top right, one entry per labelled series: 110 px each, narrower when they would not fit the plot
     labelled = [s for s in series if s.get("label")]
+    slot = min(110, (pw - 8) // max(len(labelled), 1))
     for i, s in enumerate(labelled):
-        x = left + pw - 8 - 110 * (len(labelled) - 1 - i)
-        out.append(f'<rect x="{x - 100}" y="{top - 15}" width="9" height="9" fill="{s["color"]}"/>'
-                   f'<text x="{x - 88}" y="{top - 7}" fill="#333">{html.escape(s["label"])}</text>')
+        x = left + pw - 8 - slot * (len(labelled) - i) + 10  # the entry's colour box
+        out.append(f'<rect x="{x}" y="{top - 15}" width="9" height="9" fill="{s["color"]}"/>'
+                   f'<text x="{x + 12}" y="{top - 7}" fill="#333">{html.escape(s["label"])}</text>')
     return out
 
 

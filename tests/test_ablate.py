@@ -4,6 +4,7 @@ in --quick mode (every variant x seed, the flags each variant claims), report.ht
 import json
 import math
 import os
+import re
 from html.parser import HTMLParser
 
 import numpy as np
@@ -15,7 +16,7 @@ from cache_teacher import TeacherCache
 from conftest import run_main
 from model import Qwen3, Qwen3Config
 from kd import teacher_q
-from pages import REPORT_CHARTS, training_page
+from pages import REPORT_CHARTS, svg_chart, training_page
 from train import evaluate
 from windows import WindowBatches
 from windows import step_phase
@@ -199,6 +200,18 @@ def test_report_page_from_a_log():
     cells = [[td.text() for td in tr.find_all("td")] for tr in table.find_all("tr")][1:]
     assert cells[2][:3] == ["40", "1.1250", "0.1234"] and cells[0][-1] == ""  # kl_jump absent at step 0
     assert "40 of 40 optimizer steps" in root.text()
+
+
+def test_legend_stays_inside_the_chart():
+    """Five labelled lines in the ablation page's 535 px chart: every legend box inside the plot (at 110 px an entry
+    the first one fell off the left edge), in order, as far apart as the plot allows; two keep 110 px."""
+    boxes = lambda n, width: [float(x) for x in re.findall(r'<rect x="([-0-9.]+)" y="7" width="9"', svg_chart(
+        [dict(x=[0, 1], y=[1.0, 2.0], color="#000", label=f"seed {i}") for i in range(n)], width=width))]
+    five = boxes(5, 535)
+    assert len(five) == 5 and five[0] >= 58 and five[-1] + 50 <= 535  # plot from x = 58; "seed 4" fits after it
+    assert all(b - a >= 80 for a, b in zip(five, five[1:]))
+    two = boxes(2, 480)
+    assert two[1] - two[0] == 110 and two[1] == 480 - 10 - 8 - 110 + 10
 
 
 # --- the harness end to end --------------------------------------------------------------------------------------
